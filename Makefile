@@ -1,0 +1,27 @@
+# One entry point for set-up, tests and the demo. Every target creates what it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test lint bench clean
+
+venv: $(STAMP)
+
+# torch/torchvision pins live in requirements/constraints.txt (see the comment there).
+$(STAMP): pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c requirements/constraints.txt -e '.[test,dev]'
+	touch $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check repa tests benchmarks
+	$(VENV)/bin/ruff format --check repa tests benchmarks
+
+test: venv lint
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

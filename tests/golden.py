@@ -1,0 +1,42 @@
+"""Access to the golden parity file produced by the official REPA code (see tests/fixtures/README.md).
+
+The path comes from ``REPA_GOLDEN`` (default: the vendored copy), so any file of the same format —
+other sizes, the cosine path, several encoders, other sampler settings — is checked with no code change.
+Tests build shapes and key names from the ``meta_*`` entries, never from constants.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+DEFAULT_GOLDEN = Path(__file__).parent / "fixtures" / "repa_golden_public.npz"
+
+
+@cache
+def golden() -> dict[str, np.ndarray]:
+    path = Path(os.environ.get("REPA_GOLDEN", DEFAULT_GOLDEN))
+    with np.load(path, allow_pickle=False) as g:
+        return {k: g[k] for k in g.files}
+
+
+def meta(key: str) -> Any:
+    value = golden()["meta_" + key]
+    return value.tolist() if value.ndim else value.item()
+
+
+def tensor(key: str) -> torch.Tensor:
+    return torch.from_numpy(np.array(golden()[key]))
+
+
+def state_dict(prefix: str = "sd.") -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: tensor(k) for k in golden() if k.startswith(prefix)}
+
+
+def keys(prefix: str) -> list[str]:
+    return sorted(k for k in golden() if k.startswith(prefix))
