@@ -1,0 +1,1 @@
+"""Training: distributed set-up, checkpoints, metrics and the trainer loop (`repa train`)."""
