@@ -1,0 +1,130 @@
+"""`repa <verb>`: parse arguments, load the config, call one function. No logic lives here.
+
+Each verb is a module with ``add_arguments(parser)`` and ``run(args) -> int`` (``COMMANDS``). Only the
+chosen verb's module is imported, so ``repa --help`` and ``repa config`` stay fast and a verb whose
+module is not installed is simply not offered. A :class:`repa.config.ConfigError` becomes a one-line
+message on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.machinery
+import importlib.util
+import logging
+import sys
+from collections.abc import Sequence
+
+import repa
+from repa.config import ConfigError, add_config_arguments, config_from_args
+
+__all__ = ["COMMANDS", "Command", "add_config_arguments", "available_commands", "config_from_args", "main"]
+
+
+class Command:
+    """One verb: the module that implements it and a one-line summary for ``repa --help``."""
+
+    def __init__(self, module: str, summary: str) -> None:
+        self.module = module
+        self.summary = summary
+
+
+COMMANDS: dict[str, Command] = {
+    "prepare": Command(
+        "repa.data.prepare",
+        "ImageNet folders -> ADM-cropped image shards + VAE moments at data.url (idempotent, resumable)",
+    ),
+    "train": Command(
+        "repa.train.trainer",
+        "train SiT + REPA from a config (torchrun for several GPUs); resumes from storage.run_url",
+    ),
+    "sample": Command("repa.eval.sample", "generate images from a checkpoint for FID (chunked, resumable)"),
+    "eval": Command("repa.eval.evaluate", "FID / IS / precision-recall of samples vs reference statistics"),
+    "watch": Command("repa.eval.watch", "evaluate every new committed checkpoint of a run once"),
+    "config": Command("repa.config", "show, validate, document or export the schema of a run config"),
+}
+
+
+def _module_exists(path: str) -> bool:
+    """True if module ``path`` exists, found without executing any package ``__init__`` on the way.
+
+    ``importlib.util.find_spec("repa.eval.sample")`` would import ``repa.eval`` (which imports torch),
+    making ``repa --help`` slow; walking the packages' search paths with the same finder avoids that.
+    Only existence is decided here: the chosen verb's module is then imported normally, so a real
+    ImportError inside it still surfaces.
+    """
+    top, *rest = path.split(".")
+    spec = importlib.util.find_spec(top)
+    name = top
+    for part in rest:
+        if spec is None or spec.submodule_search_locations is None:
+            return False
+        name = f"{name}.{part}"
+        spec = importlib.machinery.PathFinder.find_spec(name, list(spec.submodule_search_locations))
+    return spec is not None
+
+
+def available_commands() -> dict[str, Command]:
+    """The verbs whose modules exist in this installation (their import errors still surface)."""
+    return {verb: cmd for verb, cmd in COMMANDS.items() if _module_exists(cmd.module)}
+
+
+def _chosen_verb(argv: Sequence[str], verbs: Sequence[str]) -> str | None:
+    """The first positional argument, if it is a verb (top-level options take no values)."""
+    for token in argv:
+        if token == "--":
+            return None
+        if not token.startswith("-"):
+            return token if token in verbs else None
+    return None
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The top-level parser; only the verb named in ``argv`` gets its module imported and arguments."""
+    commands = available_commands()
+    parser = argparse.ArgumentParser(
+        prog="repa",
+        description="REPA diffusion transformers: data preparation, training, sampling and evaluation.",
+        epilog="Every verb takes --config FILE|PRESET and repeatable --set section.key=value; "
+        "see `repa config docs` or docs/configuration.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"repa {repa.__version__}")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging level (default INFO)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="VERB", title="verbs")
+    chosen = _chosen_verb(argv, list(commands))
+    for verb, cmd in commands.items():
+        p = sub.add_parser(verb, help=cmd.summary, description=cmd.summary)
+        if verb == chosen:
+            module = importlib.import_module(cmd.module)
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `repa` console script and `python -m repa`; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors: argparse already printed
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as e:
+        print(f"repa {args.command}: config error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,1216 @@
+"""The run config: one typed dataclass tree, from YAML and ``--set`` overrides to every component.
+
+Flow (STYLE.md §6): ``YAML (preset or file) -> --set a.b=c -> RunConfig (validated) -> Trainer /
+sampler / watcher``. The resolved tree is saved beside the run (``{run_url}/config.yaml``), in every
+checkpoint and in TensorBoard, so a run can always be re-created from its own output.
+
+- Sections: ``model encoder vae objective data train checkpoint log sample eval storage``.
+- Defaults are the paper's SiT-XL/2 + REPA values (REPA.md §5); a field whose default differs from
+  the reference code says so in its ``reference`` metadata, which the generated docs show.
+- The docstring under each field is its documentation: :func:`markdown_docs` renders
+  ``docs/configuration.md`` from it and :func:`json_schema` the ``config:`` part of the Helm chart's
+  ``values.schema.json`` (``repa config docs`` / ``repa config schema``; tests fail on drift).
+- YAML values and ``--set`` values are coerced by each field's declared type. Int fields accept
+  integral floats and numeric strings (Helm renders 4000000 as ``4e+06``, which PyYAML reads as a
+  string; it also reads ``1e-4`` as a string, so float fields accept numeric strings too).
+- Every error is a :class:`ConfigError` naming the dotted key (``train.lr``), the value and the fix.
+- Credentials never go in a config: ``storage_options`` holds endpoints and flags only; keys and tokens
+  come from the environment (``AWS_*``, ``GOOGLE_APPLICATION_CREDENTIALS``) or a mounted Secret.
+
+Validation of the model name and the encoder names imports ``repa.models`` / ``repa.encoders``
+lazily (they import torch and timm), so building the docs or the schema stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import dataclasses
+import difflib
+import functools
+import importlib
+import inspect
+import itertools
+import json
+import math
+import re
+import sys
+import textwrap
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = [
+    "PRESETS_DIR",
+    "REQUIRED_FOR",
+    "SECTIONS",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "EncoderConfig",
+    "EvalConfig",
+    "LogConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "RunConfig",
+    "SampleConfig",
+    "StorageConfig",
+    "TrainConfig",
+    "VAEConfig",
+    "add_config_arguments",
+    "apply_overrides",
+    "config_from_args",
+    "json_schema",
+    "list_presets",
+    "load_config",
+    "markdown_docs",
+]
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+VAEName = Literal["sd-vae-ft-mse", "sd-vae-ft-ema", "none"]
+PathType = Literal["linear", "cosine"]
+TimeSampling = Literal["uniform", "lognormal"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+SamplerName = Literal["sde", "ode_euler", "ode_heun"]
+Weights = Literal["ema", "model"]
+Metric = Literal["fid", "is", "precision_recall"]
+
+# Spatial downsampling of each VAE (SD-VAE: 256 px -> 32x32 latents); "none" feeds pixels to SiT.
+VAE_DOWNSAMPLE = {"sd-vae-ft-mse": 8, "sd-vae-ft-ema": 8, "none": 1}
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type, out of range or inconsistent with another one.
+
+    ``ConfigError("train.lr", "must be > 0")`` or ``ConfigError("train.lr: must be > 0")``; ``key`` is the
+    dotted key (``train.lr``, ``encoder.names[0]``), or "" when not given. The message is folded onto
+    one line, so the CLI prints it without a traceback.
+    """
+
+    def __init__(self, key: str, message: str | None = None) -> None:
+        if message is None:
+            key, message = "", key
+        self.key = key
+        text = f"{key}: {message}" if key else message
+        super().__init__(" ".join(text.split()))
+
+
+def setting(
+    default: Any = MISSING,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    reference: str | None = None,
+) -> Any:
+    """A numeric dataclass field with its range (checked at run time and exported to the JSON schema).
+
+    ``reference``: what REPA's code or paper uses when it differs from our default (shown in the docs;
+    non-numeric fields put it in ``field(metadata={"reference": ...})``).
+    """
+    bounds = (("ge", ge), ("gt", gt), ("le", le), ("lt", lt))
+    meta: dict[str, Any] = {k: v for k, v in bounds if v is not None}
+    if reference is not None:
+        meta["reference"] = reference
+    return field(default=default, metadata=meta)
+
+
+#################################################################################
+#                                   Sections                                    #
+#################################################################################
+
+
+class _Section:
+    """Shared behaviour: coerce every field to its declared type, then check ranges and rules."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            key = f"{self.SECTION}.{f.name}"
+            value = _coerce(getattr(self, f.name), hints[f.name], key)
+            _check_range(value, f.metadata, key)
+            setattr(self, f.name, value)
+        self.check()
+
+    def check(self) -> None:
+        """Rules between fields of this section (overridden where there are any)."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig(_Section):
+    """The SiT denoiser and its REPA projector (``repa.models.build_model``)."""
+
+    SECTION: ClassVar[str] = "model"
+
+    name: str = "SiT-XL/2"
+    """Architecture, a key of ``repa.models.SiT_models``: ``SiT-{S,B,L,XL}/{2,4,8}`` (size / patch)."""
+    encoder_depth: int = setting(8, ge=0)
+    """Block (1-based) whose output tokens are projected and aligned with the encoder features.
+    The paper uses 8 for SiT-L/2 and SiT-XL/2 and 4 for SiT-B/2 (REPA Table 7); must be <= depth.
+    Unused (no projector) when ``encoder.names`` is empty."""
+    projector_dim: int = setting(2048, ge=1)
+    """Hidden width of the projector MLP ``hidden -> projector_dim -> projector_dim -> z_dim`` (SiLU)."""
+    class_dropout_prob: float = setting(0.1, ge=0.0, lt=1.0)
+    """Probability of replacing a label by the null class during training (classifier-free guidance)."""
+    num_classes: int = setting(1000, ge=1)
+    """Number of class labels; the null (unconditional) class id is ``num_classes``."""
+    qk_norm: bool = False
+    """LayerNorm on queries and keys in attention (reference ``--qk-norm``, off in the paper)."""
+    fused_attn: bool = True
+    """Use ``scaled_dot_product_attention`` (reference ``--fused-attn``); numerically equivalent."""
+    hidden_size: int | None = setting(None, ge=1)
+    """Override the table's width (tiny test models); null = the value for ``name``."""
+    depth: int | None = setting(None, ge=1)
+    """Override the table's number of blocks; null = the value for ``name``."""
+    num_heads: int | None = setting(None, ge=1)
+    """Override the table's number of attention heads (must divide the width); null = the table's."""
+    patch_size: int | None = setting(None, ge=1)
+    """Override the patch size; null = the ``/N`` of ``name``."""
+
+    def architecture(self) -> dict[str, int]:
+        """Resolved ``depth``, ``hidden_size``, ``num_heads``, ``patch_size`` (table value or override).
+
+        Imports ``repa.models`` (torch). Raises ConfigError for an unknown ``name``.
+        """
+        from repa.models import SiT, SiT_models  # lazy: torch + timm
+
+        if self.name not in SiT_models:
+            raise ConfigError(
+                "model.name",
+                f"unknown model {self.name!r}{_did_you_mean(self.name, SiT_models)}; "
+                f"allowed: {', '.join(SiT_models)}",
+            )
+        ctor = SiT_models[self.name]
+        table = dict(getattr(ctor, "keywords", {}))  # SiT_models entries are functools.partial(SiT, ...)
+        params = inspect.signature(SiT).parameters
+        arch = {}
+        for key in ("depth", "hidden_size", "num_heads", "patch_size"):
+            override = getattr(self, key)
+            arch[key] = override if override is not None else int(table.get(key, params[key].default))
+        return arch
+
+
+@dataclass(kw_only=True)
+class EncoderConfig(_Section):
+    """Frozen representation encoders whose patch tokens are the alignment targets (``repa.encoders``)."""
+
+    SECTION: ClassVar[str] = "encoder"
+
+    names: list[str] = field(default_factory=lambda: ["dinov2-vit-b"])
+    """Encoders to align with, one projector each (reference ``--enc-type``): a registered name
+    (``dinov2-vit-{s,b,l,g}``, ``-reg`` variants) or ``timm:<timm model name>``. An empty list trains a
+    vanilla SiT (no alignment, no projector)."""
+    weights_urls: list[str | None] = field(default_factory=list)
+    """Weights file (local path or fsspec URL, timm or original layout) per encoder, same length as
+    ``names``; empty or null entries build randomly initialised encoders (a warning is logged, and
+    alignment with random features does not help). repa never downloads weights itself."""
+    model_kwargs: list[dict[str, Any]] = field(default_factory=list)
+    """``timm.create_model`` overrides per encoder (same length as ``names`` or empty), e.g. the size of
+    a small ``timm:`` encoder: ``{embed_dim: 64, depth: 2, num_heads: 2, patch_size: 2, img_size: 32}``."""
+
+    def check(self) -> None:
+        n = len(self.names)
+        for i, name in enumerate(self.names):
+            if not name.strip():
+                raise ConfigError(f"encoder.names[{i}]", "empty encoder name")
+        if len(set(self.names)) != n:
+            raise ConfigError("encoder.names", f"duplicate entries in {self.names}")
+        for key in ("weights_urls", "model_kwargs"):
+            m = len(getattr(self, key))
+            if m not in (0, n):
+                raise ConfigError(
+                    f"encoder.{key}",
+                    f"has {m} entries but encoder.names has {n}; give one per encoder (null for none) or []",
+                )
+
+    def weights_url(self, i: int) -> str | None:
+        """Weights URL of encoder ``i`` (None = random weights)."""
+        return self.weights_urls[i] if self.weights_urls else None
+
+    def kwargs(self, i: int) -> dict[str, Any]:
+        """``timm.create_model`` overrides of encoder ``i``."""
+        return dict(self.model_kwargs[i]) if self.model_kwargs else {}
+
+
+@dataclass(kw_only=True)
+class VAEConfig(_Section):
+    """The latent autoencoder: pixels -> stored moments -> latents ``(mean + std*eps)*scale + bias``."""
+
+    SECTION: ClassVar[str] = "vae"
+
+    name: VAEName = "sd-vae-ft-mse"
+    """``sd-vae-ft-mse`` (REPA's training latents), ``sd-vae-ft-ema``, or ``none`` (SiT on pixels,
+    for tiny CPU runs)."""
+    weights_url: str | None = None
+    """Weights of the VAE (a diffusers folder or file, local path or fsspec URL); null = the
+    Hugging Face id ``stabilityai/<name>`` from the local cache."""
+    latents_scale: float = setting(0.18215, gt=0.0)
+    """Multiplies sampled latents (SD-VAE's scaling factor, all 4 channels)."""
+    latents_bias: float = 0.0
+    """Added to scaled latents (0 in REPA)."""
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig(_Section):
+    """The interpolant training loss: denoising (v-prediction) + ``proj_coeff`` x projection."""
+
+    SECTION: ClassVar[str] = "objective"
+
+    path_type: PathType = "linear"
+    """Interpolant: ``linear`` (x_t = (1-t) x + t eps) or ``cosine`` (cos/sin of pi t / 2). t=0 is data."""
+    prediction: Literal["v"] = "v"
+    """Network target; only velocity prediction exists (as in the reference)."""
+    time_sampling: TimeSampling = "uniform"
+    """Distribution of t: ``uniform`` U[0, 1) or ``lognormal`` (sigma = exp(N(0, 1))). The reference calls
+    this ``--weighting``, but it changes sampling, never loss weights."""
+    proj_coeff: float = setting(0.5, ge=0.0)
+    """lambda, the weight of the projection (negative cosine similarity) loss; paper Table 5: 0.5."""
+    align_until_step: int | None = setting(None, ge=0)
+    """Stop the alignment loss after this many steps (null = align for the whole run, as the paper)."""
+
+
+@dataclass(kw_only=True)
+class DataConfig(_Section):
+    """Prepared training shards (``repa prepare`` writes them, the streaming reader reads them)."""
+
+    SECTION: ClassVar[str] = "data"
+
+    url: str | None = None
+    """fsspec URL of the prepared dataset (``s3://bucket/imagenet-256``, ``file:///data/x``); required
+    by ``repa prepare`` and ``repa train``."""
+    resolution: int = setting(256, ge=8)
+    """Image side in pixels (ADM center crop); latents are ``resolution / 8`` per side with an SD-VAE."""
+    num_workers: int = setting(4, ge=0)
+    """DataLoader worker processes per training process (0 = read in the main process)."""
+    prefetch_factor: int = setting(2, ge=1)
+    """Batches each worker reads ahead (ignored when num_workers = 0)."""
+    seed: int = setting(0, ge=0)
+    """Seed of the data order; the order is a function of (seed, epoch), so resume is exact."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for ``url`` (e.g. ``{client_kwargs: {endpoint_url: http://minio:9000}}``).
+    Never put credentials here: they come from the environment or a mounted Secret."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig(_Section):
+    """Optimisation, precision and the training loop (REPA.md §5)."""
+
+    SECTION: ClassVar[str] = "train"
+
+    global_batch_size: int = setting(256, ge=1)
+    """Images per optimiser step over all processes (reference ``--batch-size``)."""
+    batch_size_per_device: int | None = setting(None, ge=1)
+    """Images per forward pass on one device; null = global_batch_size / world_size. A smaller value
+    accumulates gradients over several passes; it must divide global_batch_size / world_size."""
+    max_steps: int = setting(400_000, ge=1)
+    """Optimiser steps of the whole run (the paper's 400K iterations; its best model ran 4M)."""
+    lr: float = setting(1e-4, gt=0.0)
+    """AdamW learning rate, constant: no warm-up, no decay."""
+    adam_beta1: float = setting(0.9, ge=0.0, lt=1.0)
+    """AdamW beta1."""
+    adam_beta2: float = setting(0.999, ge=0.0, lt=1.0)
+    """AdamW beta2."""
+    adam_eps: float = setting(1e-8, gt=0.0)
+    """AdamW epsilon."""
+    weight_decay: float = setting(0.0, ge=0.0)
+    """AdamW (decoupled) weight decay."""
+    max_grad_norm: float = setting(1.0, ge=0.0)
+    """Clip the global gradient norm to this value (0 = no clipping)."""
+    ema_decay: float = setting(0.9999, ge=0.0, lt=1.0)
+    """Decay of the EMA weights, updated after every optimiser step from a copy at step 0."""
+    precision: Precision = field(default="auto", metadata={"reference": "fp16 (accelerate AMP + GradScaler)"})
+    """Autocast dtype: ``auto`` = bf16 on GPU and fp32 on CPU; ``fp16`` adds a GradScaler. The loss's
+    feature normalisation always runs in fp32 (fp16 NaNs, REPA issue #46)."""
+    allow_tf32: bool = True
+    """Allow TF32 matmuls and convolutions on Ampere+ GPUs (reference ``--allow-tf32``)."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile``."""
+    seed: int = setting(0, ge=0)
+    """Seed of model init and of per-step randomness (t, noise, label drop), mixed with rank and step."""
+    device: str = "auto"
+    """``auto`` (the local GPU under torchrun, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+    process_group_timeout_seconds: int = setting(300, ge=1)
+    """Collective timeout, so a lost worker fails the job in minutes rather than NCCL's default hour."""
+
+    def check(self) -> None:
+        if not _DEVICE.match(self.device):
+            raise ConfigError("train.device", f"{self.device!r}: use auto, cpu, cuda, cuda:N or mps")
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ConfigError("train.precision", "fp16 autocast is not supported on CPU; use fp32 or bf16")
+        bs = self.batch_size_per_device
+        if bs is not None and (bs > self.global_batch_size or self.global_batch_size % bs):
+            raise ConfigError(
+                "train.batch_size_per_device",
+                f"{bs} does not divide train.global_batch_size={self.global_batch_size}",
+            )
+
+    def batch_plan(self, world_size: int) -> tuple[int, int]:
+        """``(batch_size_per_device, accumulation_steps)`` for ``world_size`` processes.
+
+        ``global_batch_size = world_size * batch_size_per_device * accumulation_steps`` exactly.
+        """
+        if world_size < 1:
+            raise ConfigError("train.global_batch_size", f"world_size must be >= 1, got {world_size}")
+        if self.global_batch_size % world_size:
+            raise ConfigError(
+                "train.global_batch_size",
+                f"{self.global_batch_size} is not divisible by the world size {world_size}; "
+                "change the batch or the number of processes",
+            )
+        per_rank = self.global_batch_size // world_size
+        bs = per_rank if self.batch_size_per_device is None else self.batch_size_per_device
+        if per_rank % bs:
+            raise ConfigError(
+                "train.batch_size_per_device",
+                f"{bs} does not divide global_batch_size / world_size = "
+                f"{self.global_batch_size} / {world_size} = {per_rank}",
+            )
+        return bs, per_rank // bs
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig(_Section):
+    """Resumable checkpoints at ``{run_url}/checkpoints/step-0000000/`` (committed atomically)."""
+
+    SECTION: ClassVar[str] = "checkpoint"
+
+    every_steps: int = setting(5000, ge=1, reference="50,000 (--checkpointing-steps)")
+    """Save a resumable checkpoint every N optimiser steps (also at the end and on SIGTERM)."""
+    keep_latest: int = setting(3, ge=1)
+    """Keep the N most recent checkpoints; older ones are deleted unless kept by keep_every_steps."""
+    keep_every_steps: int = setting(50_000, ge=0)
+    """Also keep every checkpoint whose step is a multiple of N, forever (0 = none); a multiple of
+    every_steps."""
+    export_ema: bool = True
+    """Also write ``ema.pt`` in each checkpoint folder: the EMA weights alone, in REPA's checkpoint
+    layout, so sampling and evaluation need not read the optimizer state."""
+
+    def check(self) -> None:
+        if self.keep_every_steps % self.every_steps:
+            raise ConfigError(
+                "checkpoint.keep_every_steps",
+                f"{self.keep_every_steps} is not a multiple of checkpoint.every_steps={self.every_steps}",
+            )
+
+
+@dataclass(kw_only=True)
+class LogConfig(_Section):
+    """TensorBoard scalars at ``{run_url}/tensorboard`` and in-training sample grids."""
+
+    SECTION: ClassVar[str] = "log"
+
+    every_steps: int = setting(100, ge=1)
+    """Log losses, gradient norm, throughput and MFU every N steps (averaged over the interval)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files (rank 0 only)."""
+    tensorboard_flush_every_steps: int = setting(1000, ge=1)
+    """Flush TensorBoard events every N steps; for object-store run URLs this re-uploads the event
+    folder (no append on S3/GCS), so keep it sparse."""
+    sample_every_steps: int = setting(10_000, ge=0)
+    """Log a grid of generated images every N steps (0 = never)."""
+    sample_num_images: int = setting(16, ge=1, reference="64")
+    """Images in the grid (fixed noise and labels, so grids are comparable over the run)."""
+    sample_sampler: SamplerName = "ode_euler"
+    """Sampler for the grid (the reference uses the Euler ODE here)."""
+    sample_num_steps: int = setting(50, ge=1)
+    """Sampler steps for the grid."""
+    sample_cfg_scale: float = setting(4.0, ge=1.0)
+    """Guidance scale for the grid (the reference's 4.0 makes early samples recognisable)."""
+    sample_weights: Weights = field(
+        default="ema", metadata={"reference": "model (raw training weights, logged as EMA)"}
+    )
+    """Which weights draw the grid: ``ema`` or the raw ``model``."""
+
+
+@dataclass(kw_only=True)
+class SampleConfig(_Section):
+    """``repa sample``: images for FID. Noise and label of sample i are a function of (seed, i)."""
+
+    SECTION: ClassVar[str] = "sample"
+
+    sampler: SamplerName = "sde"
+    """``sde`` (Euler-Maruyama, the paper's), ``ode_euler`` or ``ode_heun``."""
+    num_steps: int = setting(250, ge=1)
+    """Sampler steps (SDE 250 = 250 function evaluations, doubled inside the guidance interval)."""
+    cfg_scale: float = setting(1.8, ge=1.0)
+    """Classifier-free guidance scale w (1.0 = no guidance); 1.8 with guidance_high 0.7 gives FID 1.42."""
+    guidance_low: float = setting(0.0, ge=0.0, le=1.0)
+    """Guidance applies only for guidance_low <= t <= guidance_high (t=1 is noise)."""
+    guidance_high: float = setting(0.7, ge=0.0, le=1.0)
+    """Upper end of the guidance interval (Kynkaanniemi et al. 2024); 1.0 = guide everywhere."""
+    num_samples: int = setting(50_000, ge=1)
+    """Images to generate (FID-50K)."""
+    seed: int = setting(0, ge=0)
+    """Global sampling seed."""
+    batch_size_per_device: int = setting(64, ge=1)
+    """Images per forward pass on one device (reference ``--per-proc-batch-size``)."""
+    class_balanced: bool = False
+    """Labels ``i mod num_classes`` (50 per class for 50K) instead of uniform random labels (reference)."""
+    checkpoint_url: str | None = None
+    """Checkpoint to sample from: a step folder, a ``state.pt``/``ema.pt`` file or an official REPA
+    ``.pt``; null = the latest committed checkpoint under storage.run_url."""
+    checkpoint_weights: Weights = "ema"
+    """Weights to sample with: ``ema`` (what the paper evaluates) or the raw ``model``."""
+    vae_name: VAEName | None = field(
+        default=None, metadata={"reference": "sd-vae-ft-ema (generate.py --vae ema)"}
+    )
+    """VAE that decodes samples; null = vae.name. The paper's numbers decode with sd-vae-ft-ema while
+    training on sd-vae-ft-mse latents."""
+    vae_weights_url: str | None = None
+    """Weights of the decoding VAE when vae_name differs from vae.name; null = vae.weights_url."""
+    output_url: str | None = None
+    """Where samples go; null = ``{run_url}/samples/step-NNNNNNN-<settings>``."""
+    save_npz: bool = False
+    """Also write ``samples.npz`` (``arr_0`` uint8 (N, H, W, 3)) for the ADM evaluation suite."""
+
+    def check(self) -> None:
+        if self.guidance_low > self.guidance_high:
+            raise ConfigError(
+                "sample.guidance_low",
+                f"{self.guidance_low} > sample.guidance_high={self.guidance_high}; need low <= high",
+            )
+
+
+@dataclass(kw_only=True)
+class EvalConfig(_Section):
+    """``repa eval`` / ``repa watch``: FID, IS and precision/recall of samples vs reference statistics."""
+
+    SECTION: ClassVar[str] = "eval"
+
+    reference_stats_url: str | None = None
+    """Reference statistics (e.g. from ``VIRTUAL_imagenet256_labeled.npz``); required by ``repa eval``."""
+    inception_weights_url: str | None = None
+    """Inception-v3 FID weights file (``pt_inception-2015-12-05``); null = torch-fidelity's cache."""
+    metrics: list[Metric] = field(default_factory=lambda: ["fid", "is", "precision_recall"])
+    """Metrics to compute."""
+    watch_poll_seconds: int = setting(60, ge=1)
+    """``repa watch``: seconds between listings of the checkpoint folder."""
+    watch_every_nth: int = setting(1, ge=1)
+    """``repa watch``: evaluate every Nth committed checkpoint (by checkpoint index)."""
+    watch_only_latest: bool = False
+    """``repa watch``: skip a backlog and evaluate only the newest unevaluated checkpoint."""
+
+    def check(self) -> None:
+        if not self.metrics:
+            raise ConfigError("eval.metrics", "empty; choose from fid, is, precision_recall")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ConfigError("eval.metrics", f"duplicate entries in {self.metrics}")
+
+
+@dataclass(kw_only=True)
+class StorageConfig(_Section):
+    """Where a run lives: ``{run_url}/config.yaml``, ``checkpoints/``, ``tensorboard/``, ``samples/``."""
+
+    SECTION: ClassVar[str] = "storage"
+
+    run_url: str | None = None
+    """fsspec URL of the run folder (``s3://bucket/runs/name``, ``file:///runs/name``); required by
+    ``repa train``. The run's location is a function of the config, so a restarted pod resumes it."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for run_url (endpoint, region...). Never credentials: those come from the
+    environment (``AWS_*``, ``GOOGLE_APPLICATION_CREDENTIALS``) or a mounted Secret."""
+
+
+#################################################################################
+#                                   RunConfig                                   #
+#################################################################################
+
+# Keys each verb needs besides the defaults (checked by RunConfig.require / `repa config validate --for`).
+REQUIRED_FOR: dict[str, tuple[str, ...]] = {
+    "prepare": ("data.url",),
+    "train": ("data.url", "storage.run_url"),
+    "watch": ("storage.run_url",),
+    "eval": ("eval.reference_stats_url",),
+}
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Everything one run needs, one section per component; validated on construction.
+
+    ``RunConfig(train={"lr": 2e-4})`` accepts mappings for sections; prefer :func:`load_config`.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in SECTIONS.items():
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                setattr(self, name, _build_section(cls, value, name))
+            elif not isinstance(value, cls):
+                got = f"{value!r} ({type(value).__name__})"
+                raise ConfigError(name, f"expected a mapping (section), got {got}")
+        self.validate()
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> RunConfig:
+        """Check every section, then the rules between sections. Returns self; raises ConfigError."""
+        for name in SECTIONS:
+            getattr(self, name).validate()
+        self._check_model()
+        self._check_encoders()
+        decode = self.sample.vae_name
+        if decode is not None and (decode == "none") != (self.vae.name == "none"):
+            raise ConfigError(
+                "sample.vae_name",
+                f"{decode!r} cannot decode latents of vae.name={self.vae.name!r} (different latent spaces; "
+                "sd-vae-ft-mse and sd-vae-ft-ema share one)",
+            )
+        if self.checkpoint.every_steps % self.log.every_steps:
+            raise ConfigError(
+                "checkpoint.every_steps",
+                f"{self.checkpoint.every_steps} is not a multiple of log.every_steps={self.log.every_steps} "
+                "(every checkpoint step should also be a logged step)",
+            )
+        return self
+
+    def _check_model(self) -> None:
+        arch = self.model.architecture()
+        depth, hidden = arch["depth"], arch["hidden_size"]
+        heads, patch = arch["num_heads"], arch["patch_size"]
+        lo = 1 if self.encoder.names else 0
+        if not lo <= self.model.encoder_depth <= depth:
+            raise ConfigError(
+                "model.encoder_depth",
+                f"{self.model.encoder_depth} must be in [{lo}, {depth}] for {self.model.name} "
+                f"(depth {depth}); it is the 1-based block whose output is aligned",
+            )
+        if hidden % heads:
+            raise ConfigError(
+                "model.num_heads", f"{heads} does not divide the width {hidden} of {self.model.name}"
+            )
+        down = VAE_DOWNSAMPLE[self.vae.name]
+        if self.data.resolution % down:
+            raise ConfigError(
+                "data.resolution", f"{self.data.resolution} is not divisible by vae {self.vae.name}'s {down}"
+            )
+        latent = self.data.resolution // down
+        if latent % patch:
+            raise ConfigError(
+                "data.resolution",
+                f"{self.data.resolution} px gives {latent}x{latent} latents, not divisible by the patch "
+                f"size {patch} of {self.model.name}",
+            )
+
+    def _check_encoders(self) -> None:
+        if not self.encoder.names:
+            return
+        from repa.encoders import ENCODERS, UnknownEncoderError, resolve_encoder_spec  # lazy: torch + timm
+
+        for i, name in enumerate(self.encoder.names):
+            key = f"encoder.names[{i}]"
+            try:
+                spec = resolve_encoder_spec(name)
+            except UnknownEncoderError:
+                raise ConfigError(
+                    key,
+                    f"unknown encoder {name!r}{_did_you_mean(name, ENCODERS)}; known: "
+                    f"{', '.join(sorted(ENCODERS))}, or 'timm:<timm model name>'",
+                ) from None
+            try:
+                spec.preprocessing.input_size(self.data.resolution, self.encoder.kwargs(i).get("img_size"))
+            except ValueError as e:
+                raise ConfigError(key, f"{name!r} at data.resolution={self.data.resolution}: {e}") from None
+
+    def require(self, *keys: str, purpose: str = "this command") -> RunConfig:
+        """Raise ConfigError unless every dotted key is set (not null / empty)."""
+        for key in keys:
+            section, _, name = key.partition(".")
+            if getattr(getattr(self, section), name) in (None, "", [], {}):
+                raise ConfigError(key, f"required by {purpose}; set it in the config or with --set {key}=...")
+        return self
+
+    def require_for(self, verb: str) -> RunConfig:
+        """Check the keys ``repa <verb>`` needs (``REQUIRED_FOR``)."""
+        return self.require(*REQUIRED_FOR.get(verb, ()), purpose=f"`repa {verb}`")
+
+    # ---------------------------------------------------------------- conversion
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (deep copy), the inverse of :meth:`from_dict`."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """YAML of :meth:`to_dict`, sections and fields in declaration order."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+    @classmethod
+    def from_dict(cls, tree: Mapping[str, Any] | None) -> RunConfig:
+        """Build and validate from a nested mapping; missing keys take defaults, unknown keys are errors."""
+        tree = {} if tree is None else tree
+        if not isinstance(tree, Mapping):
+            raise ConfigError("", f"a config must be a mapping of sections, got {type(tree).__name__}")
+        _check_keys(tree)
+        return cls(**{name: _build_section(SECTIONS[name], tree.get(name), name) for name in SECTIONS})
+
+    @classmethod
+    def from_yaml(cls, text: str, overrides: Sequence[str] = ()) -> RunConfig:
+        """Parse YAML text, apply ``overrides``, validate."""
+        return cls.from_dict(apply_overrides(_parse_yaml(text, "config"), overrides))
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelConfig,
+    "encoder": EncoderConfig,
+    "vae": VAEConfig,
+    "objective": ObjectiveConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "log": LogConfig,
+    "sample": SampleConfig,
+    "eval": EvalConfig,
+    "storage": StorageConfig,
+}
+
+
+#################################################################################
+#                        Loading, overrides and coercion                         #
+#################################################################################
+
+
+def list_presets() -> list[str]:
+    """Names of the bundled presets (``repa/configs/<name>.yaml``)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_config(source: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a run config: ``source`` is a YAML file (path or fsspec URL), a preset name, or None.
+
+    ``overrides`` are ``section.key=value`` strings (``--set``), applied in order after the file.
+    """
+    if source is None:
+        tree: dict[str, Any] = {}
+    else:
+        text, origin = _read_source(source)
+        tree = _parse_yaml(text, origin)
+    return RunConfig.from_dict(apply_overrides(tree, overrides))
+
+
+def _read_source(source: str | Path) -> tuple[str, str]:
+    src = str(source)
+    if "://" in src and not src.startswith("file://"):
+        from repa import storage  # lazy: fsspec
+
+        try:
+            return storage.read_bytes(src).decode("utf-8"), src
+        except Exception as e:  # StorageError, FileNotFoundError, auth errors...
+            raise ConfigError("", f"cannot read config {src!r}: {e}") from None
+    path = Path(src.removeprefix("file://")).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8"), str(path)
+    preset = PRESETS_DIR / f"{src.removesuffix('.yaml')}.yaml"
+    if "/" not in src and preset.is_file():
+        return preset.read_text(encoding="utf-8"), f"preset {preset.stem}"
+    raise ConfigError(
+        "",
+        f"config {src!r} is neither a file nor a preset{_did_you_mean(src, list_presets())}; "
+        f"presets: {', '.join(list_presets())}",
+    )
+
+
+def _parse_yaml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"{origin}: invalid YAML: {e}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError("", f"{origin}: expected a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def apply_overrides(tree: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``tree`` with each ``"section.key=value"`` applied.
+
+    The value is parsed as YAML (``[a, b]``, ``null``, ``true``, ``{k: v}``) and coerced by the field's
+    declared type, so ``train.max_steps=4e+06`` is the int 4000000. Keys below a dict-typed field
+    (``data.storage_options.client_kwargs.endpoint_url=...``) set entries inside it.
+    """
+    if isinstance(overrides, str):  # a single "a.b=c" would otherwise be iterated by character
+        overrides = [overrides]
+    out = copy.deepcopy(dict(tree))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError("", f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. train.lr=2e-4")
+        parts = key.split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(key, f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. train.lr=2e-4")
+        section, name, rest = parts[0], parts[1], parts[2:]
+        _check_keys({section: {name: None}})
+        tp = _hints(SECTIONS[section])[name]
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(key, f"cannot parse {raw!r} as YAML: {' '.join(str(e).split())}") from None
+        sec = out.get(section)
+        if sec is None:
+            sec = out[section] = {}
+        elif not isinstance(sec, dict):
+            raise ConfigError(section, f"expected a mapping (section), got {sec!r}")
+        if rest:
+            if get_origin(tp) is not dict and tp is not dict:
+                raise ConfigError(key, f"{section}.{name} is {_type_name(tp)}, not a mapping")
+            node = sec.get(name)
+            if node is None:
+                node = sec[name] = {}
+            for part in rest[:-1]:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(key, f"{part!r} is not a mapping")
+            node[rest[-1]] = value
+            continue
+        if _accepts_str(tp) and value is not None and not isinstance(value, str):
+            value = raw.strip()  # `model.name=123` or `device=cuda:0` stay the text the user wrote
+        sec[name] = _coerce(value, tp, key)
+    return out
+
+
+def _check_keys(tree: Mapping[str, Any]) -> None:
+    """Unknown sections or fields -> ConfigError with the closest known keys."""
+    for section, body in tree.items():
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(str(section), list(SECTIONS), n=2, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise ConfigError(str(section), f"unknown section; {hint}sections: {', '.join(SECTIONS)}")
+        if body is None:
+            continue
+        if not isinstance(body, Mapping):
+            raise ConfigError(section, f"expected a mapping (section), got {body!r} ({type(body).__name__})")
+        names = [f.name for f in dataclasses.fields(SECTIONS[section])]
+        for name in body:
+            if name not in names:
+                raise ConfigError(f"{section}.{name}", f"unknown key{_suggest_key(section, str(name))}")
+
+
+def _suggest_key(section: str, name: str) -> str:
+    """``; did you mean train.lr?``: close names in the section, then the same or a close name elsewhere."""
+    names = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    hints = [f"{section}.{n}" for n in difflib.get_close_matches(name, names, n=3, cutoff=0.6)]
+    for other, cls in SECTIONS.items():
+        if other != section:
+            others = [f.name for f in dataclasses.fields(cls)]
+            hints += [f"{other}.{n}" for n in difflib.get_close_matches(name, others, n=2, cutoff=0.8)]
+    if hints:
+        return f"; did you mean {' or '.join(dict.fromkeys(hints))}?"
+    return f"; keys of {section}: {', '.join(names)}"
+
+
+def _build_section(cls: type[_Section], body: Mapping[str, Any] | None, name: str) -> _Section:
+    body = {} if body is None else body
+    _check_keys({name: body})
+    return cls(**copy.deepcopy(dict(body)))
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _is_union(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType)
+
+
+def _accepts_str(tp: Any) -> bool:
+    if tp is str:
+        return True
+    if get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in get_args(tp))
+    return _is_union(tp) and any(_accepts_str(a) for a in get_args(tp))
+
+
+def _type_name(tp: Any) -> str:
+    if tp is Any:
+        return "any value"
+    if _is_union(tp):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    return {bool: "a bool", int: "an int", float: "a float", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as type ``tp``, or ConfigError naming ``key``, the expected type and the value."""
+    if tp is Any:
+        return value
+    if _is_union(tp):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arm in args:
+            if arm is type(None):
+                continue
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError:
+                pass
+        raise _type_error(value, tp, key)
+    origin = get_origin(tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if isinstance(value, str) and value in allowed:
+            return value
+        raise ConfigError(key, f"{value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(value, tp, key)
+    if tp is int:
+        if isinstance(value, bool):
+            raise _type_error(value, tp, key)
+        if isinstance(value, int):
+            return value
+        number = _as_float(value)
+        if number is not None and math.isfinite(number) and number.is_integer():
+            return int(number)  # Helm renders 4000000 as 4e+06
+        raise _type_error(value, tp, key)
+    if tp is float:
+        if isinstance(value, bool):
+            raise _type_error(value, tp, key)
+        number = float(value) if isinstance(value, int) else _as_float(value)
+        if number is None or not math.isfinite(number):
+            raise _type_error(value, tp, key)
+        return number
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(value, tp, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(value, tp, key)
+        (item_tp,) = get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise _type_error(value, tp, key)
+        return copy.deepcopy(dict(value))
+    raise TypeError(f"{key}: unsupported config field type {tp!r}")  # a bug in this module, not user input
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, float):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _type_error(value: Any, tp: Any, key: str) -> ConfigError:
+    return ConfigError(key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    for op, bound, ok in (
+        ("ge", ">=", lambda v, b: v >= b),
+        ("gt", ">", lambda v, b: v > b),
+        ("le", "<=", lambda v, b: v <= b),
+        ("lt", "<", lambda v, b: v < b),
+    ):
+        if op in meta and not ok(value, meta[op]):
+            raise ConfigError(key, f"{value!r} is out of range; must be {bound} {meta[op]}")
+
+
+def _did_you_mean(word: str, candidates: Any) -> str:
+    close = difflib.get_close_matches(word, [str(c) for c in candidates], n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+#################################################################################
+#                          Docs and JSON schema (generated)                      #
+#################################################################################
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass ``cls`` (torchtitan style), read from the source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for stmt, nxt in itertools.pairwise(body):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[stmt.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
+    return docs
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return None
+
+
+def _schema_for(tp: Any) -> dict[str, Any]:
+    if tp is Any:
+        return {}
+    if _is_union(tp):
+        arms = [a for a in get_args(tp) if a is not type(None)]
+        nullable = len(arms) != len(get_args(tp))
+        if len(arms) == 1:
+            sub = _schema_for(arms[0])
+            if nullable:
+                if "enum" in sub:
+                    sub["enum"] = [*sub["enum"], None]
+                sub["type"] = [sub["type"], "null"] if isinstance(sub.get("type"), str) else sub.get("type")
+            return sub
+        return {"anyOf": [_schema_for(a) for a in get_args(tp)]}
+    origin = get_origin(tp)
+    if origin is Literal:
+        return {"type": "string", "enum": list(get_args(tp))}
+    if origin is list:
+        return {"type": "array", "items": _schema_for(get_args(tp)[0])}
+    if origin is dict or tp is dict:
+        return {"type": "object"}
+    return {"type": {bool: "boolean", int: "integer", float: "number", str: "string"}[tp]}
+
+
+_SCHEMA_BOUNDS = (
+    ("ge", "minimum"),
+    ("gt", "exclusiveMinimum"),
+    ("le", "maximum"),
+    ("lt", "exclusiveMaximum"),
+)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON schema (draft-07) of the run config: types, enums, ranges, defaults, descriptions.
+
+    Helm's ``values.schema.json`` embeds it as the ``config`` property; no key is required (every
+    field has a default), unknown keys are rejected (``additionalProperties: false``).
+    """
+    props: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        hints = _hints(cls)
+        docs = field_docs(cls)
+        fields: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            s = _schema_for(hints[f.name])
+            for op, word in _SCHEMA_BOUNDS:
+                if op in f.metadata:
+                    s[word] = f.metadata[op]
+            s["default"] = _default(f)
+            s["description"] = docs.get(f.name, "")
+            fields[f.name] = s
+        props[name] = {
+            "type": "object",
+            "description": inspect.cleandoc(cls.__doc__ or ""),
+            "additionalProperties": False,
+            "properties": fields,
+        }
+    return {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "title": "repa run config",
+        "description": "The run config of `repa train/sample/eval/watch` (repa.config.RunConfig).",
+        "type": "object",
+        "additionalProperties": False,
+        "properties": props,
+    }
+
+
+def _md_type(tp: Any, meta: Mapping[str, Any]) -> str:
+    if get_origin(tp) is Literal:
+        text = " \\| ".join(f"`{a}`" for a in get_args(tp))
+    elif _is_union(tp):
+        text = " \\| ".join(_md_type(a, {}) for a in get_args(tp))
+    elif tp is type(None):
+        text = "null"
+    elif get_origin(tp) is list:
+        text = f"list[{_md_type(get_args(tp)[0], {}).replace('`', '')}]"
+    elif get_origin(tp) is dict or tp is dict:
+        text = "mapping"
+    else:
+        text = getattr(tp, "__name__", str(tp))
+    bounds = [
+        f"{sym} {meta[op]}" for op, sym in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<")) if op in meta
+    ]
+    return f"{text} ({', '.join(bounds)})" if bounds else text
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("``", "`").replace("|", "\\|")
+
+
+def _preset_summary(name: str) -> str:
+    """The first line of a preset file (a comment saying what it reproduces)."""
+    first = (PRESETS_DIR / f"{name}.yaml").read_text(encoding="utf-8").partition("\n")[0]
+    return first.lstrip("#").strip()
+
+
+def markdown_docs() -> str:
+    """``docs/configuration.md``: every section and field with type, default, reference value, doc."""
+    out = [
+        "# Run configuration",
+        "",
+        "<!-- Generated by `repa config docs > docs/configuration.md` from repa/config.py; do not edit."
+        " tests/unit/test_config.py fails when this file and the code disagree. -->",
+        "",
+        "One YAML file configures a run. It is read in this order: the file (or a bundled preset), then",
+        "every `--set section.key=value` override, then validation of types, choices, ranges and the",
+        "rules between keys, before any expensive work starts. The resolved config is saved with the",
+        "run (`{run_url}/config.yaml`, every checkpoint, TensorBoard).",
+        "",
+        "```bash",
+        "repa config show --config sit-xl-2-repa --set train.global_batch_size=512   # resolved YAML",
+        "repa config validate --config my-run.yaml --for train",
+        "repa config schema          # JSON schema: the `config:` part of helm values.schema.json",
+        "repa train --config sit-b-2-repa --set data.url=s3://bucket/imagenet-256 \\",
+        "    --set storage.run_url=s3://bucket/runs/b2",
+        "```",
+        "",
+        "- Unknown keys are errors (with the closest known key suggested). Values are coerced by the",
+        "  declared type: int fields accept integral floats such as `4e+06` (Helm renders big ints so),",
+        "  `--set` values are parsed as YAML (`[a, b]`, `null`, `true`).",
+        "- Defaults are the paper's SiT-XL/2 + REPA values. The *Reference* column shows what the",
+        "  reference code (sihyun-yu/REPA) uses where our default differs.",
+        "- Storage locations are fsspec URLs (`s3://`, `gs://`, `file://`, or a local path).",
+        "  `storage_options` carries endpoints and flags only: credentials come from the environment",
+        "  (`AWS_*`, `GOOGLE_APPLICATION_CREDENTIALS`) or a mounted Secret, never from a config file.",
+        "",
+        "## Presets",
+        "",
+        "Bundled in `repa/configs/`; pass the name to `--config`.",
+        "",
+        "| preset | reproduces |",
+        "|---|---|",
+    ]
+    out += [f"| `{name}` | {_md_cell(_preset_summary(name))} |" for name in list_presets()]
+    out.append("")
+    for name, cls in SECTIONS.items():
+        hints = _hints(cls)
+        docs = field_docs(cls)
+        out += [f"## `{name}`", "", _md_cell(inspect.cleandoc(cls.__doc__ or "")), ""]
+        out += ["| key | type | default | reference | description |", "|---|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = json.dumps(_default(f))
+            ref = f.metadata.get("reference", "")
+            out.append(
+                f"| `{name}.{f.name}` | {_md_type(hints[f.name], f.metadata)} | `{_md_cell(default)}` "
+                f"| {_md_cell(ref)} | {_md_cell(docs.get(f.name, ''))} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+#################################################################################
+#                          CLI: shared arguments, `repa config`              #
+#################################################################################
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+    """``--config FILE|PRESET`` and repeatable ``--set section.key=value`` (every verb uses these)."""
+    parser.add_argument(
+        "--config",
+        "-c",
+        required=required,
+        metavar="FILE|PRESET",
+        help=f"YAML file, fsspec URL or preset ({', '.join(list_presets())}); default: built-in defaults",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one value (repeatable), parsed as YAML: --set train.lr=2e-4 --set encoder.names=[]",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The validated RunConfig named by ``--config`` and ``--set``."""
+    return load_config(args.config, args.overrides)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`repa config {show,validate,schema,docs,presets}`."""
+    sub = parser.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    p = sub.add_parser("show", help="print the resolved config as YAML", description="Print the config.")
+    add_config_arguments(p)
+    p = sub.add_parser(
+        "validate", help="check a config and exit 0 (valid) or 2", description="Validate a config."
+    )
+    add_config_arguments(p)
+    p.add_argument(
+        "--for",
+        dest="verb",
+        choices=sorted(REQUIRED_FOR),
+        help="also require the keys this verb needs (e.g. data.url and storage.run_url for train)",
+    )
+    p = sub.add_parser("schema", help="print the config's JSON schema", description="Print the JSON schema.")
+    p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p = sub.add_parser(
+        "docs", help="print docs/configuration.md (Markdown)", description="Print the config reference."
+    )
+    p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    sub.add_parser("presets", help="list bundled presets", description="List the bundled presets.")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a `repa config` action; ConfigError propagates to the CLI (exit code 2)."""
+    action = args.config_command
+    if action == "show":
+        sys.stdout.write(config_from_args(args).to_yaml())
+    elif action == "validate":
+        cfg = config_from_args(args)
+        if args.verb:
+            cfg.require_for(args.verb)
+        n = len(args.overrides)
+        sys.stdout.write(f"ok: {args.config or 'defaults'}{f' with {n} override(s)' if n else ''}\n")
+    elif action in ("schema", "docs"):
+        text = json.dumps(json_schema(), indent=2) + "\n" if action == "schema" else markdown_docs()
+        if args.output:
+            Path(args.output).write_text(text, encoding="utf-8")
+        else:
+            sys.stdout.write(text)
+    elif action == "presets":
+        for name in list_presets():
+            sys.stdout.write(f"{name}: {_preset_summary(name)}\n")
+    return 0
+
+
+if __name__ == "__main__":  # `python -m repa.config docs` == `repa config docs`
+    raise SystemExit(importlib.import_module("repa.cli").main(["config", *sys.argv[1:]]))
