@@ -1,0 +1,387 @@
+"""`repa watch`: evaluate every newly committed checkpoint of a run once, in step order.
+
+The watcher lists ``{run_url}/checkpoints`` every ``eval.watch_poll_seconds`` and handles each
+committed checkpoint (``COMMITTED`` marker; uncommitted folders are never read) that is not done yet:
+
+- in-process (default): ``repa eval`` of that checkpoint; done = its result JSON exists
+  (``{run_url}/eval/step-NNNNNNN/result-<digest>.json``, see ``repa.eval.evaluate``);
+- ``--launch-jobs``: one Kubernetes Job per checkpoint (``repa.eval.jobs``); done = the result JSON or
+  a launch marker ``job-<digest>.json`` beside it (written after the Job was created, or found to exist).
+
+State lives only in storage, so the watcher is idempotent and survives restarts: a new pod simply
+resumes (a half-made sample set is reused chunk by chunk). Selection: every checkpoint, or with
+``eval.watch_every_nth = n`` those whose index ``step / checkpoint.every_steps`` is a multiple of n
+(stable under retention; the final ``train.max_steps`` checkpoint always counts), and with
+``eval.watch_only_latest`` only the newest checkpoint (a backlog is skipped for good).
+
+Failures: listing errors back off exponentially (``poll · 2^k``, capped); a checkpoint that fails to
+evaluate is retried on later polls, at most ``max_attempts`` times per process; one deleted by
+retention mid-evaluation is skipped. SIGTERM/SIGINT stop the loop at once and abandon a running
+evaluation at its next batch, writing no result (finished sample chunks are kept); exit code 0.
+``--once`` handles what is there and exits (tests, CronJobs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import repa.eval.evaluate as E  # (`from repa.eval import evaluate` is metrics.evaluate, a function)
+from repa import storage
+from repa.config import ConfigError, RunConfig
+from repa.eval import sample as S
+from repa.train import checkpoint as ckpt
+from repa.train.distributed import DistInfo, resolve_device
+
+log = logging.getLogger(__name__)
+
+__all__ = ["WatchReport", "Watcher", "add_arguments", "launch_marker_url", "run"]
+
+DEFAULT_MAX_BACKOFF_SECONDS = 600.0
+ONCE_LIST_ATTEMPTS = 5  # --once: listing attempts before giving up with exit code 1
+
+
+def launch_marker_url(plan: E.EvalPlan) -> str:
+    """``job-<digest>.json`` beside the result file: the Job for this protocol has been created."""
+    folder, _, name = plan.result_url.rpartition("/")
+    return f"{folder}/job-{name.removeprefix('result-')}"
+
+
+@dataclass
+class WatchReport:
+    """What one ``run`` did (steps in processing order)."""
+
+    processed: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)  # vanished (retention) while being handled
+    polls: int = 0
+    stopped: bool = False
+
+
+class Watcher:
+    """Polls a run's checkpoints and hands each pending one to ``process`` (evaluate or launch a Job).
+
+    ``process(source, plan)`` does the work; ``is_done(plan)`` says whether a checkpoint needs none.
+    Both are injected so the same loop serves in-process evaluation, Job launching and tests.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        process: Callable[[S.CheckpointSource, E.EvalPlan], Any],
+        is_done: Callable[[E.EvalPlan], bool],
+        *,
+        plan: Callable[[S.CheckpointSource], E.EvalPlan],
+        stop: threading.Event | None = None,
+        max_attempts: int = 3,
+        max_backoff_seconds: float = DEFAULT_MAX_BACKOFF_SECONDS,
+    ) -> None:
+        if not cfg.storage.run_url:
+            raise ConfigError(
+                "storage.run_url", "required by `repa watch` (the run whose checkpoints to watch)"
+            )
+        self.cfg = cfg
+        self.run_url = cfg.storage.run_url.rstrip("/")
+        self.storage_options = cfg.storage.storage_options or None
+        self.process = process
+        self.is_done = is_done
+        self.plan = plan
+        self.stop = stop or threading.Event()
+        self.max_attempts = max_attempts
+        self.max_backoff_seconds = max_backoff_seconds
+        self.attempts: dict[int, int] = {}
+        self.finished: set[int] = set()  # done, given up or vanished: not looked at again by this process
+
+    # ------------------------------------------------------------------ selection
+    def eligible(self, step: int) -> bool:
+        n = self.cfg.eval.watch_every_nth
+        if n <= 1 or step == self.cfg.train.max_steps:
+            return True
+        return step % (n * self.cfg.checkpoint.every_steps) == 0
+
+    def pending(self, committed: list[ckpt.CheckpointRef]) -> list[tuple[S.CheckpointSource, E.EvalPlan]]:
+        """Committed, eligible, not yet done checkpoints in step order.
+
+        With ``eval.watch_only_latest`` only the newest eligible checkpoint is considered: older ones
+        are never gone back to, so a backlog is skipped for good.
+        """
+        refs = [ref for ref in sorted(committed) if self.eligible(ref.step)]
+        if self.cfg.eval.watch_only_latest:
+            refs = refs[-1:]
+        out = []
+        for ref in refs:
+            if ref.step in self.finished:
+                continue
+            source = S.CheckpointSource(ref.url, "run", ref.step, self.run_url)
+            plan = self.plan(source)
+            if self.is_done(plan):
+                self.finished.add(ref.step)
+                continue
+            out.append((source, plan))
+        return out
+
+    # ------------------------------------------------------------------ one poll
+    def poll_once(self, report: WatchReport) -> None:
+        """List once and handle every pending checkpoint. Listing errors propagate (the caller backs off)."""
+        committed, partial = ckpt.list_checkpoints(self.run_url, self.storage_options)
+        report.polls += 1
+        if partial:
+            log.debug("ignoring %d uncommitted checkpoint folder(s): %s", len(partial), partial[:3])
+        for source, plan in self.pending(committed):
+            if self.stop.is_set():
+                report.stopped = True
+                return
+            step = source.step
+            assert step is not None
+            log.info("handling checkpoint step %d (%s)", step, source.url)
+            try:
+                self.process(source, plan)
+            except S.SamplingInterrupted:
+                log.info("stop requested: abandoned checkpoint step %d without writing a result", step)
+                report.stopped = True
+                return
+            except Exception as e:
+                if not self._still_committed(source):
+                    log.info("checkpoint step %d was deleted while being handled (retention); skipped", step)
+                    self.finished.add(step)
+                    report.skipped.append(step)
+                    continue
+                if storage.is_transient(e):
+                    raise  # storage trouble: back off and retry the whole poll
+                self.attempts[step] = self.attempts.get(step, 0) + 1
+                left = self.max_attempts - self.attempts[step]
+                log.error(
+                    "checkpoint step %d failed (%s: %s); %s",
+                    step,
+                    type(e).__name__,
+                    e,
+                    f"will retry ({left} attempt(s) left)" if left > 0 else "giving up on it",
+                    exc_info=log.isEnabledFor(logging.DEBUG),
+                )
+                if left <= 0:
+                    self.finished.add(step)
+                    report.failed.append(step)
+                continue
+            self.finished.add(step)
+            report.processed.append(step)
+
+    def _still_committed(self, source: S.CheckpointSource) -> bool:
+        try:
+            return storage.exists(storage.join(source.url, ckpt.MARKER), self.storage_options)
+        except Exception:
+            return True  # cannot tell: assume it is there (the error is then handled as a failure)
+
+    # ------------------------------------------------------------------ loop
+    def run(self, once: bool = False) -> WatchReport:
+        """Poll until stopped (or one successful poll with ``once``)."""
+        report = WatchReport()
+        failures = 0
+        poll = float(self.cfg.eval.watch_poll_seconds)
+        while not self.stop.is_set():
+            try:
+                self.poll_once(report)
+                failures = 0
+                delay = poll
+            except Exception as e:
+                if not (storage.is_transient(e) or isinstance(e, (storage.StorageError, OSError))):
+                    raise
+                failures += 1
+                delay = min(self.max_backoff_seconds, poll * 2 ** (failures - 1))
+                log.warning(
+                    "listing %s failed (%s: %s); retrying in %.0f s", self.run_url, type(e).__name__, e, delay
+                )
+                if once and failures >= ONCE_LIST_ATTEMPTS:
+                    raise
+                if once:
+                    self.stop.wait(min(delay, 2.0 * failures))
+                    continue
+            if report.stopped or once:
+                break
+            self.stop.wait(delay)
+        report.stopped = report.stopped or self.stop.is_set()
+        return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Wiring: in-process evaluation or Job launching
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_eval_inputs(cfg: RunConfig, feature_extractor: str | None) -> None:
+    """Fail at start-up (not once per checkpoint) when the evaluation can never work."""
+    so = cfg.storage.storage_options or None
+    cfg.require_for("eval")
+    if not storage.exists(cfg.eval.reference_stats_url, so):
+        raise E.EvalError(f"eval.reference_stats_url: {cfg.eval.reference_stats_url} not found")
+    url = cfg.eval.inception_weights_url
+    if not feature_extractor and url and not storage.exists(url, so):
+        raise E.EvalError(f"eval.inception_weights_url: {url} not found")
+
+
+def make_watcher(
+    cfg: RunConfig,
+    *,
+    chunk_size: int = S.DEFAULT_CHUNK_SIZE,
+    feature_extractor: str | None = None,
+    precision: str | None = None,
+    check_config: bool = True,
+    keep_samples: bool = True,
+    progress: bool = False,
+    launcher: Any = None,
+    stop: threading.Event | None = None,
+    max_attempts: int = 3,
+) -> Watcher:
+    """A Watcher that evaluates in this process, or launches Jobs through ``launcher`` (a JobLauncher)."""
+    stop = stop or threading.Event()
+    so = cfg.storage.storage_options or None
+
+    def plan(source: S.CheckpointSource) -> E.EvalPlan:
+        return E.plan_evaluation(cfg, source, chunk_size=chunk_size, feature_extractor=feature_extractor)
+
+    if launcher is None:
+        device = resolve_device(cfg.train.device)
+        info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(device))
+        cache: dict[Any, Any] = {}  # reference statistics and feature network, loaded once
+
+        def process(source: S.CheckpointSource, plan_: E.EvalPlan) -> Any:
+            return E.evaluate_checkpoint(
+                cfg,
+                source,
+                info=info,
+                chunk_size=chunk_size,
+                feature_extractor=feature_extractor,
+                precision=precision,
+                check_config=check_config,
+                keep_samples=keep_samples,
+                progress=progress,
+                should_stop=stop.is_set,
+                cache=cache,
+            )
+
+        def is_done(plan_: E.EvalPlan) -> bool:
+            return storage.exists(plan_.result_url, so)
+
+    else:
+
+        def process(source: S.CheckpointSource, plan_: E.EvalPlan) -> Any:
+            result = launcher.launch(source.url, source.step, plan_.digest)
+            marker = {
+                "job": result.name,
+                "namespace": result.namespace,
+                "created": result.created,
+                "checkpoint_url": source.url,
+                "result_url": plan_.result_url,
+                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            }
+            storage.write_bytes_atomic(launch_marker_url(plan_), json.dumps(marker, indent=1).encode(), so)
+            return result
+
+        def is_done(plan_: E.EvalPlan) -> bool:
+            return storage.exists(plan_.result_url, so) or storage.exists(launch_marker_url(plan_), so)
+
+    return Watcher(cfg, process, is_done, plan=plan, stop=stop, max_attempts=max_attempts)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from repa.eval.jobs import DEFAULT_TEMPLATE_PATH
+
+    S.add_sampling_arguments(parser)
+    E.add_eval_arguments(parser)
+    parser.add_argument("--once", action="store_true", help="handle the checkpoints there now, then exit")
+    parser.add_argument(
+        "--launch-jobs",
+        action="store_true",
+        help="create one Kubernetes Job per checkpoint (in-cluster API) instead of evaluating here",
+    )
+    parser.add_argument(
+        "--job-template",
+        default=DEFAULT_TEMPLATE_PATH,
+        metavar="PATH",
+        help=f"Job manifest template for --launch-jobs (default {DEFAULT_TEMPLATE_PATH})",
+    )
+    parser.add_argument("--namespace", help="namespace of the Jobs (default: template's, else the pod's)")
+    parser.add_argument(
+        "--job-name-prefix", help="Job names are PREFIX-step-NNNNNNN-<digest> (default: template name)"
+    )
+    parser.add_argument(
+        "--max-attempts",
+        type=int,
+        default=3,
+        help="evaluations of one checkpoint before giving up (default 3)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from repa.eval.metrics import MetricsError
+    from repa.weights import WeightsError
+
+    cfg, explicit = S.resolve_config(args)
+    cfg.require_for("watch")
+    launcher = None
+    try:
+        if args.launch_jobs:
+            from repa.eval import jobs
+
+            template = jobs.load_job_template(args.job_template)
+            launcher = jobs.JobLauncher(
+                jobs.batch_api(), template, namespace=args.namespace, name_prefix=args.job_name_prefix
+            )
+            cfg.require_for("eval")
+        else:
+            _check_eval_inputs(cfg, args.feature_extractor)
+    except (E.EvalError, MetricsError, WeightsError, RuntimeError) as e:
+        return S.cli_error("watch", e)
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        watcher = make_watcher(
+            cfg,
+            chunk_size=args.chunk_size,
+            feature_extractor=args.feature_extractor,
+            precision=args.precision,
+            check_config=explicit,
+            keep_samples=not args.delete_samples,
+            progress=not args.no_progress,
+            launcher=launcher,
+            stop=stop,
+            max_attempts=args.max_attempts,
+        )
+        log.info(
+            "watching %s (%s, every %d s)",
+            ckpt.checkpoints_url(cfg.storage.run_url),
+            "launching Jobs" if launcher else "evaluating in-process",
+            cfg.eval.watch_poll_seconds,
+        )
+        try:
+            report = watcher.run(once=args.once)
+        except (storage.StorageError, OSError) as e:
+            return S.cli_error("watch", e)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(
+        f"watch: {len(report.processed)} checkpoint(s) handled {report.processed}, "
+        f"{len(report.failed)} failed {report.failed}{' (stopped)' if report.stopped else ''}"
+    )
+    # --once (CronJob, tests): failures show in the exit code; a watcher stopped by SIGTERM exits 0.
+    return 1 if (args.once and report.failed) else 0

@@ -1,0 +1,268 @@
+"""`repa eval` and `repa eval ref-stats` end to end: prepared shards -> reference statistics ->
+samples of a committed checkpoint -> metrics -> result JSON + TensorBoard scalars.
+
+Most tests use a tiny random conv network as the feature extractor (G's FeatureExtractor protocol,
+reported as FD_tiny-conv); one test runs the real Inception path with random weights.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from repa.config import RunConfig
+from repa.data import format as fmt
+from repa.eval import sample as S
+from repa.eval.refstats import compute_reference_stats, load_reference_stats, save_reference_stats
+from repa.models import build_model
+from repa.train import checkpoint as ckpt
+from repa.train.metrics import read_scalars
+
+FEATS = "repa_test_feats:build"
+FEATS_SOURCE = '''
+"""A tiny deterministic conv feature extractor (repa.eval.metrics.FeatureExtractor protocol)."""
+import torch
+from torch import nn
+
+
+class TinyConv(nn.Module):
+    name = "tiny-conv"
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.conv.weight.copy_(0.3 * torch.randn(self.conv.weight.shape, generator=g))
+            self.conv.bias.zero_()
+
+    def forward(self, images):  # uint8 (B, 3, H, W) -> (B, 16)
+        h = torch.relu(self.conv(images.float() / 127.5 - 1))
+        return torch.cat([h.mean((2, 3)), h.amax((2, 3))], dim=1)
+
+
+def build():
+    return TinyConv()
+'''
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def feats(tmp_path, monkeypatch):
+    """Puts the tiny extractor module on sys.path; returns its folder (for subprocess PYTHONPATH)."""
+    folder = tmp_path / "feats"
+    folder.mkdir()
+    (folder / "repa_test_feats.py").write_text(textwrap.dedent(FEATS_SOURCE))
+    monkeypatch.syspath_prepend(str(folder))
+    return folder
+
+
+def tiny_config(run_url: str, reference_stats_url: str | None = None, **sample) -> dict:
+    return {
+        "model": {
+            "name": "SiT-S/2",
+            "hidden_size": 32,
+            "depth": 2,
+            "num_heads": 2,
+            "encoder_depth": 0,
+            "num_classes": 10,
+        },
+        "encoder": {"names": []},
+        "vae": {"name": "none", "latents_scale": 1.0},
+        "data": {"resolution": 16},
+        "sample": {"num_samples": 12, "num_steps": 4, "batch_size_per_device": 6, **sample},
+        "train": {"device": "cpu"},
+        "eval": {"reference_stats_url": reference_stats_url},
+        "storage": {"run_url": run_url},
+    }
+
+
+def write_config(path: Path, tree: dict) -> str:
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+def commit_checkpoint(cfg: RunConfig, step: int, seed: int = 0) -> None:
+    args = {**S.model_args_from_config(cfg), "z_dims": []}
+    name = args.pop("model")
+    torch.manual_seed(seed)
+    model = build_model(name, **args)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    sd = model.state_dict()
+    state = {"model": sd, "ema": sd, "config": cfg.to_dict()}
+    ckpt.save_checkpoint(cfg.storage.run_url, step, state, sd, {"model": name, **args})
+
+
+def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def write_dataset(root: Path, images: np.ndarray, per_shard: int = 10) -> str:
+    """A prepared dataset (manifest + tar shards of PNGs) as `repa prepare` writes it."""
+    root.mkdir(parents=True)
+    shards = []
+    for i, start in enumerate(range(0, len(images), per_shard)):
+        samples = [
+            fmt.Sample(key=fmt.sample_key(j), png=fmt.encode_png(images[j]), label=j % 3, moments=None)
+            for j in range(start, min(start + per_shard, len(images)))
+        ]
+        data = fmt.write_shard(samples)
+        (root / fmt.shard_name(i)).write_bytes(data)
+        shards.append(fmt.ShardInfo(fmt.shard_name(i), start, len(samples), len(data), fmt.sha256_hex(data)))
+    manifest = fmt.Manifest(resolution=images.shape[1], class_names=("a", "b", "c"), shards=tuple(shards))
+    (root / fmt.MANIFEST_NAME).write_text(manifest.validate().to_json())
+    return str(root)
+
+
+def cli(*argv: str) -> int:
+    from repa.cli import main
+
+    return main(list(argv))
+
+
+def test_ref_stats_from_shards_then_eval_writes_result_json_and_tensorboard(tmp_path, feats, capsys):
+    data_url = write_dataset(tmp_path / "data", random_images(24, 16))
+    ref_url = str(tmp_path / "ref.npz")
+    run_url = str(tmp_path / "run")
+    cfg_path = write_config(tmp_path / "cfg.yaml", tiny_config(run_url, ref_url))
+    assert (
+        cli(
+            "eval",
+            "ref-stats",
+            "--config",
+            cfg_path,
+            "--data-url",
+            data_url,
+            "--out",
+            ref_url,
+            "--feature-extractor",
+            FEATS,
+        )
+        == 0
+    )
+    ref = load_reference_stats(ref_url)
+    assert ref.num_images == 24 and ref.image_size == (16, 16) and ref.features.shape == (24, 16)
+    assert ref.feature_extractor == "tiny-conv"
+
+    cfg = RunConfig.from_dict(tiny_config(run_url, ref_url))
+    commit_checkpoint(cfg, 100)
+    argv = ("eval", "--config", cfg_path, "--feature-extractor", FEATS, "--chunk-size", "4", "--no-progress")
+    assert cli(*argv) == 0
+    (result_file,) = Path(run_url, "eval", "step-0000100").glob("result-*.json")
+    result = json.loads(result_file.read_text())
+    protocol = result["protocol"]
+    assert result["metric_name"] == "FD_tiny-conv" and result["num_samples"] == 12
+    assert result["inception_score_mean"] is None  # the tiny network has no logits
+    assert 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1
+    assert protocol["checkpoint"]["step"] == 100 and protocol["checkpoint"]["weights"] == "ema"
+    assert protocol["sampling"] == {
+        **protocol["sampling"],
+        "sampler": "sde",
+        "num_steps": 4,
+        "cfg_scale": 1.8,
+        "guidance_low": 0.0,
+        "guidance_high": 0.7,
+        "num_samples": 12,
+        "seed": 0,
+    }
+    assert protocol["reference_stats"] == {"url": ref_url, "sha256": ref.sha256}
+    assert protocol["code"]["repa_version"] and protocol["precision"] == "fp32"
+    assert result_file.name == f"result-{protocol['digest'][:12]}.json"
+
+    # The number is the metric of exactly the samples on storage.
+    from repa.eval.metrics import evaluate
+
+    sample_set = S.SampleSet.open(protocol["samples_url"])
+    extractor = __import__("repa_test_feats").build()
+    direct = evaluate(sample_set.iter_images(), ref, extractor, inception_score_splits=None)
+    assert result["fid"] == pytest.approx(direct.fid, rel=1e-9)
+
+    scalars = read_scalars(str(Path(run_url, "tensorboard", "eval")))
+    assert [step for step, _ in scalars["eval/fd_tiny-conv"]] == [100]
+    assert scalars["eval/fd_tiny-conv"][0][1] == pytest.approx(result["fid"], rel=1e-6)
+    assert set(scalars) == {"eval/fd_tiny-conv", "eval/precision", "eval/recall"}
+
+    # Idempotent: a second run finds the result and touches nothing.
+    mtime = result_file.stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli(*argv) == 0
+    assert "(already evaluated)" in capsys.readouterr().out
+    assert result_file.stat().st_mtime_ns == mtime
+
+
+def test_missing_reference_stats_is_a_clear_error_naming_the_url(tmp_path, feats, capsys):
+    run_url = str(tmp_path / "run")
+    missing = str(tmp_path / "nowhere" / "VIRTUAL_imagenet256_labeled.npz")
+    cfg_path = write_config(tmp_path / "cfg.yaml", tiny_config(run_url, missing))
+    commit_checkpoint(RunConfig.from_dict(tiny_config(run_url, missing)), 100)
+    assert cli("eval", "--config", cfg_path, "--feature-extractor", FEATS) == 2
+    err = capsys.readouterr().err
+    assert f"eval.reference_stats_url: {missing} not found" in err
+    assert "Traceback" not in err
+    assert not Path(run_url, "samples").exists()  # failed before sampling
+
+
+def test_unset_reference_stats_is_a_config_error(tmp_path, capsys):
+    run_url = str(tmp_path / "run")
+    cfg_path = write_config(tmp_path / "cfg.yaml", tiny_config(run_url, None))
+    assert cli("eval", "--config", cfg_path) == 2
+    assert "eval.reference_stats_url: required by `repa eval`" in capsys.readouterr().err
+
+
+def test_reference_of_another_image_size_is_refused_before_sampling(tmp_path, feats, capsys):
+    ref_url = str(tmp_path / "ref32.npz")
+    save_reference_stats(
+        ref_url, compute_reference_stats(random_images(20, 32), __import__("repa_test_feats").build())
+    )
+    run_url = str(tmp_path / "run")
+    cfg_path = write_config(tmp_path / "cfg.yaml", tiny_config(run_url, ref_url))
+    commit_checkpoint(RunConfig.from_dict(tiny_config(run_url, ref_url)), 100)
+    assert cli("eval", "--config", cfg_path, "--feature-extractor", FEATS) == 2
+    err = capsys.readouterr().err
+    assert "generated images will be 16x16" in err and "are for 32x32 images" in err
+    assert not Path(run_url, "samples").exists()
+
+
+def test_inception_fid_and_is_end_to_end_with_random_weights(tmp_path):
+    """The real torch-fidelity InceptionV3 path (random weights: FID values meaningless, code path exact)."""
+    from repa.eval.metrics import build_inception
+    from tests.fidelity_weights import random_inception_weights_path
+
+    weights = random_inception_weights_path()
+    ref_url = str(tmp_path / "ref.npz")
+    save_reference_stats(ref_url, compute_reference_stats(random_images(10, 16), build_inception(weights)))
+    run_url = str(tmp_path / "run")
+    tree = tiny_config(run_url, ref_url, num_samples=10)
+    tree["eval"].update(inception_weights_url=weights, metrics=["fid", "is"])
+    cfg_path = write_config(tmp_path / "cfg.yaml", tree)
+    commit_checkpoint(RunConfig.from_dict(tree), 200)
+    assert cli("eval", "--config", cfg_path, "--chunk-size", "5", "--no-progress") == 0
+    (result_file,) = Path(run_url, "eval", "step-0000200").glob("result-*.json")
+    result = json.loads(result_file.read_text())
+    assert result["metric_name"] == "FID" and np.isfinite(result["fid"]) and result["fid"] > 0
+    # IS over ADM's 10 splits; with 10 samples every split holds one image, so p(y) = p(y|x): IS = 1 exactly.
+    assert result["inception_score_mean"] == pytest.approx(1.0) and result["precision"] is None
+    assert result["protocol"]["feature_extractor"]["weights_url"] == weights
+    assert result["feature_extractor_sha256"] == ref_sha(ref_url)
+    scalars = read_scalars(str(Path(run_url, "tensorboard", "eval")))
+    assert set(scalars) == {"eval/fid", "eval/is"} and scalars["eval/fid"][0][0] == 200
+
+
+def ref_sha(ref_url: str) -> str:
+    return load_reference_stats(ref_url, load_images=False).feature_extractor_sha256

@@ -1,0 +1,453 @@
+"""`repa watch`: each committed checkpoint evaluated once (also across restarts), uncommitted ones never;
+selection (every n-th, only latest); back-off on storage errors; SIGTERM; Job launching; S3 (moto).
+
+Metrics use a tiny random conv feature extractor (FD_tiny-conv) so a whole evaluation takes < 1 s.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from repa import storage
+from repa.config import RunConfig
+from repa.eval import sample as S
+from repa.eval.refstats import compute_reference_stats, save_reference_stats
+from repa.models import build_model
+from repa.train import checkpoint as ckpt
+from repa.train.metrics import read_scalars
+
+# NB: repa.eval.watch / repa.eval.evaluate are imported inside the tests: importing the module
+# `repa.eval.evaluate` rebinds the package attribute `repa.eval.evaluate` (metrics' function), which
+# would break modules collected later that do `from repa.eval import evaluate`.
+
+REPO = Path(__file__).resolve().parents[2]
+FEATS = "repa_test_feats:build"
+FEATS_SOURCE = """
+import torch
+from torch import nn
+
+
+class TinyConv(nn.Module):
+    name = "tiny-conv"
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.conv.weight.copy_(0.3 * torch.randn(self.conv.weight.shape, generator=g))
+            self.conv.bias.zero_()
+
+    def forward(self, images):  # uint8 (B, 3, H, W) -> (B, 16)
+        h = torch.relu(self.conv(images.float() / 127.5 - 1))
+        return torch.cat([h.mean((2, 3)), h.amax((2, 3))], dim=1)
+
+
+def build():
+    return TinyConv()
+"""
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def feats(tmp_path, monkeypatch):
+    folder = tmp_path / "feats"
+    folder.mkdir()
+    (folder / "repa_test_feats.py").write_text(textwrap.dedent(FEATS_SOURCE))
+    monkeypatch.syspath_prepend(str(folder))
+    return folder
+
+
+@pytest.fixture
+def reference(tmp_path, feats) -> str:
+    """Reference statistics of 32 random 16x16 images under the tiny extractor."""
+    url = str(tmp_path / "ref.npz")
+    images = np.random.default_rng(0).integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
+    save_reference_stats(url, compute_reference_stats(images, __import__("repa_test_feats").build()))
+    return url
+
+
+def tiny_config(run_url: str, reference_stats_url: str, **sections) -> dict:
+    tree = {
+        "model": {
+            "name": "SiT-S/2",
+            "hidden_size": 32,
+            "depth": 2,
+            "num_heads": 2,
+            "encoder_depth": 0,
+            "num_classes": 10,
+        },
+        "encoder": {"names": []},
+        "vae": {"name": "none", "latents_scale": 1.0},
+        "data": {"resolution": 16},
+        "sample": {"num_samples": 8, "num_steps": 3, "batch_size_per_device": 8},
+        "train": {"device": "cpu", "max_steps": 1000},
+        "checkpoint": {"every_steps": 100, "keep_every_steps": 0},
+        "log": {"every_steps": 100},
+        "eval": {"reference_stats_url": reference_stats_url, "watch_poll_seconds": 1},
+        "storage": {"run_url": run_url},
+    }
+    for name, values in sections.items():
+        tree[name] = {**tree[name], **values}
+    return tree
+
+
+def commit_checkpoint(cfg: RunConfig, step: int) -> None:
+    args = {**S.model_args_from_config(cfg), "z_dims": []}
+    name = args.pop("model")
+    torch.manual_seed(step)
+    model = build_model(name, **args)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    sd = model.state_dict()
+    state = {"model": sd, "ema": sd, "config": cfg.to_dict()}
+    ckpt.save_checkpoint(cfg.storage.run_url, step, state, sd, {"model": name, **args})
+
+
+def setup_run(tmp_path: Path, run_url: str, reference: str, steps=(100, 200, 300), **sections):
+    tree = tiny_config(run_url, reference, **sections)
+    cfg = RunConfig.from_dict(tree)
+    for step in steps:
+        commit_checkpoint(cfg, step)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(tree))
+    return str(cfg_path), cfg
+
+
+def cli(*argv: str) -> int:
+    from repa.cli import main
+
+    return main(list(argv))
+
+
+def result_files(run_url: str) -> dict[int, Path]:
+    out = {}
+    for path in Path(run_url, "eval").glob("step-*/result-*.json"):
+        out[int(path.parent.name.removeprefix("step-"))] = path
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# In-process evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def test_watch_once_evaluates_each_committed_checkpoint_once_even_after_restart(tmp_path, reference, capsys):
+    run_url = str(tmp_path / "run")
+    cfg_path, cfg = setup_run(tmp_path, run_url, reference)
+    # Traps: a crash mid-save (files, no COMMITTED marker), a foreign folder, a stray file.
+    partial = Path(run_url, "checkpoints", "step-0000400")
+    partial.mkdir()
+    (partial / "state.pt").write_bytes(b"truncated")
+    Path(run_url, "checkpoints", "step-latest").mkdir()
+    Path(run_url, "checkpoints", "notes.txt").write_text("x")
+
+    argv = ("watch", "--config", cfg_path, "--once", "--feature-extractor", FEATS, "--chunk-size", "4")
+    assert cli(*argv, "--no-progress") == 0
+    assert "3 checkpoint(s) handled [100, 200, 300], 0 failed" in capsys.readouterr().out
+    results = result_files(run_url)
+    assert sorted(results) == [100, 200, 300]
+    fds = {step: json.loads(p.read_text())["fid"] for step, p in results.items()}
+    assert len(set(fds.values())) == 3  # three different checkpoints, three numbers
+    scalars = read_scalars(str(Path(run_url, "tensorboard", "eval")))
+    assert [s for s, _ in scalars["eval/fd_tiny-conv"]] == [100, 200, 300]
+    assert [v for _, v in scalars["eval/fd_tiny-conv"]] == pytest.approx([fds[100], fds[200], fds[300]])
+
+    # A restarted watcher finds everything done and rewrites nothing.
+    stamps = {step: p.stat().st_mtime_ns for step, p in results.items()}
+    assert cli(*argv, "--no-progress") == 0
+    assert "0 checkpoint(s) handled []" in capsys.readouterr().out
+    assert {step: p.stat().st_mtime_ns for step, p in result_files(run_url).items()} == stamps
+
+    # Once the trainer commits step 400, it (and only it) is evaluated.
+    commit_checkpoint(cfg, 400)
+    assert cli(*argv, "--no-progress") == 0
+    assert "1 checkpoint(s) handled [400]" in capsys.readouterr().out
+    assert sorted(result_files(run_url)) == [100, 200, 300, 400]
+
+
+def test_every_nth_and_only_latest_select_by_step(tmp_path, reference):
+    from repa.eval.evaluate import plan_evaluation
+    from repa.eval.watch import Watcher, WatchReport
+
+    run_url = str(tmp_path / "run")
+    tree = tiny_config(run_url, reference, eval={"watch_every_nth": 2}, train={"max_steps": 650})
+    cfg = RunConfig.from_dict(tree)
+    refs = [
+        ckpt.CheckpointRef(step, f"{run_url}/checkpoints/{ckpt.step_dir_name(step)}")
+        for step in range(100, 700, 100)
+    ]
+    refs.append(ckpt.CheckpointRef(650, f"{run_url}/checkpoints/{ckpt.step_dir_name(650)}"))  # the final one
+
+    def pending_steps(cfg: RunConfig, done=()) -> list[int]:
+        watcher = Watcher(
+            cfg,
+            process=lambda source, plan: None,
+            is_done=lambda plan: plan.source.step in done,
+            plan=lambda source: plan_evaluation(cfg, source),
+        )
+        return [source.step for source, _ in watcher.pending(refs)]
+
+    # Index = step / checkpoint.every_steps: every 2nd is 200, 400, 600; the final step always counts.
+    assert pending_steps(cfg) == [200, 400, 600, 650]
+    assert pending_steps(cfg, done={200, 400}) == [600, 650]
+    latest = RunConfig.from_dict(tiny_config(run_url, reference, eval={"watch_only_latest": True}))
+    assert pending_steps(latest) == [650]
+    assert pending_steps(latest, done={650}) == []  # the backlog is never gone back to
+    assert WatchReport().processed == []
+
+
+class RecordingStop(threading.Event):
+    """A stop event whose waits return at once and are recorded (no real sleeping in tests)."""
+
+    def __init__(self, stop_after: int) -> None:
+        super().__init__()
+        self.waits: list[float] = []
+        self.stop_after = stop_after
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        if len(self.waits) >= self.stop_after:
+            self.set()
+        return self.is_set()
+
+
+def test_listing_errors_back_off_exponentially_up_to_a_cap(tmp_path, reference, monkeypatch, caplog):
+    from repa.eval import watch as W
+
+    run_url = str(tmp_path / "run")
+    cfg = RunConfig.from_dict(tiny_config(run_url, reference, eval={"watch_poll_seconds": 10}))
+    calls = []
+    real = ckpt.list_checkpoints
+
+    def flaky(url, storage_options=None):
+        calls.append(url)
+        if len(calls) <= 4:  # four failed listings (e.g. the object store is throttling), then healthy
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return real(url, storage_options)
+
+    monkeypatch.setattr(W.ckpt, "list_checkpoints", flaky)
+    stop = RecordingStop(stop_after=6)
+    watcher = W.make_watcher(cfg, feature_extractor=FEATS, stop=stop)
+    watcher.max_backoff_seconds = 40
+    report = watcher.run()
+    assert stop.waits == [10, 20, 40, 40, 10, 10]  # poll * 2^k, capped; back to the poll period after success
+    assert report.polls == 2 and report.stopped
+    assert "retrying in 40 s" in caplog.text
+
+
+def test_a_failing_checkpoint_is_retried_then_given_up_without_blocking_others(tmp_path, reference, capsys):
+    run_url = str(tmp_path / "run")
+    cfg_path, _ = setup_run(tmp_path, run_url, reference, steps=(100, 200))
+    ema = Path(run_url, "checkpoints", "step-0000100", "ema.pt")
+    ema.write_bytes(b"corrupted after commit")
+    argv = ("watch", "--config", cfg_path, "--once", "--feature-extractor", FEATS, "--max-attempts", "1")
+    assert cli(*argv, "--no-progress") == 1  # --once reports the failure in its exit code
+    out = capsys.readouterr().out
+    assert "1 checkpoint(s) handled [200], 1 failed [100]" in out
+    assert sorted(result_files(run_url)) == [200]
+
+
+def test_sigterm_stops_the_watcher_at_once_without_partial_results(tmp_path, reference, feats):
+    run_url = str(tmp_path / "run")
+    # Enough work that the evaluation is still sampling when the signal comes.
+    cfg_path, _ = setup_run(
+        tmp_path, run_url, reference, steps=(100,), sample={"num_samples": 4000, "num_steps": 50}
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{feats}"}
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "repa", "watch", "--config", cfg_path),
+            *("--feature-extractor", FEATS, "--chunk-size", "8", "--no-progress"),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    samples = Path(run_url, "samples")
+    deadline = time.monotonic() + 240
+    while not list(samples.glob("*/chunks/chunk-*.npz")):  # sampling is under way
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the watcher never started sampling"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    assert "received SIGTERM: stopping" in err and "abandoned checkpoint step 100" in err
+    assert result_files(run_url) == {}  # nothing partial was written
+    assert "(stopped)" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# Kubernetes Jobs
+# ----------------------------------------------------------------------------------------------
+
+JOB_TEMPLATE = """
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: my-release-eval
+  namespace: ml
+  labels: {app.kubernetes.io/instance: my-release}
+spec:
+  backoffLimit: 2
+  ttlSecondsAfterFinished: 86400
+  template:
+    metadata:
+      labels: {app.kubernetes.io/component: eval}
+    spec:
+      restartPolicy: Never
+      containers:
+        - name: eval
+          image: ghcr.io/owner/repa:0.1.0
+          args: [eval, --config, /etc/repa/config.yaml, --checkpoint, $(REPA_CHECKPOINT_URL)]
+          env:
+            - {name: REPA_CHECKPOINT_URL, value: placeholder}
+            - {name: NOTE, value: "evaluates ${CHECKPOINT_URL} as ${JOB_NAME}"}
+"""
+
+
+class ApiError(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+class StubBatchApi:
+    """Records create_namespaced_job calls; answers 409 for names in ``existing``."""
+
+    def __init__(self, existing=()) -> None:
+        self.calls: list[tuple[str, dict]] = []
+        self.existing = set(existing)
+
+    def create_namespaced_job(self, namespace: str, body: dict) -> dict:
+        self.calls.append((namespace, body))
+        if body["metadata"]["name"] in self.existing:
+            raise ApiError(409)
+        self.existing.add(body["metadata"]["name"])
+        return body
+
+
+def test_launch_jobs_creates_one_job_per_checkpoint_and_409_means_done(tmp_path, reference):
+    from repa.eval import jobs
+    from repa.eval.watch import launch_marker_url, make_watcher
+
+    run_url = str(tmp_path / "run")
+    _, cfg = setup_run(tmp_path, run_url, reference, steps=(100, 200))
+    (tmp_path / "eval-job.yaml").write_text(JOB_TEMPLATE)
+    template = jobs.load_job_template(str(tmp_path / "eval-job.yaml"))
+    api = StubBatchApi()
+    report = make_watcher(cfg, launcher=jobs.JobLauncher(api, template)).run(once=True)
+    assert report.processed == [100, 200]
+    assert [ns for ns, _ in api.calls] == ["ml", "ml"]
+    for (_, job), step in zip(api.calls, (100, 200)):
+        name = job["metadata"]["name"]
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63
+        assert name.startswith(f"my-release-eval-step-{step:07d}-")
+        assert job["metadata"]["labels"]["repa.io/checkpoint-step"] == str(step)
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        url = f"{run_url}/checkpoints/step-{step:07d}"
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["REPA_CHECKPOINT_URL"] == url and env["REPA_CHECKPOINT_STEP"] == str(step)
+        assert env["NOTE"] == f"evaluates {url} as {name}"
+        assert container["args"][-1] == "$(REPA_CHECKPOINT_URL)"  # expanded by Kubernetes from env
+    assert template["metadata"]["name"] == "my-release-eval"  # the template itself is untouched
+
+    # Restart: markers say the Jobs exist; the API is not called again.
+    again = StubBatchApi()
+    assert make_watcher(cfg, launcher=jobs.JobLauncher(again, template)).run(once=True).processed == []
+    assert again.calls == []
+
+    # A Job that already exists (another watcher made it) counts as launched.
+    commit_checkpoint(cfg, 300)
+    from repa.eval.evaluate import plan_evaluation
+
+    plan = plan_evaluation(cfg, S.resolve_checkpoint(f"{run_url}/checkpoints/step-0000300", None))
+    taken = jobs.job_name("my-release-eval", 300, plan.digest)
+    clash = StubBatchApi(existing={taken})
+    assert make_watcher(cfg, launcher=jobs.JobLauncher(clash, template)).run(once=True).processed == [300]
+    marker = json.loads(storage.read_bytes(launch_marker_url(plan)))
+    assert marker["job"] == taken and marker["created"] is False
+    assert result_files(run_url) == {}  # in Job mode the watcher itself evaluates nothing
+
+
+def test_job_names_are_dns_1123_labels_even_for_long_prefixes():
+    from repa.eval.jobs import job_name
+
+    name = job_name("A_Very.Long-Release-Name-That-Goes-On-And-On-And-On-eval", 4_000_000, "AbCdEf0123")
+    assert len(name) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name)
+    assert name.endswith("-step-4000000-abcdef")
+
+
+def test_forbidden_job_creation_names_the_missing_permission(tmp_path):
+    from repa.eval import jobs
+
+    (tmp_path / "t.yaml").write_text(JOB_TEMPLATE)
+
+    class Forbidden(StubBatchApi):
+        def create_namespaced_job(self, namespace, body):
+            raise ApiError(403)
+
+    launcher = jobs.JobLauncher(Forbidden(), jobs.load_job_template(str(tmp_path / "t.yaml")))
+    with pytest.raises(jobs.JobLaunchError, match=r"needs `create` on jobs.batch in namespace ml"):
+        launcher.launch("s3://b/run/checkpoints/step-0000100", 100, "abc")
+    (tmp_path / "bad.yaml").write_text("apiVersion: v1\nkind: Pod\n")
+    with pytest.raises(jobs.JobLaunchError, match=r"expected kind Job, got 'Pod'"):
+        jobs.load_job_template(str(tmp_path / "bad.yaml"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Object storage
+# ----------------------------------------------------------------------------------------------
+
+
+def test_watch_on_s3_writes_results_and_tensorboard_to_the_bucket(tmp_path, reference, s3_bucket, capsys):
+    run_url = f"{s3_bucket}/runs/tiny"
+    cfg_path, _ = setup_run(tmp_path, run_url, reference, steps=(100, 200), sample={"save_npz": True})
+    storage.write_bytes_atomic(f"{run_url}/checkpoints/step-0000300/state.pt", b"uncommitted")
+    argv = ("watch", "--config", cfg_path, "--once", "--feature-extractor", FEATS, "--chunk-size", "4")
+    assert cli(*argv, "--no-progress") == 0
+    assert "2 checkpoint(s) handled [100, 200]" in capsys.readouterr().out
+    for step in (100, 200):
+        (name,) = storage.listdir(f"{run_url}/eval/step-{step:07d}")
+        result = json.loads(storage.read_bytes(f"{run_url}/eval/step-{step:07d}/{name}"))
+        samples_url = result["protocol"]["samples_url"]
+        assert samples_url.startswith(f"{run_url}/samples/step-{step:07d}-")
+        # samples.npz streamed to the bucket (multipart upload + server-side rename), ADM layout
+        with np.load(io.BytesIO(storage.read_bytes(f"{samples_url}/samples.npz"))) as npz:
+            assert npz["arr_0"].shape == (8, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
+        assert not [n for n in storage.listdir(samples_url) if n.startswith(".tmp-")]
+    scalars = read_scalars(f"{run_url}/tensorboard/eval")
+    assert [s for s, _ in scalars["eval/fd_tiny-conv"]] == [100, 200]
+    assert cli(*argv, "--no-progress") == 0
+    assert "0 checkpoint(s) handled" in capsys.readouterr().out
