@@ -1,0 +1,77 @@
+"""Evaluation: FID / Inception Score / precision-recall (ADM's protocol) and reference statistics.
+
+The one-pass evaluation function is ``repa.eval.metrics.evaluate``; it is not re-exported here
+because ``repa.eval.evaluate`` is the ``repa eval`` command's module (a submodule import would
+silently replace a same-named package attribute). Typical use::
+
+    from repa.eval.metrics import evaluate
+
+    extractor = build_inception("s3://bucket/weights/weights-inception-2015-12-05-6726825d.pth")
+    reference = load_reference_stats("s3://bucket/ref/VIRTUAL_imagenet256_labeled.npz")
+    result = evaluate(samples, reference, extractor)          # samples: uint8 (N, 3, H, W) batches
+    write_result_json("s3://bucket/run/eval/step-400000.json", result, protocol={...})
+"""
+
+from repa.eval.metrics import (
+    INCEPTION_NAME,
+    INCEPTION_WEIGHTS_FILENAME,
+    INCEPTION_WEIGHTS_SOURCE_URL,
+    EvalResult,
+    ExtractedFeatures,
+    FeatureExtractor,
+    FeatureStats,
+    ImageSource,
+    InceptionFeatureExtractor,
+    MetricsError,
+    RunningFeatureStats,
+    UInt8ImageDataset,
+    build_inception,
+    compute_feature_stats,
+    evaluate_features,
+    extract_features,
+    frechet_distance,
+    inception_score,
+    iter_image_batches,
+    local_copy,
+    precision_recall,
+    sha256_file,
+    write_result_json,
+)
+from repa.eval.refstats import (
+    ReferenceStats,
+    ReferenceStatsError,
+    compute_reference_stats,
+    load_reference_stats,
+    save_reference_stats,
+)
+
+__all__ = [
+    "INCEPTION_NAME",
+    "INCEPTION_WEIGHTS_FILENAME",
+    "INCEPTION_WEIGHTS_SOURCE_URL",
+    "EvalResult",
+    "ExtractedFeatures",
+    "FeatureExtractor",
+    "FeatureStats",
+    "ImageSource",
+    "InceptionFeatureExtractor",
+    "MetricsError",
+    "ReferenceStats",
+    "ReferenceStatsError",
+    "RunningFeatureStats",
+    "UInt8ImageDataset",
+    "build_inception",
+    "compute_feature_stats",
+    "compute_reference_stats",
+    "evaluate_features",
+    "extract_features",
+    "frechet_distance",
+    "inception_score",
+    "iter_image_batches",
+    "load_reference_stats",
+    "local_copy",
+    "precision_recall",
+    "save_reference_stats",
+    "sha256_file",
+    "write_result_json",
+]
