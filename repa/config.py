@@ -300,6 +300,13 @@ class DataConfig(_Section):
     """Batches each worker reads ahead (ignored when num_workers = 0)."""
     seed: int = setting(0, ge=0)
     """Seed of the data order; the order is a function of (seed, epoch), so resume is exact."""
+    shards_in_flight: int = setting(64, ge=1)
+    """Shards interleaved at once (the reader's lanes); part of the data order, so keep it fixed for a
+    run. Each shard is read by one worker when (micro-batch / chunk_size) x processes x num_workers
+    divides it (docs/data.md, "Streaming reader")."""
+    chunk_size: int = setting(8, ge=1)
+    """Consecutive samples taken from one shard; part of the data order. Must divide the micro-batch
+    (``train.batch_size_per_device``) for the one-reader-per-shard property."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options for ``url`` (e.g. ``{client_kwargs: {endpoint_url: http://minio:9000}}``).
     Never put credentials here: they come from the environment or a mounted Secret."""

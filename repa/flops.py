@@ -49,7 +49,9 @@ def sit_forward_flops(
     tokens = (input_size // patch_size) ** 2
     patch = patch_size * patch_size * in_channels
     embed = 2 * tokens * patch * hidden_size
-    blocks = depth * (transformer_block_flops(tokens, hidden_size, mlp_ratio) + 2 * hidden_size * 6 * hidden_size)
+    blocks = depth * (
+        transformer_block_flops(tokens, hidden_size, mlp_ratio) + 2 * hidden_size * 6 * hidden_size
+    )
     final = 2 * tokens * hidden_size * patch + 2 * hidden_size * 2 * hidden_size
     projectors = sum(
         2 * tokens * (hidden_size * projector_dim + projector_dim * projector_dim + projector_dim * z)
@@ -59,7 +61,13 @@ def sit_forward_flops(
 
 
 def vit_forward_flops(
-    *, image_size: int, patch_size: int, embed_dim: int, depth: int, mlp_ratio: float = 4.0, prefix_tokens: int = 1
+    *,
+    image_size: int,
+    patch_size: int,
+    embed_dim: int,
+    depth: int,
+    mlp_ratio: float = 4.0,
+    prefix_tokens: int = 1,
 ) -> float:
     """Forward FLOPs of a ViT encoder on one ``image_size^2`` RGB image."""
     grid_tokens = (image_size // patch_size) ** 2

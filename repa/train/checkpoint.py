@@ -63,7 +63,9 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:07d}"
 
 
-def list_checkpoints(run_url: str, storage_options: dict | None = None) -> tuple[list[CheckpointRef], list[str]]:
+def list_checkpoints(
+    run_url: str, storage_options: dict | None = None
+) -> tuple[list[CheckpointRef], list[str]]:
     """``(committed checkpoints sorted by step, URLs of uncommitted step folders)``."""
     root = checkpoints_url(run_url)
     committed, partial = [], []
@@ -120,9 +122,14 @@ def save_checkpoint(
         "format": FORMAT,
         "step": step,
         "time": time.time(),
-        "files": {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()},
+        "files": {
+            name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            for name, data in files.items()
+        },
     }
-    storage.write_bytes_atomic(storage.join(url, MARKER), json.dumps(marker, indent=1).encode(), storage_options)
+    storage.write_bytes_atomic(
+        storage.join(url, MARKER), json.dumps(marker, indent=1).encode(), storage_options
+    )
     log.info("committed checkpoint step %d -> %s", step, url)
     return CheckpointRef(step, url)
 

@@ -68,7 +68,9 @@ class TensorBoardLogger:
         if self._staging is not None:
             for name in os.listdir(self._staging):
                 with open(os.path.join(self._staging, name), "rb") as f:
-                    storage.write_bytes_atomic(storage.join(self.log_url, name), f.read(), self.storage_options)
+                    storage.write_bytes_atomic(
+                        storage.join(self.log_url, name), f.read(), self.storage_options
+                    )
 
     def close(self) -> None:
         self.flush()

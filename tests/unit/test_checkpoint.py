@@ -32,7 +32,9 @@ def test_saved_checkpoint_is_listed_and_loads_back(run_url):
 def test_ema_export_has_the_reference_layout(run_url):
     from repa.weights import load_torch_file
 
-    ref = ckpt.save_checkpoint(run_url, 5, _state(5), {"w": torch.ones(2)}, {"model": "SiT-B/2", "encoder_depth": 4})
+    ref = ckpt.save_checkpoint(
+        run_url, 5, _state(5), {"w": torch.ones(2)}, {"model": "SiT-B/2", "encoder_depth": 4}
+    )
     exported = load_torch_file(ref.ema_url)
     assert set(exported) == {"ema", "args", "steps"}
     assert exported["args"].encoder_depth == 4 and exported["steps"] == 5
@@ -68,5 +70,5 @@ def test_a_file_that_is_not_a_checkpoint_is_refused_with_its_name(run_url):
     torch.save({"something": 1}, buffer)
     storage.write_bytes_atomic(storage.join(url, ckpt.STATE_FILE), buffer.getvalue())
     storage.write_bytes_atomic(storage.join(url, ckpt.MARKER), b"{}")
-    with pytest.raises(ValueError, match="state.pt: not a repa-checkpoint-v1 file"):
+    with pytest.raises(ValueError, match=r"state\.pt: not a repa-checkpoint-v1 file"):
         ckpt.load_checkpoint_state(ckpt.CheckpointRef(1, url))

@@ -1,0 +1,501 @@
+"""`repa train`: the REPA training loop, standalone or under torchrun (elastic, c10d).
+
+One optimiser step, as the reference ``train.py`` (REPA.md §5):
+
+    x   = (mean + std * eps) * 0.18215            posterior sample of the stored VAE moments
+    zs  = encoder(image)                           frozen encoder features of the clean image
+    L   = denoising + proj_coeff * projection      repa.objective.REPALoss
+    AdamW step after clipping the grad norm to max_grad_norm; EMA (fp32) every step.
+
+Design choices that make restarts exact and elastic:
+- Randomness is a function of progress: before each micro-batch the global RNG is seeded from
+  (seed, step, rank, micro-batch) (edm2's approach), so resuming needs no RNG blobs and a resumed
+  run draws exactly what the uninterrupted run drew.
+- The data position is ``samples_consumed`` (global), stored in every checkpoint; the reader
+  maps it to shards and offsets for any world size.
+- Every process resumes from the newest *committed* checkpoint found at start (rank 0 looks,
+  all ranks load the same one), so a torchrun restart after a member died simply continues.
+- All ranks stop at the same step (they run in lock-step), so the elastic PyTorchJob, which
+  succeeds as soon as ANY worker exits 0, only succeeds when the run is really finished. A
+  preempted run (SIGTERM) commits a checkpoint and exits 143, never 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from repa import storage
+from repa.config import ConfigError, RunConfig, TrainConfig, config_from_args
+from repa.train import checkpoint as ckpt
+from repa.train import distributed as D
+from repa.train.ema import make_ema, update_ema
+from repa.train.metrics import TensorBoardLogger, Throughput, gpu_memory_gib
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the operator recreates the pod; 0 would end the job
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    """How the global batch is split: global = micro_batch x accumulation x world_size."""
+
+    global_batch_size: int
+    world_size: int
+    micro_batch: int
+    accumulation: int
+
+    @staticmethod
+    def from_config(train: TrainConfig, world_size: int) -> BatchGeometry:
+        micro, accumulation = train.batch_plan(world_size)
+        return BatchGeometry(train.global_batch_size, world_size, micro, accumulation)
+
+    def describe(self) -> str:
+        return (
+            f"images/step {self.global_batch_size} = {self.micro_batch} per micro-batch x "
+            f"{self.accumulation} accumulation x {self.world_size} processes"
+        )
+
+
+def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """A well-mixed 63-bit seed for one micro-batch (numpy's SeedSequence hashes the tuple)."""
+    return int(np.random.SeedSequence([seed, step, rank, micro]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+class _Preemption:
+    """Records SIGTERM; the loop checks it at step boundaries and every rank agrees before stopping."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            log.warning(
+                "received signal %d: will commit a checkpoint at the end of this step and exit", signum
+            )
+            self.requested = True
+
+        signal.signal(signal.SIGTERM, handler)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, info: D.DistInfo):
+        self.cfg = cfg
+        self.info = info
+        self.device = info.device
+        self.geometry = BatchGeometry.from_config(cfg.train, info.world_size)
+        self.storage_options = cfg.storage.storage_options or None
+        self.step = 0
+        self.samples_consumed = 0
+        self.preemption = _Preemption()
+
+    # ------------------------------------------------------------------ set-up
+    def validate_inputs(self) -> None:
+        """Everything that can fail cheaply fails here, before models are built or data is read."""
+        from repa.data.reader import read_manifest
+
+        cfg = self.cfg
+        if not cfg.storage.run_url:
+            raise ConfigError("storage.run_url: required for training (where checkpoints and logs go)")
+        if not cfg.data.url:
+            raise ConfigError("data.url: required for training (the prepared shards)")
+        try:
+            self.manifest = read_manifest(cfg.data.url, cfg.data.storage_options or None)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError("data.url", str(e)) from e
+        if self.manifest.vae is None:
+            raise ConfigError(
+                f"data.url={cfg.data.url}: the dataset has no latents yet; run `repa prepare latents` first"
+            )
+        if self.manifest.vae != cfg.vae.name:
+            raise ConfigError(
+                "vae.name",
+                f"{cfg.vae.name!r}, but the latents in {cfg.data.url} were made with {self.manifest.vae!r}",
+            )
+        if self.manifest.resolution != cfg.data.resolution:
+            raise ConfigError(
+                "data.resolution",
+                f"{cfg.data.resolution}, but {cfg.data.url} holds {self.manifest.resolution}px images",
+            )
+        if len(self.manifest.class_names) > cfg.model.num_classes:
+            raise ConfigError(
+                "model.num_classes",
+                f"{cfg.model.num_classes} < {len(self.manifest.class_names)} classes in the data",
+            )
+        for i, url in enumerate(cfg.encoder.weights_urls):
+            if url and not storage.exists(url, self.storage_options):
+                raise ConfigError(f"encoder.weights_urls[{i}]: {url} does not exist")
+        if cfg.vae.weights_url and not storage.exists(cfg.vae.weights_url, self.storage_options):
+            raise ConfigError(f"vae.weights_url: {cfg.vae.weights_url} does not exist")
+        if self.info.is_main:
+            probe = storage.join(cfg.storage.run_url, f".write-probe-{uuid.uuid4().hex}")
+            try:
+                storage.write_bytes_atomic(probe, b"ok", self.storage_options)
+                storage.remove(probe, storage_options=self.storage_options)
+            except Exception as e:
+                raise ConfigError(f"storage.run_url={cfg.storage.run_url} is not writable: {e}") from e
+            storage.write_bytes_atomic(
+                storage.join(cfg.storage.run_url, "config.yaml"), cfg.to_yaml().encode(), self.storage_options
+            )
+
+    def build(self) -> None:
+        from repa.encoders import build_encoder
+        from repa.models import build_model
+        from repa.objective import REPALoss
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts)
+        if self.device.type == "cuda" and cfg.train.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.encoders = nn.ModuleList(
+            build_encoder(
+                name,
+                weights_url=cfg.encoder.weights_urls[i] if cfg.encoder.weights_urls else None,
+                resolution=cfg.data.resolution,
+                model_kwargs=cfg.encoder.model_kwargs[i] if cfg.encoder.model_kwargs else None,
+            )
+            for i, name in enumerate(cfg.encoder.names)
+        ).to(self.device)
+        latent_channels = self.manifest.moments_shape[0] // 2
+        overrides = {
+            k: v
+            for k, v in {
+                "hidden_size": cfg.model.hidden_size,
+                "depth": cfg.model.depth,
+                "num_heads": cfg.model.num_heads,
+                "patch_size": cfg.model.patch_size,
+            }.items()
+            if v is not None
+        }
+        self.model_args = dict(
+            input_size=self.manifest.moments_shape[-1],
+            in_channels=latent_channels,
+            encoder_depth=cfg.model.encoder_depth if cfg.encoder.names else 0,
+            projector_dim=cfg.model.projector_dim,
+            z_dims=[enc.embed_dim for enc in self.encoders],
+            class_dropout_prob=cfg.model.class_dropout_prob,
+            num_classes=cfg.model.num_classes,
+            qk_norm=cfg.model.qk_norm,
+            fused_attn=cfg.model.fused_attn,
+            **overrides,
+        )
+        self.raw_model = build_model(cfg.model.name, **self.model_args).to(self.device)
+        self.ema = make_ema(self.raw_model)
+        self.model: nn.Module = self.raw_model
+        if self.info.distributed:
+            self.model = DistributedDataParallel(
+                self.raw_model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if cfg.train.compile:
+            self.model = torch.compile(self.model)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.raw_model.parameters() if p.requires_grad],
+            lr=cfg.train.lr,
+            betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+            eps=cfg.train.adam_eps,
+            weight_decay=cfg.train.weight_decay,
+            fused=self.device.type == "cuda",
+        )
+        self.loss_fn = REPALoss(
+            path_type=cfg.objective.path_type,
+            time_sampling=cfg.objective.time_sampling,
+            proj_coeff=cfg.objective.proj_coeff,
+            align_until_step=cfg.objective.align_until_step,
+        )
+        self.flops_per_image = self._flops_per_image()
+
+    def _flops_per_image(self) -> float:
+        from repa.flops import sit_forward_flops, vit_forward_flops
+
+        m = self.raw_model
+        total = 3 * sit_forward_flops(
+            input_size=self.model_args["input_size"],
+            patch_size=m.patch_size,
+            in_channels=m.in_channels,
+            hidden_size=m.hidden_size,
+            depth=m.depth,
+            mlp_ratio=m.blocks[0].mlp.fc1.out_features / m.hidden_size,
+            z_dims=self.model_args["z_dims"],
+            projector_dim=self.model_args["projector_dim"],
+        )
+        for enc in self.encoders:
+            vit = getattr(enc, "model", None)
+            if vit is not None and hasattr(vit, "blocks"):
+                patch = vit.patch_embed.patch_size
+                total += vit_forward_flops(
+                    image_size=enc.input_size,
+                    patch_size=patch[0] if isinstance(patch, tuple) else patch,
+                    embed_dim=enc.embed_dim,
+                    depth=len(vit.blocks),
+                    prefix_tokens=getattr(vit, "num_prefix_tokens", 1),
+                )
+        return total
+
+    @property
+    def precision(self) -> torch.dtype:
+        name = self.cfg.train.precision
+        if name == "auto":
+            name = "bf16" if self.device.type == "cuda" else "fp32"
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.precision)
+
+    # ------------------------------------------------------------------ checkpoints
+    def resume(self) -> ckpt.CheckpointRef | None:
+        ref = (
+            ckpt.latest_checkpoint(self.cfg.storage.run_url, self.storage_options)
+            if self.info.is_main
+            else None
+        )
+        ref = D.broadcast_object(self.info, ref)
+        if ref is None:
+            return None
+        state = ckpt.load_checkpoint_state(ref, self.storage_options)
+        self.raw_model.load_state_dict(state["model"], strict=True)
+        self.ema.load_state_dict(state["ema"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.samples_consumed = int(state["reader"]["samples_consumed"])
+        log.info("resumed from %s (step %d, %d samples consumed)", ref.url, self.step, self.samples_consumed)
+        return ref
+
+    def save(self) -> None:
+        if self.info.is_main:
+            state = {
+                "model": self.raw_model.state_dict(),
+                "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "reader": {"samples_consumed": self.samples_consumed, "seed": self.cfg.data.seed},
+                # RNG is reseeded from (train.seed, step, rank, micro-batch) every micro-batch, so the
+                # step is the whole RNG state; recorded here so a reader of the file knows.
+                "rng": {"scheme": "per-micro-batch reseed", "seed": self.cfg.train.seed},
+                "config": self.cfg.to_dict(),
+                "world_size": self.info.world_size,
+            }
+            reference_args = {"model": self.cfg.model.name, **self.model_args}
+            reference_args["z_dims"] = list(reference_args["z_dims"])
+            ckpt.save_checkpoint(
+                self.cfg.storage.run_url,
+                self.step,
+                state,
+                self.ema.state_dict() if self.cfg.checkpoint.export_ema else None,
+                reference_args,
+                self.storage_options,
+            )
+            ckpt.apply_retention(
+                self.cfg.storage.run_url,
+                self.cfg.checkpoint.keep_latest,
+                self.cfg.checkpoint.keep_every_steps,
+                self.storage_options,
+            )
+        D.barrier(self.info)
+
+    # ------------------------------------------------------------------ data
+    def make_batches(self):
+        """Per-device batches of ``geometry.per_device`` samples from the streaming reader."""
+        from repa.data.reader import StreamingDataset, make_loader
+
+        dataset = StreamingDataset(
+            self.cfg.data.url,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            batch_size=self.geometry.micro_batch,
+            seed=self.cfg.data.seed,
+            samples_consumed=self.samples_consumed,
+            shards_in_flight=self.cfg.data.shards_in_flight,
+            chunk_size=self.cfg.data.chunk_size,
+            storage_options=self.cfg.data.storage_options or None,
+            manifest=self.manifest,
+        )
+        loader = make_loader(
+            dataset,
+            num_workers=self.cfg.data.num_workers,
+            prefetch_factor=self.cfg.data.prefetch_factor,
+            pin_memory=self.device.type == "cuda",
+        )
+        iterator = iter(loader)
+        while True:
+            yield [next(iterator) for _ in range(self.geometry.accumulation)]
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        from repa.vae import sample_posterior
+
+        cfg = self.cfg
+        self.model.train()
+        sums = torch.zeros(4, device=self.device)
+        for i, batch in enumerate(micro_batches):
+            torch.manual_seed(step_seed(cfg.train.seed, self.step, self.info.rank, i))
+            image = batch["image"].to(self.device, non_blocking=True)
+            moments = batch["moments"].to(self.device, non_blocking=True)
+            y = batch["label"].to(self.device, non_blocking=True)
+            with torch.no_grad():
+                x = sample_posterior(moments, cfg.vae.latents_scale, cfg.vae.latents_bias)
+                with self.autocast():
+                    zs = [encoder(image) for encoder in self.encoders]
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not self.info.distributed else self.model.no_sync()
+            with sync:
+                with self.autocast():
+                    out = self.loss_fn(self.model, x, y, zs, step=self.step)
+                (out.total / len(micro_batches)).backward()
+            sums += torch.stack(
+                [out.total.detach(), out.denoising.detach(), out.projection.detach(), out.alignment.detach()]
+            ).float()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_ema(self.ema, self.raw_model, cfg.train.ema_decay)
+        values = D.all_reduce_mean(self.info, torch.cat([sums / len(micro_batches), grad_norm.reshape(1)]))
+        loss, den, proj, align, norm = values.tolist()
+        return {
+            "loss": loss,
+            "denoising_loss": den,
+            "projection_loss": proj,
+            "alignment": align,
+            "grad_norm": norm,
+        }
+
+    # ------------------------------------------------------------------ sample grid
+    @torch.no_grad()
+    def sample_grid(self) -> torch.Tensor:
+        """EMA samples for TensorBoard: fixed noise and labels, so grids are comparable across steps."""
+        from torchvision.utils import make_grid
+
+        from repa.sampling import sample
+        from repa.vae import build_vae
+
+        cfg = self.cfg
+        if not hasattr(self, "_grid_vae"):
+            self._grid_vae = build_vae(cfg.vae.name, cfg.vae.weights_url).to(self.device)
+        n = cfg.log.sample_num_images
+        gen = torch.Generator().manual_seed(cfg.train.seed)
+        m = self.ema
+        z = torch.randn(n, m.in_channels, m.input_size, m.input_size, generator=gen).to(self.device)
+        y = (torch.arange(n) % len(self.manifest.class_names)).to(self.device)
+        model = self.ema if cfg.log.sample_weights == "ema" else self.raw_model
+        model.eval()
+        latents = sample(
+            model,
+            z,
+            y,
+            sampler=cfg.log.sample_sampler,
+            num_steps=cfg.log.sample_num_steps,
+            cfg_scale=cfg.log.sample_cfg_scale,
+            path_type=cfg.objective.path_type,
+        ).float()
+        images = self._grid_vae.decode_to_uint8(latents, cfg.vae.latents_scale, cfg.vae.latents_bias)
+        return make_grid(images.cpu(), nrow=math.ceil(math.sqrt(n)))
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> int:
+        cfg = self.cfg
+        self.validate_inputs()
+        self.build()
+        resumed = self.resume()
+        self.preemption.install()
+        tb = None
+        if self.info.is_main:
+            log.info(self.geometry.describe() + f"; {self.manifest.num_samples:,} samples/epoch")
+            if cfg.log.tensorboard:
+                tb = TensorBoardLogger(
+                    storage.join(cfg.storage.run_url, "tensorboard"),
+                    purge_step=self.step + 1 if resumed else None,
+                    storage_options=self.storage_options,
+                )
+                tb.text("config", "```\n" + cfg.to_yaml() + "\n```", self.step)
+        meter = Throughput()
+        batches = self.make_batches()
+        exit_code = 0
+        try:
+            while self.step < cfg.train.max_steps:
+                metrics = self.train_step(next(batches))
+                self.step += 1
+                self.samples_consumed += self.geometry.global_batch_size
+                meter.update(self.geometry.global_batch_size, metrics)
+                if D.any_rank(self.info, self.preemption.requested):
+                    self.save()
+                    exit_code = PREEMPTED_EXIT_CODE
+                    break
+                if self.step % cfg.log.every_steps == 0 or self.step == cfg.train.max_steps:
+                    self._log(meter.summary(), tb)
+                if (
+                    tb is not None
+                    and cfg.log.sample_every_steps
+                    and self.step % cfg.log.sample_every_steps == 0
+                ):
+                    tb.image(f"samples/{cfg.log.sample_weights}", self.sample_grid(), self.step)
+                if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.max_steps:
+                    self.save()
+                if tb is not None and self.step % cfg.log.tensorboard_flush_every_steps == 0:
+                    tb.flush()
+        finally:
+            if tb is not None:
+                tb.close()
+        return exit_code
+
+    def _log(self, summary: dict[str, float], tb: TensorBoardLogger | None) -> None:
+        if not self.info.is_main:
+            return
+        from repa.flops import mfu
+
+        images_per_second = summary.pop("images_per_second")
+        scalars = {f"train/{k}": v for k, v in summary.items()}
+        scalars["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        scalars["perf/images_per_second"] = images_per_second
+        if self.device.type == "cuda":
+            scalars["perf/gpu_memory_gib"] = gpu_memory_gib(self.device)
+            scalars["perf/mfu"] = mfu(
+                self.flops_per_image,
+                images_per_second,
+                self.info.world_size,
+                torch.cuda.get_device_name(self.device),
+            )
+        if tb is not None:
+            tb.scalars(scalars, self.step)
+        epoch = self.samples_consumed / max(self.manifest.num_samples, 1)
+        print(
+            f"step {self.step:>8d} | epoch {epoch:6.2f} | loss {summary['loss']:.4f} | den "
+            f"{summary['denoising_loss']:.4f} | proj {summary['projection_loss']:.4f} | grad "
+            f"{summary['grad_norm']:.3f} | {images_per_second:8.1f} img/s",
+            flush=True,
+        )
+
+
+# ---------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from repa.cli import add_config_arguments
+
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = config_from_args(args)
+    info = D.init_distributed(cfg.train.device, cfg.train.process_group_timeout_seconds)
+    if not info.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    started = time.time()
+    try:
+        code = Trainer(cfg, info).train()
+    finally:
+        D.shutdown()
+    log.info("train finished with exit code %d after %.1f s", code, time.time() - started)
+    return code
