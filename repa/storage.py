@@ -8,24 +8,44 @@ from code.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import random
+import re
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import IO, Any
+from dataclasses import dataclass
+from typing import IO, Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# write_bytes_atomic's temporary sibling: ".tmp-<32 hex>-<target name>".
+_TEMP_PREFIX = ".tmp-"
+_TEMP_RE = re.compile(r"^\.tmp-[0-9a-f]{32}-(.+)$")
+
 __all__ = [
+    "Entry",
     "StorageError",
+    "cleanup_temps",
     "exists",
     "filesystem",
+    "is_transient",
     "join",
+    "list_entries",
     "listdir",
     "open_url",
     "read_bytes",
     "remove",
+    "retry",
+    "size",
     "write_bytes_atomic",
 ]
 
@@ -42,7 +62,9 @@ def _fs_options(url: str, storage_options: dict[str, Any] | None) -> dict[str, A
     return options
 
 
-def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(
+    url: str, storage_options: dict[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return ``(filesystem, path within it)`` for a URL or local path."""
     return url_to_fs(url, **_fs_options(url, storage_options))
 
@@ -57,17 +79,89 @@ def join(base: str, *parts: str) -> str:
 
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = filesystem(url, storage_options)
-    return fs.exists(path)
+    return retry(lambda: fs.exists(path), what=url)
+
+
+def size(url: str, storage_options: dict[str, Any] | None = None) -> int:
+    """Size in bytes of the file/object at ``url`` (FileNotFoundError naming the URL if absent)."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        return int(retry(lambda: fs.size(path), what=url))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{url}: not found") from e
 
 
 def listdir(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Names (not full paths) directly under ``url``; empty if it does not exist."""
     fs, path = filesystem(url, storage_options)
+
+    def ls() -> list[str]:
+        if _supports_refresh(fs):
+            return fs.ls(path, detail=False, refresh=True)
+        return fs.ls(path, detail=False)
+
     try:
-        entries = fs.ls(path, detail=False, refresh=True) if _supports_refresh(fs) else fs.ls(path, detail=False)
+        entries = retry(ls, what=url)
     except FileNotFoundError:
         return []
     return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != path.rstrip("/")})
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One item directly under a folder URL (``list_entries``)."""
+
+    name: str
+    is_dir: bool
+    size: int | None  # bytes for files; None (or 0) for folders
+
+
+def list_entries(url: str, storage_options: dict[str, Any] | None = None) -> list[Entry]:
+    """Items directly under ``url`` with their kind and size, sorted by name; empty if absent.
+
+    One listing call (object stores: one LIST per 1000 keys), so callers can check many files'
+    existence and size without a request each.
+    """
+    fs, path = filesystem(url, storage_options)
+
+    def ls() -> list[dict[str, Any]]:
+        if _supports_refresh(fs):
+            return fs.ls(path, detail=True, refresh=True)
+        return fs.ls(path, detail=True)
+
+    try:
+        infos = retry(ls, what=url)
+    except FileNotFoundError:
+        return []
+    entries: dict[str, Entry] = {}
+    for info in infos:
+        full = str(info["name"]).rstrip("/")
+        if full == path.rstrip("/"):
+            continue
+        name = full.rsplit("/", 1)[-1]
+        is_dir = info.get("type") == "directory"
+        entries[name] = Entry(name, is_dir, None if is_dir else info.get("size"))
+    return [entries[k] for k in sorted(entries)]
+
+
+def cleanup_temps(url: str, names: Iterable[str], storage_options: dict[str, Any] | None = None) -> int:
+    """Remove leftovers of interrupted ``write_bytes_atomic`` calls for ``names`` in folder ``url``.
+
+    Only temporaries of the given target names are touched, so a worker never deletes a file that
+    another worker is writing right now. Object stores have no temporaries (a PUT is atomic).
+    Returns how many were removed.
+    """
+    fs, _ = filesystem(url, storage_options)
+    if not _is_local(fs):
+        return 0
+    wanted = set(names)
+    removed = 0
+    for entry in list_entries(url, storage_options):
+        m = _TEMP_RE.match(entry.name)
+        if m and m.group(1) in wanted:
+            remove(join(url, entry.name), storage_options=storage_options)
+            removed += 1
+    return removed
 
 
 def _supports_refresh(fs: fsspec.AbstractFileSystem) -> bool:
@@ -92,8 +186,13 @@ def open_url(url: str, mode: str = "rb", storage_options: dict[str, Any] | None 
 
 
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
-    with open_url(url, "rb", storage_options) as f:
-        return f.read()
+    """The whole file/object; transient errors are retried (see ``retry``)."""
+
+    def read() -> bytes:
+        with open_url(url, "rb", storage_options) as f:
+            return f.read()
+
+    return retry(read, what=url)
 
 
 def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
@@ -107,7 +206,7 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | 
     if _is_local(fs):
         directory = os.path.dirname(path) or "."
         os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        tmp = os.path.join(directory, f"{_TEMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -118,7 +217,8 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | 
             if os.path.exists(tmp):
                 os.remove(tmp)
     else:
-        fs.pipe_file(path, data)
+        # A PUT is idempotent, so retrying a transient failure is safe.
+        retry(lambda: fs.pipe_file(path, data), what=url)
 
 
 def remove(url: str, recursive: bool = False, storage_options: dict[str, Any] | None = None) -> None:
@@ -130,3 +230,174 @@ def remove(url: str, recursive: bool = False, storage_options: dict[str, Any] | 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocol or "local" in protocol
+
+
+# ----------------------------------------------------------------------------------------------
+# Retries for transient errors
+# ----------------------------------------------------------------------------------------------
+
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNRESET",
+        "ECONNREFUSED",
+        "ECONNABORTED",
+        "ETIMEDOUT",
+        "EPIPE",
+        "EHOSTUNREACH",
+        "ENETUNREACH",
+        "ENETDOWN",
+        "ENETRESET",
+        "EAGAIN",
+    )
+    if hasattr(errno, name)
+)
+# Class names (anywhere in the MRO) of network errors raised by botocore/aiobotocore, aiohttp,
+# urllib3/requests and fsspec; matched by name so storage.py needs none of them installed.
+_TRANSIENT_CLASS_NAMES = frozenset(
+    {
+        "EndpointConnectionError",
+        "ConnectionClosedError",
+        "ReadTimeoutError",
+        "ConnectTimeoutError",
+        "ResponseStreamingError",
+        "IncompleteReadError",
+        "ClientConnectionError",
+        "ClientPayloadError",
+        "ServerDisconnectedError",
+        "ServerTimeoutError",
+        "ProtocolError",
+        "FSTimeoutError",
+        "ChunkedEncodingError",
+    }
+)
+# S3/GCS error codes that mean "try again later" (AWS S3 error responses; 5xx are covered by status).
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "OperationAborted",
+    }
+)
+_NEVER_TRANSIENT = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FileExistsError,
+)
+
+
+def _status_code(exc: BaseException) -> int | None:
+    """HTTP status of a botocore ClientError, aiohttp ClientResponseError or gcsfs HttpError, if any."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(status, int):
+            return status
+    for attr in ("status", "code", "status_code"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, int) and 100 <= value < 600:
+            return value
+    return None
+
+
+def _error_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        if isinstance(code, str):
+            return code
+    return None
+
+
+def _is_transient_one(exc: BaseException) -> bool:
+    if isinstance(exc, _NEVER_TRANSIENT):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):  # reset/refused/aborted, broken pipe, timeouts
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    if any(cls.__name__ in _TRANSIENT_CLASS_NAMES for cls in type(exc).__mro__):
+        return True
+    if _error_code(exc) in _TRANSIENT_CODES:
+        return True
+    status = _status_code(exc)
+    if status is not None and (status == 429 or status >= 500):
+        return True
+    # s3fs turns unknown ClientErrors into OSError(EIO, message); keep the code visible in the text.
+    text = str(exc)
+    return isinstance(exc, OSError) and any(code in text for code in ("SlowDown", "ServiceUnavailable"))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True if ``exc`` (or an exception it was raised from) is worth retrying.
+
+    Transient: connection reset/refused/aborted, timeouts, ``OSError`` with a network errno,
+    botocore/aiohttp/urllib3 connection errors, HTTP 429 and 5xx, and S3 throttling codes
+    (``SlowDown``, ``Throttling``, ``RequestTimeout``, ``InternalError``, ``ServiceUnavailable``).
+    Never transient: not found, permission denied, and any other error (bad input must fail fast).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, _NEVER_TRANSIENT):
+            return False
+        if _is_transient_one(current):
+            return True
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return False
+
+
+def retry(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    attempts: int = 5,
+    base_delay: float = 0.5,
+    max_delay: float = 8.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call ``fn()``; retry transient errors with exponential backoff and jitter.
+
+    Attempt ``k`` (0-based) that fails transiently waits ``d/2 + U(0, d/2)`` seconds with
+    ``d = min(max_delay, base_delay * 2**k)`` ("equal jitter", AWS Architecture Blog, "Exponential
+    Backoff and Jitter"), so many pods hitting the same throttled bucket spread out. Non-transient
+    errors (``is_transient`` is False) propagate unchanged at once. After the last attempt a
+    ``StorageError`` naming ``what`` (the URL) is raised from the last error.
+    """
+    if attempts < 1:
+        raise ValueError(f"retry attempts: expected >= 1, got {attempts}")
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            if attempt == attempts - 1:
+                raise StorageError(
+                    f"{what}: failed after {attempts} attempts: {type(e).__name__}: {e}"
+                ) from e
+            delay = min(max_delay, base_delay * 2**attempt)
+            delay = delay / 2 + random.uniform(0, delay / 2)
+            logger.warning(
+                "%s: transient error (%s: %s); retry %d/%d in %.1fs",
+                what,
+                type(e).__name__,
+                e,
+                attempt + 1,
+                attempts - 1,
+                delay,
+            )
+            sleep(delay)
+    raise AssertionError("unreachable")

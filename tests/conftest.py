@@ -1,0 +1,84 @@
+"""Shared pytest fixtures.
+
+S3 (a real local S3-compatible server, never a mock of boto):
+
+- ``s3_server`` (session): starts ``moto.server.ThreadedMotoServer`` on 127.0.0.1 with a free port
+  and sets ``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+  ``AWS_DEFAULT_REGION`` (restored afterwards), so ``s3://`` URLs work through ``repa.storage``
+  (s3fs/botocore read the endpoint from the environment). Yields the endpoint URL. s3fs caches
+  filesystem instances per options; the fixture clears that cache on start and stop, so instances
+  made before/after the server cannot point at a stale endpoint.
+- ``s3_bucket``: a fresh, empty bucket per test on that server; returns ``"s3://<name>"``.
+
+Synthetic ImageNet sources live in ``tests/datasets.py`` (a plain module):
+``make_imagenet_tree(tmp_path, synsets=..., per_class=4, corrupt=2)`` writes
+``imagenet/train/<synset>/*.JPEG`` with varied sizes/modes plus corrupt files and returns an
+``ImageNetTree(root, class_names, good, corrupt)``; ``make_imagenet_tar(tree, path, nested=False)``
+tars it (``nested=True``: one ``<synset>.tar`` per class, the ILSVRC2012_img_train.tar layout).
+The ``imagenet_tree`` fixture is ``make_imagenet_tree(tmp_path)`` with the defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.datasets import ImageNetTree, make_imagenet_tree
+
+_S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _clear_s3fs_cache() -> None:
+    try:
+        import s3fs
+    except ImportError:  # pragma: no cover - s3fs is a dependency, but keep other tests runnable
+        return
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A local moto S3 server for the whole session; yields its endpoint URL (env set, then restored)."""
+    server_mod = pytest.importorskip("moto.server", reason="moto[server] is needed for S3 tests")
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {**_S3_ENV, "AWS_ENDPOINT_URL_S3": endpoint}.items():
+            mp.setenv(name, value)
+        # Credentials files or a profile on the machine must not override the fake credentials.
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+            mp.delenv(name, raising=False)
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        mp.setenv("AWS_CONFIG_FILE", os.devnull)
+        _clear_s3fs_cache()
+        try:
+            yield endpoint
+        finally:
+            _clear_s3fs_cache()
+            server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> str:
+    """A new empty bucket on the session's moto server; returns ``s3://<name>``."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture
+def imagenet_tree(tmp_path: Path) -> ImageNetTree:
+    """3 synsets x 4 images (varied sizes, grayscale, CMYK, a PNG named .JPEG) + 2 corrupt files."""
+    return make_imagenet_tree(tmp_path)

@@ -1,0 +1,132 @@
+"""repa.storage: transient-error classification, retry with backoff, listings and temp cleanup."""
+
+from __future__ import annotations
+
+import errno
+import uuid
+
+import pytest
+
+from repa import storage
+
+
+class _ClientError(Exception):
+    """Shaped like botocore.exceptions.ClientError (``response`` dict), without importing botocore."""
+
+    def __init__(self, code: str, status: int) -> None:
+        super().__init__(f"An error occurred ({code})")
+        self.response = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+
+
+class EndpointConnectionError(Exception):  # same class name as botocore's
+    pass
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ConnectionResetError("reset by peer"),
+        ConnectionRefusedError("refused"),
+        TimeoutError("read timed out"),
+        OSError(errno.ECONNRESET, "Connection reset by peer"),
+        _ClientError("SlowDown", 503),
+        _ClientError("InternalError", 500),
+        _ClientError("Whatever", 502),
+        _ClientError("TooManyRequestsException", 429),
+        EndpointConnectionError("Could not connect to the endpoint URL"),
+    ],
+    ids=lambda e: type(e).__name__ + ":" + str(e)[:20],
+)
+def test_network_and_throttling_errors_are_transient(exc):
+    assert storage.is_transient(exc)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        FileNotFoundError("s3://b/x"),
+        PermissionError("denied"),
+        ValueError("bad input"),
+        _ClientError("AccessDenied", 403),
+        _ClientError("NoSuchBucket", 404),
+        OSError(errno.ENOSPC, "No space left on device"),
+    ],
+    ids=lambda e: type(e).__name__ + ":" + str(e)[:20],
+)
+def test_client_errors_are_not_transient(exc):
+    assert not storage.is_transient(exc)
+
+
+def test_transient_cause_is_found_through_exception_chaining():
+    try:
+        try:
+            raise ConnectionResetError("reset")
+        except ConnectionResetError as e:
+            raise OSError(errno.EIO, "s3fs wrapped it") from e
+    except OSError as wrapped:
+        assert storage.is_transient(wrapped)
+
+
+def test_retry_recovers_from_transient_errors_with_growing_capped_delays():
+    calls, delays = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 4:
+            raise ConnectionResetError("reset")
+        return "ok"
+
+    assert storage.retry(flaky, what="s3://b/k", base_delay=1.0, max_delay=3.0, sleep=delays.append) == "ok"
+    assert len(calls) == 4 and len(delays) == 3
+    for k, d in enumerate(delays):  # equal jitter: in [cap/2, cap] with cap = min(max, base * 2**k)
+        cap = min(3.0, 1.0 * 2**k)
+        assert cap / 2 <= d <= cap
+
+
+def test_retry_gives_up_with_a_storage_error_naming_the_url():
+    delays = []
+
+    def always():
+        raise TimeoutError("read timed out")
+
+    with pytest.raises(storage.StorageError, match=r"s3://bucket/shard-000001\.tar: failed after 3 attempts"):
+        storage.retry(always, what="s3://bucket/shard-000001.tar", attempts=3, sleep=delays.append)
+    assert len(delays) == 2
+
+
+def test_retry_does_not_retry_permanent_errors():
+    calls = []
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("s3://b/nope")
+
+    with pytest.raises(FileNotFoundError):
+        storage.retry(missing, what="s3://b/nope", sleep=lambda d: None)
+    assert len(calls) == 1
+
+
+def test_list_entries_sizes_and_temp_cleanup(tmp_path):
+    url = f"file://{tmp_path}"
+    storage.write_bytes_atomic(f"{url}/a.tar", b"12345")
+    (tmp_path / "sub").mkdir()
+    mine = tmp_path / f".tmp-{uuid.uuid4().hex}-a.tar"
+    other = tmp_path / f".tmp-{uuid.uuid4().hex}-b.tar"
+    mine.write_bytes(b"x")
+    other.write_bytes(b"x")
+    entries = {e.name: e for e in storage.list_entries(url)}
+    assert entries["a.tar"].size == 5 and not entries["a.tar"].is_dir and entries["sub"].is_dir
+    assert storage.size(f"{url}/a.tar") == 5
+    assert storage.cleanup_temps(url, ["a.tar"]) == 1
+    assert not mine.exists() and other.exists()  # another worker's temp file is left alone
+    with pytest.raises(FileNotFoundError, match="not found"):
+        storage.size(f"{url}/nope")
+
+
+def test_memory_listing_and_missing_folder():
+    url = f"memory://st-{uuid.uuid4().hex}"
+    assert storage.list_entries(url) == []
+    storage.write_bytes_atomic(f"{url}/x/y.bin", b"abc")
+    assert [(e.name, e.is_dir) for e in storage.list_entries(url)] == [("x", True)]
+    assert storage.cleanup_temps(url, ["y.bin"]) == 0  # object-like stores have no temporaries
+    storage.remove(url, recursive=True)
