@@ -71,10 +71,14 @@ def available_commands() -> dict[str, Command]:
 
 
 def _chosen_verb(argv: Sequence[str], verbs: Sequence[str]) -> str | None:
-    """The first positional argument, if it is a verb (top-level options take no values)."""
-    for token in argv:
+    """The first positional argument, if it is a verb (skipping the value of ``--log-level``)."""
+    tokens = iter(argv)
+    for token in tokens:
         if token == "--":
             return None
+        if token == "--log-level":
+            next(tokens, None)
+            continue
         if not token.startswith("-"):
             return token if token in verbs else None
     return None

@@ -165,3 +165,10 @@ def test_help_does_not_import_torch():
     code = "import sys; from repa.cli import main; main(['--help']); assert 'torch' not in sys.modules"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_log_level_value_is_not_mistaken_for_the_verb(capsys):
+    from repa.cli import main
+
+    assert main(["--log-level", "WARNING", "config", "show", "--config", "toy-cpu"]) == 0
+    assert "SiT-S/2" in capsys.readouterr().out
