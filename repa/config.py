@@ -256,8 +256,9 @@ class VAEConfig(_Section):
     """``sd-vae-ft-mse`` (REPA's training latents), ``sd-vae-ft-ema``, or ``none`` (SiT on pixels,
     for tiny CPU runs)."""
     weights_url: str | None = None
-    """Weights of the VAE (a diffusers folder or file, local path or fsspec URL); null = the
-    Hugging Face id ``stabilityai/<name>`` from the local cache."""
+    """Weights of the VAE: a diffusers-format folder (config.json + diffusion_pytorch_model.safetensors),
+    local path or fsspec URL. null = random weights with a warning (fine for decoding toy grids);
+    `repa prepare latents` refuses to store moments from a random SD-VAE. Unused for ``none``."""
     latents_scale: float = setting(0.18215, gt=0.0)
     """Multiplies sampled latents (SD-VAE's scaling factor, all 4 channels)."""
     latents_bias: float = 0.0
@@ -501,7 +502,8 @@ class EvalConfig(_Section):
     reference_stats_url: str | None = None
     """Reference statistics (e.g. from ``VIRTUAL_imagenet256_labeled.npz``); required by ``repa eval``."""
     inception_weights_url: str | None = None
-    """Inception-v3 FID weights file (``pt_inception-2015-12-05``); null = torch-fidelity's cache."""
+    """Inception-v3 FID weights file (torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``),
+    local path or fsspec URL; required by `repa eval` (nothing is downloaded: clusters are often offline)."""
     metrics: list[Metric] = field(default_factory=lambda: ["fid", "is", "precision_recall"])
     """Metrics to compute."""
     watch_poll_seconds: int = setting(60, ge=1)
