@@ -27,6 +27,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -309,9 +310,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--job-template",
-        default=DEFAULT_TEMPLATE_PATH,
+        default=os.environ.get("REPA_EVAL_JOB_TEMPLATE", DEFAULT_TEMPLATE_PATH),
         metavar="PATH",
-        help=f"Job manifest template for --launch-jobs (default {DEFAULT_TEMPLATE_PATH})",
+        help="Job manifest template for --launch-jobs "
+        f"(default: $REPA_EVAL_JOB_TEMPLATE, else {DEFAULT_TEMPLATE_PATH})",
     )
     parser.add_argument("--namespace", help="namespace of the Jobs (default: template's, else the pod's)")
     parser.add_argument(

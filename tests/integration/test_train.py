@@ -216,7 +216,9 @@ def test_elastic_torchrun_survives_a_killed_worker_with_data_and_run_on_s3(s3_bu
         "--nnodes=1:2", "--nproc-per-node=2", "--max-restarts=3",
         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-id=repa-test",
         "--rdzv-conf=last_call_timeout=1",
-        "-m", "repa", *_args(data_url, run_url, "train.max_steps=16", "checkpoint.every_steps=4"),
+        "-m", "repa", *_args(data_url, run_url, "train.max_steps=16", "checkpoint.every_steps=4",
+                             # alignment stops half-way (HASTE): projectors idle under DDP afterwards
+                             "objective.align_until_step=10"),
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, env=_subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -229,7 +231,7 @@ def test_elastic_torchrun_survives_a_killed_worker_with_data_and_run_on_s3(s3_bu
         output, _ = proc.communicate(timeout=300)
     finally:
         proc.kill()
-    assert proc.returncode == 0, output[-4000:]
+    assert proc.returncode == 0, output[-30000:]
     assert "resumed from" in output, "the restarted workers must resume from the latest checkpoint"
     state = _final_state(run_url)
     assert state["step"] == 16 and state["world_size"] == 2

@@ -43,7 +43,7 @@ PyTorchJob name. The operator names one Service per pod `<job>-worker-<index>` (
 
 {{/*
 Name prefix of the eval Jobs (metadata.generateName, ends in "-"). `repa watch --launch-jobs` names
-each Job `<prefix><step, 7 digits>` (e.g. myrun-repa-eval-0400000), so the prefix is <= 56 chars.
+each Job `<prefix>-step-<7 digits>-<6-hex protocol digest>` and shortens the prefix to fit 63 chars.
 */}}
 {{- define "repa.evalJobPrefix" -}}
 {{- printf "%s-eval-" (include "repa.fullname" . | trunc 50 | trimSuffix "-") }}
