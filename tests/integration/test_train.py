@@ -149,6 +149,10 @@ def _subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT)
     env["OMP_NUM_THREADS"] = "1"
+    # As the Helm chart sets it: without it torchrun's c10d rendezvous shares one TCPStore across restart
+    # rounds and a restarted group can pick up the previous round's stale peer addresses and hang in
+    # init_process_group (seen here: gloo "connection refused" / a hang after a worker was SIGKILLed).
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     return env
 
 
@@ -228,7 +232,12 @@ def test_elastic_torchrun_survives_a_killed_worker_with_data_and_run_on_s3(s3_bu
         workers = _children(proc.pid)
         assert len(workers) == 2, workers
         os.kill(workers[1], signal.SIGKILL)
-        output, _ = proc.communicate(timeout=300)
+        try:
+            output, _ = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output = proc.communicate()[0]
+            raise AssertionError(f"torchrun did not finish after the kill:\n{output[-30000:]}") from None
     finally:
         proc.kill()
     assert proc.returncode == 0, output[-30000:]
