@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv tools test lint bench clean
+.PHONY: venv tools test lint demo clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ lint: venv
 
 test: venv tools lint
 	$(PY) -m pytest -q
+
+# The whole pipeline on this CPU in ~2 minutes, offline; `make demo DEMO_ARGS=--help` lists options.
+demo: venv
+	$(VENV)/bin/repa demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -43,6 +43,10 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("repa.eval.evaluate", "FID / IS / precision-recall of samples vs reference statistics"),
     "watch": Command("repa.eval.watch", "evaluate every new committed checkpoint of a run once"),
     "config": Command("repa.config", "show, validate, document or export the schema of a run config"),
+    "demo": Command(
+        "repa.demo",
+        "the whole pipeline on this machine in minutes, offline: data, prepare, train, FID, sample grid",
+    ),
 }
 
 

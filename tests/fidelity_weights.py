@@ -1,4 +1,4 @@
-"""A random-weights file for torch-fidelity's InceptionV3, so FID/IS tests run offline.
+"""A random-weights file for torch-fidelity's InceptionV3, so FID/IS tests run offline (built by repa.demo).
 
 The real TF-ported weights (~91 MiB) are a download, which tests must not need. A file with the same
 architecture and random weights exercises the exact code path; FID values are meaningless but
@@ -14,39 +14,13 @@ vary little between images, and larger logits only sharpen a class-constant pred
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import shutil
 import tempfile
 from functools import cache
 
-import torch
-from torch import nn
-
-
-def make_random_inception_weights(path: str, seed: int = 0) -> str:
-    """Write a state dict for ``FeatureExtractorInceptionV3`` with random weights to ``path``."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class _Unloaded(FeatureExtractorInceptionV3):
-        # The constructor always loads weights (or downloads them): give it an empty file and skip loading.
-        def load_state_dict(self, state_dict, *args, **kwargs):
-            return None
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({}, path)
-    net = _Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=path)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, nn.Conv2d):
-                fan_in = module.in_channels // module.groups * math.prod(module.kernel_size)
-                module.weight.normal_(0.0, math.sqrt(2.0 / fan_in), generator=gen)
-            elif isinstance(module, nn.Linear):
-                module.weight.normal_(0.0, 10.0 / math.sqrt(module.in_features), generator=gen)
-                module.bias.zero_()
-    torch.save(net.state_dict(), path)
-    return path
+# One maker for the demo and the tests (the demo ships it because users without the real file need it).
+from repa.demo import make_random_inception_weights
 
 
 @cache

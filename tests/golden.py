@@ -40,3 +40,38 @@ def state_dict(prefix: str = "sd.") -> dict[str, torch.Tensor]:
 
 def keys(prefix: str) -> list[str]:
     return sorted(k for k in golden() if k.startswith(prefix))
+
+
+# The official SiT constructor arguments recorded as ``meta_*`` entries.
+SIT_ARGS = (
+    "input_size",
+    "patch_size",
+    "in_channels",
+    "hidden_size",
+    "decoder_hidden_size",
+    "encoder_depth",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "class_dropout_prob",
+    "num_classes",
+    "use_cfg",
+    "z_dims",
+    "projector_dim",
+    "fused_attn",
+    "qk_norm",
+)
+
+
+def sit_kwargs(**overrides: Any) -> dict[str, Any]:
+    """The golden SiT's constructor arguments, from ``meta_*``."""
+    return {**{name: meta(name) for name in SIT_ARGS}, **overrides}
+
+
+def sit_model(**overrides: Any):
+    """The golden SiT with the ``sd.*`` weights loaded strictly, in eval mode (labels never dropped)."""
+    from repa.models import SiT
+
+    model = SiT(**sit_kwargs(**overrides))
+    model.load_state_dict(state_dict(), strict=True)
+    return model.eval()

@@ -419,7 +419,7 @@ def iter_dataset_images(
 ) -> Iterator[torch.Tensor]:
     """uint8 (B, 3, H, W) batches of the images of a prepared dataset, in shard order."""
     from repa.data import format as fmt
-    from repa.data.reader import read_manifest
+    from repa.data.format import read_manifest
 
     manifest = read_manifest(data_url, storage_options)
     batch: list[torch.Tensor] = []

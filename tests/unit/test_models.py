@@ -10,36 +10,10 @@ import torch
 from repa.models import SiT, SiT_models, build_model, load_reference_state_dict, num_parameters
 from repa.models.sit import LabelEmbedder
 from repa.weights import WeightsError, load_torch_file
-from tests.golden import keys, meta, state_dict, tensor
+from tests.golden import keys, meta, sit_kwargs, sit_model, state_dict, tensor
 
-SIT_ARGS = (
-    "input_size",
-    "patch_size",
-    "in_channels",
-    "hidden_size",
-    "decoder_hidden_size",
-    "encoder_depth",
-    "depth",
-    "num_heads",
-    "mlp_ratio",
-    "class_dropout_prob",
-    "num_classes",
-    "use_cfg",
-    "z_dims",
-    "projector_dim",
-    "fused_attn",
-    "qk_norm",
-)
-
-
-def golden_kwargs(**overrides) -> dict:
-    return {**{name: meta(name) for name in SIT_ARGS}, **overrides}
-
-
-def golden_model(**overrides) -> SiT:
-    model = SiT(**golden_kwargs(**overrides))
-    model.load_state_dict(state_dict(), strict=True)
-    return model.eval()
+golden_kwargs = sit_kwargs
+golden_model = sit_model
 
 
 def tiny(**overrides) -> SiT:

@@ -10,32 +10,9 @@ import torch.nn.functional as F
 
 from repa.models import SiT
 from repa.objective import REPALoss, interpolant, negative_cosine, sample_time
-from tests.golden import keys, meta, state_dict, tensor
+from tests.golden import keys, meta, sit_model, tensor
 
-SIT_ARGS = (
-    "input_size",
-    "patch_size",
-    "in_channels",
-    "hidden_size",
-    "decoder_hidden_size",
-    "encoder_depth",
-    "depth",
-    "num_heads",
-    "mlp_ratio",
-    "class_dropout_prob",
-    "num_classes",
-    "use_cfg",
-    "z_dims",
-    "projector_dim",
-    "fused_attn",
-    "qk_norm",
-)
-
-
-def golden_model() -> SiT:
-    model = SiT(**{name: meta(name) for name in SIT_ARGS})
-    model.load_state_dict(state_dict(), strict=True)
-    return model.eval()  # the golden run never drops labels
+golden_model = sit_model  # eval mode: the golden run never drops labels
 
 
 def golden_inputs():

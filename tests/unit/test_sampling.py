@@ -18,28 +18,9 @@ from repa.sampling import (
     sample,
     sde_time_grid,
 )
-from tests.golden import meta, state_dict, tensor
+from tests.golden import meta, sit_model, tensor
 
 ATOL = 1e-5  # golden README: sample.ode_*, sample.sde_* (float32 model, float64 state)
-
-SIT_ARGS = (
-    "input_size",
-    "patch_size",
-    "in_channels",
-    "hidden_size",
-    "decoder_hidden_size",
-    "encoder_depth",
-    "depth",
-    "num_heads",
-    "mlp_ratio",
-    "class_dropout_prob",
-    "num_classes",
-    "use_cfg",
-    "z_dims",
-    "projector_dim",
-    "fused_attn",
-    "qk_norm",
-)
 
 
 def N() -> int:
@@ -65,9 +46,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model() -> SiT:
-    m = SiT(**{name: meta(name) for name in SIT_ARGS})
-    m.load_state_dict(state_dict(), strict=True)
-    return m.eval()
+    return sit_model()
 
 
 @pytest.fixture(scope="module")

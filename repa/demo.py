@@ -1,0 +1,868 @@
+"""`repa demo`: the whole REPA pipeline, offline, on a laptop CPU in a few minutes.
+
+    draw a small ImageNet-style data set   <out>/images/train/<class>/*.JPEG (10 classes of shapes)
+      -> repa prepare images / latents     <out>/data: shards + manifest.json (vae none = pixels)
+      -> repa train                        <out>/run: tiny SiT + REPA (toy-cpu preset), TensorBoard,
+                                           committed checkpoints
+      -> repa eval ref-stats               <out>/ref-stats.npz: FID statistics of the prepared shards
+      -> repa watch --once                 sample + FID of every committed checkpoint -> run/eval/*.json
+                                           and eval/fid in TensorBoard
+      -> repa sample                       <out>/samples-grid.png (one column per class)
+
+Every stage is the product's own verb, called through :func:`repa.cli.main` with the run config the
+demo writes to ``<out>/config.yaml`` (the toy-cpu preset plus a few overrides), so each step can be
+re-run by hand with ``--config <out>/config.yaml``. Only the reference statistics go through the
+Python API that ``repa eval ref-stats`` calls, to show a progress bar. Every verb is idempotent, so
+running the demo again into the same folder reuses what is done (``--fresh`` starts over).
+
+Weights. repa never downloads anything. Without files the demo says so and uses random weights: a
+random tiny ViT as the REPA target encoder, pixel space instead of the SD-VAE, and a random-weights
+Inception-v3 (written once to ``<out>/weights/``, named RANDOM) so FID's code path runs; its numbers
+are then meaningless. ``--encoder-weights``, ``--vae-weights`` and ``--inception-weights`` (local
+paths or fsspec URLs) put real files into the config keys ``encoder.weights_urls``,
+``vae.weights_url`` and ``eval.inception_weights_url``, and the same command does the real thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "SHAPES",
+    "DemoError",
+    "DemoOptions",
+    "DemoResult",
+    "add_arguments",
+    "choose_threads",
+    "demo_overrides",
+    "draw_shape",
+    "make_random_inception_weights",
+    "make_shapes_dataset",
+    "run",
+    "run_demo",
+    "summary_lines",
+    "tensorboard_command",
+]
+
+RANDOM_INCEPTION_NAME = "inception-v3-RANDOM-WEIGHTS-not-for-real-FID.pth"
+DEFAULT_ENCODER = "dinov2-vit-b"  # REPA's target encoder, used when --encoder-weights is given
+
+
+class DemoError(RuntimeError):
+    """A demo stage failed or the options do not fit together; the message says which and why."""
+
+
+# ----------------------------------------------------------------------------------------------
+# A procedural, class-conditional image data set
+# ----------------------------------------------------------------------------------------------
+
+# (class name, base hue): each class is one shape or texture in one colour family, so class
+# conditioning is visible in samples after a few hundred CPU steps (colour is learnt first).
+SHAPES: tuple[tuple[str, float], ...] = (
+    ("disc", 0.00),
+    ("square", 0.08),
+    ("triangle", 0.16),
+    ("ring", 0.30),
+    ("cross", 0.45),
+    ("hstripes", 0.55),
+    ("vstripes", 0.64),
+    ("checker", 0.72),
+    ("diamond", 0.82),
+    ("dots", 0.92),
+)
+
+
+def _rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb(h % 1.0, s, v)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _polygon(cx: float, cy: float, radius: float, sides: int, angle: float) -> list[tuple[float, float]]:
+    return [
+        (
+            cx + radius * math.cos(angle + 2 * math.pi * k / sides),
+            cy + radius * math.sin(angle + 2 * math.pi * k / sides),
+        )
+        for k in range(sides)
+    ]
+
+
+def draw_shape(kind: str, hue: float, size: int, rng: np.random.Generator) -> Image.Image:
+    """One RGB ``size x size`` image of class ``kind``: jittered colour, position, scale and rotation."""
+    fg = _rgb(hue + rng.uniform(-0.03, 0.03), rng.uniform(0.65, 1.0), rng.uniform(0.75, 1.0))
+    bg = _rgb(rng.uniform(0, 1), rng.uniform(0.0, 0.3), rng.uniform(0.08, 0.35))
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    cx, cy = size * (0.5 + rng.uniform(-0.12, 0.12)), size * (0.5 + rng.uniform(-0.12, 0.12))
+    r = size * rng.uniform(0.2, 0.32)
+    angle = rng.uniform(0, 2 * math.pi)
+    period = size * rng.uniform(0.12, 0.22)
+    phase = rng.uniform(0, period)
+    if kind == "disc":
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fg)
+    elif kind == "square":
+        d.polygon(_polygon(cx, cy, r * 1.2, 4, angle), fill=fg)
+    elif kind == "triangle":
+        d.polygon(_polygon(cx, cy, r * 1.3, 3, angle), fill=fg)
+    elif kind == "ring":
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fg, width=max(1, int(r * 0.35)))
+    elif kind == "cross":
+        w = r * 0.35
+        d.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fg)
+        d.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fg)
+    elif kind == "diamond":
+        d.polygon(_polygon(cx, cy, r * 1.3, 4, 0.0), fill=fg)
+    elif kind in ("hstripes", "vstripes", "checker"):
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        h_on = ((yy + phase) // (period / 2)) % 2 == 0
+        v_on = ((xx + phase) // (period / 2)) % 2 == 0
+        on = {"hstripes": h_on, "vstripes": v_on, "checker": h_on ^ v_on}[kind]
+        arr = np.where(on[..., None], np.array(fg, np.uint8), np.array(bg, np.uint8))
+        img = Image.fromarray(arr.astype(np.uint8), "RGB")
+    elif kind == "dots":
+        step = max(2.0, period)
+        dot = step * 0.3
+        for y in np.arange(phase % step, size, step):
+            for x in np.arange((phase * 0.7) % step, size, step):
+                d.ellipse((x - dot, y - dot, x + dot, y + dot), fill=fg)
+    else:
+        raise DemoError(f"unknown shape {kind!r}; known: {', '.join(n for n, _ in SHAPES)}")
+    noise = rng.normal(0.0, 6.0, (size, size, 3))  # a little texture, so no two pixels are equal
+    return Image.fromarray(np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8), "RGB")
+
+
+def class_folder(label: int) -> str:
+    """``00_disc``: the numeric prefix makes sorted folder order (= repa's label order) the table order."""
+    return f"{label:02d}_{SHAPES[label][0]}"
+
+
+def make_shapes_dataset(
+    root: str | os.PathLike, *, num_classes: int = 10, per_class: int = 40, size: int = 64, seed: int = 0
+) -> Path:
+    """Write ``root/train/<NN_shape>/<NN_shape>_<i>.JPEG`` (ImageNet layout); returns ``root``.
+
+    Image ``i`` of class ``c`` depends only on ``(seed, c, i)``. A ``dataset.json`` written last
+    records the parameters; if it matches, nothing is redrawn.
+    """
+    if not 1 <= num_classes <= len(SHAPES):
+        raise DemoError(f"--classes: {num_classes}; the demo draws 1 to {len(SHAPES)} classes")
+    if per_class < 1:
+        raise DemoError(f"--images-per-class: {per_class}; need at least 1")
+    root = Path(root)
+    spec = {"num_classes": num_classes, "per_class": per_class, "size": size, "seed": seed, "format": "JPEG"}
+    marker = root / "dataset.json"
+    if marker.exists() and json.loads(marker.read_text()).get("spec") == spec:
+        return root
+    if root.exists():
+        shutil.rmtree(root)
+    for label in range(num_classes):
+        folder = root / "train" / class_folder(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        kind, hue = SHAPES[label]
+        for i in range(per_class):
+            rng = np.random.default_rng([seed, label, i])
+            image = draw_shape(kind, hue, size, rng)
+            image.save(folder / f"{class_folder(label)}_{i:04d}.JPEG", format="JPEG", quality=95)
+    classes = [class_folder(c) for c in range(num_classes)]
+    marker.write_text(json.dumps({"spec": spec, "classes": classes}, indent=1) + "\n")
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# Random-weights Inception-v3 (FID's code path without the 91 MB download)
+# ----------------------------------------------------------------------------------------------
+
+
+def make_random_inception_weights(path: str | os.PathLike, seed: int = 0) -> str:
+    """Write a state dict for torch-fidelity's InceptionV3 with random weights to ``path``.
+
+    FID values computed with it are meaningless (comparable only with the same file), but every line
+    of the real evaluation runs. Convolutions get He (fan-in, ReLU gain) init: with PyTorch's default
+    init the activations shrink through the ~95 conv layers and the pool features vanish (FID ~
+    1e-13). BatchNorm stays the identity. The classifier gets std 10/sqrt(2048), so the Inception
+    Score differs measurably from 1. Deterministic for a seed.
+    """
+    import torch
+    from torch import nn
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from repa.eval.metrics import INCEPTION_NAME
+
+    class _Unloaded(FeatureExtractorInceptionV3):
+        # The constructor always loads (or downloads) weights: give it an empty file, skip the load.
+        def load_state_dict(self, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
+            return None
+
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save({}, tmp)
+    net = _Unloaded(INCEPTION_NAME, ["2048"], feature_extractor_weights_path=tmp)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.Conv2d):
+                fan_in = module.in_channels // module.groups * math.prod(module.kernel_size)
+                module.weight.normal_(0.0, math.sqrt(2.0 / fan_in), generator=gen)
+            elif isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, 10.0 / math.sqrt(module.in_features), generator=gen)
+                module.bias.zero_()
+    torch.save(net.state_dict(), tmp)
+    os.replace(tmp, path)  # atomic: an interrupted demo never leaves half a weights file
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Options -> run config
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DemoOptions:
+    """What `repa demo` does. The defaults take about two minutes on two busy CPU cores."""
+
+    out: str = "demo-output"
+    classes: int = 10
+    images_per_class: int = 40
+    resolution: int | None = None  # None: 32 (random tiny encoder) or 256 (a registered encoder)
+    steps: int = 400
+    checkpoint_every: int | None = None  # None: steps / 2
+    batch_size: int = 16
+    eval_samples: int = 30
+    ref_images: int = 60
+    grid_per_class: int = 4
+    seed: int = 0
+    encoder: str | None = None
+    encoder_weights: str | None = None
+    vae_weights: str | None = None
+    inception_weights: str | None = None
+    device: str = "cpu"
+    overrides: list[str] = dataclasses.field(default_factory=list)
+    # How, not what (not part of the output folder's identity):
+    threads: int | None = None  # None: the cores not already busy (choose_threads)
+    fresh: bool = False
+    progress: bool = True
+    verbose: bool = False
+
+    _HOW = ("threads", "fresh", "progress", "verbose")
+
+    def identity(self) -> dict[str, Any]:
+        """The options that decide the outputs: a folder made with other ones cannot be reused."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self._HOW and k != "out"}
+
+    def check(self) -> None:
+        positive = {
+            "--classes": self.classes,
+            "--images-per-class": self.images_per_class,
+            "--steps": self.steps,
+            "--batch-size": self.batch_size,
+            "--grid-per-class": self.grid_per_class,
+        }
+        for flag, value in positive.items():
+            if value < 1:
+                raise DemoError(f"{flag}: {value}; must be >= 1")
+        if not 1 <= self.classes <= len(SHAPES):
+            raise DemoError(f"--classes: {self.classes}; the demo draws 1 to {len(SHAPES)} classes")
+        for flag, value in (("--eval-samples", self.eval_samples), ("--ref-images", self.ref_images)):
+            if value < 2:
+                raise DemoError(f"{flag}: {value}; a Fréchet distance needs at least 2 images")
+        if self.ref_images > self.classes * self.images_per_class:
+            raise DemoError(
+                f"--ref-images: {self.ref_images} > the {self.classes * self.images_per_class} images drawn "
+                "(--classes x --images-per-class)"
+            )
+        every = self.checkpoint_every
+        if every is not None and not 1 <= every <= self.steps:
+            raise DemoError(f"--checkpoint-every: {every}; must be in [1, --steps={self.steps}]")
+        if self.encoder and self.encoder.startswith("timm:"):
+            raise DemoError(
+                f"--encoder {self.encoder}: use a registered name (e.g. {DEFAULT_ENCODER}); a timm: encoder "
+                "needs its size in encoder.model_kwargs, so give it with --set encoder.names=... instead"
+            )
+
+
+@dataclasses.dataclass
+class DemoResult:
+    """Where the demo put things (absolute paths) and what it measured."""
+
+    out: Path
+    config_path: Path
+    run_dir: Path
+    checkpoints: list[int]
+    results: dict[int, dict[str, Any]]  # step -> the watcher's result JSON
+    grid_png: Path
+    real_grid_png: Path
+    seconds: float
+    random_weights: list[str]
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.run_dir / "tensorboard"
+
+
+def _url(path: Path) -> str:
+    return f"file://{path.resolve()}"
+
+
+def _geometry(opts: DemoOptions) -> dict[str, Any]:
+    """Resolution, SiT patch and encoder overrides such that SiT's token grid = the encoder's.
+
+    REPA aligns SiT token j with encoder patch token j, so both grids must have the same side T.
+    SiT's is (resolution / VAE downsampling) / patch; a registered encoder's is fixed by its
+    preprocessing (DINOv2: 224 px / 14 = 16 per side at 256 px), so SiT's patch follows from it.
+    The random tiny ViT is instead sized to SiT's grid, whose patch keeps 8 x 8 = 64 tokens: that is
+    what makes a CPU step cheap (measured: 32 px with patch 4 trains ~5x faster than patch 2).
+    """
+    real_encoder = bool(opts.encoder_weights or opts.encoder)
+    resolution = opts.resolution or (256 if real_encoder else 32)
+    down = 8 if opts.vae_weights else 1
+    if resolution % down or resolution < 8:
+        raise DemoError(
+            f"--resolution {resolution}: must be >= 8 and divisible by the VAE's downsampling {down}"
+        )
+    latent = resolution // down
+    if real_encoder:
+        from repa.encoders import build_encoder
+
+        name = opts.encoder or DEFAULT_ENCODER
+        try:
+            encoder = build_encoder(name, weights_url=opts.encoder_weights, resolution=resolution)
+        except ValueError as e:
+            raise DemoError(f"--encoder {name}: {e}") from e
+        side = math.isqrt(encoder.num_tokens)
+        if latent % side:
+            raise DemoError(
+                f"--encoder {name} has {side}x{side} tokens at resolution {resolution}, which does not "
+                f"divide SiT's {latent}x{latent} input; use a resolution that is a multiple of 256"
+            )
+        weights = json.dumps(opts.encoder_weights) if opts.encoder_weights else "null"
+        encoder_sets = [
+            f"encoder.names=[{json.dumps(name)}]",
+            f"encoder.weights_urls=[{weights}]",
+            "encoder.model_kwargs=[]",
+        ]
+        return {"resolution": resolution, "patch": latent // side, "encoder": encoder_sets}
+    patch = max(1, latent // 8)
+    if latent % patch:
+        raise DemoError(f"--resolution {resolution}: SiT's input side {latent} is not divisible by 8")
+    side = latent // patch
+    kwargs = {
+        "img_size": resolution,
+        "patch_size": resolution // side,
+        "embed_dim": 64,
+        "depth": 2,
+        "num_heads": 2,
+    }
+    return {
+        "resolution": resolution,
+        "patch": patch,
+        "encoder": [f"encoder.model_kwargs=[{json.dumps(kwargs)}]"],
+    }
+
+
+def demo_overrides(opts: DemoOptions, out: Path, inception_url: str) -> list[str]:
+    """``--set`` overrides of the toy-cpu preset for this demo (the user's ``--set`` go last)."""
+    geo = _geometry(opts)
+    every = opts.checkpoint_every or max(1, opts.steps // 2)
+    log_every = math.gcd(every, 10)  # every checkpoint step must be a logged step (a config rule)
+    n_checkpoints = -(-opts.steps // every)
+    sets = [
+        f"data.url={_url(out / 'data')}",
+        f"data.resolution={geo['resolution']}",
+        "data.shards_in_flight=4",
+        f"storage.run_url={_url(out / 'run')}",
+        f"model.num_classes={opts.classes}",
+        f"model.patch_size={geo['patch']}",
+        *geo["encoder"],
+        f"train.max_steps={opts.steps}",
+        f"train.global_batch_size={opts.batch_size}",
+        f"train.device={opts.device}",
+        f"train.seed={opts.seed}",
+        f"checkpoint.every_steps={every}",
+        f"checkpoint.keep_latest={n_checkpoints + 1}",  # keep them all: the watcher scores each one
+        f"log.every_steps={log_every}",
+        f"log.tensorboard_flush_every_steps={log_every}",
+        f"log.sample_every_steps={every}",
+        "log.sample_num_images=16",
+        "log.sample_num_steps=16",
+        "sample.num_steps=16",
+        f"sample.num_samples={opts.eval_samples}",
+        "sample.batch_size_per_device=20",
+        "sample.class_balanced=true",
+        f"eval.reference_stats_url={_url(out / 'ref-stats.npz')}",
+        f"eval.inception_weights_url={json.dumps(inception_url)}",
+        "eval.metrics=[fid]",
+        "eval.watch_poll_seconds=1",
+    ]
+    if opts.vae_weights:
+        sets += [
+            "vae.name=sd-vae-ft-mse",
+            f"vae.weights_url={json.dumps(opts.vae_weights)}",
+            "vae.latents_scale=0.18215",
+        ]
+    return sets + list(opts.overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# The demo
+# ----------------------------------------------------------------------------------------------
+
+MARKER = "REPA_DEMO.json"  # in the output folder: which options made it (so --fresh never deletes other data)
+
+
+def choose_threads(requested: int | None = None) -> int:
+    """CPU threads for torch and BLAS: ``requested``, else the cores not already busy, at least 1.
+
+    Why: threads that wait for each other (OpenMP and OpenBLAS barriers spin) are several times slower
+    than one thread when other processes hold the cores. Measured on 2 shared cores at load 6: one
+    thread trained the demo model 5-7x faster than two, and an FID's 2048 x 2048 eigendecompositions
+    took 2.7 s instead of 36 s.
+    """
+    import torch
+
+    if requested is not None:
+        if requested < 1:
+            raise DemoError(f"--threads: {requested}; must be >= 1")
+        return requested
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # no load average on Windows
+        load = 0.0
+    return max(1, min(torch.get_num_threads(), int(cores - load + 0.5)))
+
+
+@contextlib.contextmanager
+def _limits(threads: int, verbose: bool) -> Iterator[None]:
+    """torch and (via threadpoolctl, if installed) BLAS threads; repa's INFO logs off unless verbose."""
+    import logging
+
+    import torch
+
+    before = torch.get_num_threads()
+    repa_logger = logging.getLogger("repa")
+    level = repa_logger.level
+    torch.set_num_threads(threads)
+    if not verbose:
+        repa_logger.setLevel(logging.WARNING)  # warnings (e.g. "RANDOM weights") still show
+    try:
+        with contextlib.ExitStack() as stack:
+            try:
+                from threadpoolctl import threadpool_limits
+
+                stack.enter_context(threadpool_limits(limits=threads))
+            except ImportError:
+                pass
+            yield
+    finally:
+        torch.set_num_threads(before)
+        repa_logger.setLevel(level)
+
+
+class _Stages:
+    """Numbered stage headers with elapsed times (the demo is a CLI verb: it prints)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.n = total, 0
+        self.t0 = self.started = time.monotonic()
+
+    def _done(self) -> None:
+        if self.n:
+            print(f"    ({time.monotonic() - self.started:.1f} s)", flush=True)
+
+    def __call__(self, title: str) -> None:
+        self._done()
+        self.n += 1
+        self.started = time.monotonic()
+        print(f"\n[{self.n}/{self.total}] {title}", flush=True)
+
+    def end(self) -> float:
+        self._done()
+        return time.monotonic() - self.t0
+
+
+def _verb(*argv: str) -> None:
+    """Run one product verb exactly as `repa ...` would; a non-zero exit fails the demo, naming it."""
+    from repa.cli import main
+
+    code = main(list(argv))
+    if code != 0:
+        raise DemoError(f"`repa {' '.join(argv)}` exited with code {code} (its error is printed above)")
+
+
+def _weights_report(opts: DemoOptions, inception: str) -> tuple[list[str], list[str]]:
+    """Lines saying, per network, where its weights come from (RANDOM: how to give real ones)."""
+    lines, random_parts = [], []
+    if opts.encoder_weights:
+        lines.append(f"  encoder    {opts.encoder or DEFAULT_ENCODER} from {opts.encoder_weights}")
+    else:
+        what = opts.encoder if opts.encoder else "tiny ViT, 2 blocks"
+        name = opts.encoder or DEFAULT_ENCODER
+        lines += [
+            f"  encoder    RANDOM weights ({what}): the alignment targets are random features, so REPA",
+            f"             cannot help here. Real: --encoder-weights PATH|URL, a {name} weights file",
+            f"             (sets encoder.names=[{name}] and encoder.weights_urls; images become 256 px)",
+        ]
+        random_parts.append("encoder")
+    if opts.vae_weights:
+        lines.append(f"  VAE        sd-vae-ft-mse from {opts.vae_weights}")
+    else:
+        lines += [
+            "  VAE        none: SiT models pixels, no VAE weights needed. Latents: --vae-weights PATH|URL,",
+            "             a diffusers sd-vae-ft-mse folder (sets vae.name and vae.weights_url)",
+        ]
+    if opts.inception_weights:
+        lines.append(f"  Inception  {opts.inception_weights}")
+    else:
+        lines += [
+            "  Inception  RANDOM weights: FID runs end to end but its values are MEANINGLESS.",
+            f"             {_shown(Path(inception))}",
+            "             Real: --inception-weights PATH|URL, torch-fidelity's",
+            "             weights-inception-2015-12-05-6726825d.pth (sets eval.inception_weights_url)",
+        ]
+        random_parts.append("Inception")
+    return ["Weights (repa never downloads any):", *lines], random_parts
+
+
+def _grid(images: np.ndarray, columns: int, scale: int) -> Image.Image:
+    """uint8 (N, H, W, 3) -> one image: row-major, ``columns`` per row, 2 px gaps, ``scale``x nearest."""
+    n, h, w, _ = images.shape
+    rows, gap = -(-n // columns), 2
+    canvas = np.full((rows * (h + gap) + gap, columns * (w + gap) + gap, 3), 255, np.uint8)
+    for i, img in enumerate(images):
+        y, x = gap + (i // columns) * (h + gap), gap + (i % columns) * (w + gap)
+        canvas[y : y + h, x : x + w] = img
+    out = Image.fromarray(canvas, "RGB")
+    return out.resize((out.width * scale, out.height * scale), Image.NEAREST) if scale > 1 else out
+
+
+def _real_images(src: Path, classes: int, per_class: int, resolution: int) -> np.ndarray:
+    """Training images as the model sees them (ADM crop), in the sample grid's layout: (N, R, R, 3)."""
+    from repa.data.format import adm_center_crop
+
+    cells = []
+    for i in range(per_class):
+        for c in range(classes):
+            with Image.open(src / "train" / class_folder(c) / f"{class_folder(c)}_{i:04d}.JPEG") as image:
+                cells.append(adm_center_crop(image.convert("RGB"), resolution))
+    return np.stack(cells)
+
+
+def _reference_stats(cfg: Any, out_url: str, max_images: int, progress: bool) -> None:
+    """What `repa eval ref-stats --max-images N` does (same functions), plus a progress bar."""
+    from tqdm.auto import tqdm
+
+    from repa.eval.evaluate import build_extractor, iter_dataset_images
+    from repa.eval.refstats import compute_reference_stats, save_reference_stats
+    from repa.train.distributed import resolve_device
+
+    extractor = build_extractor(cfg, None, resolve_device(cfg.train.device))
+    bar = tqdm(total=max_images, unit="img", desc="reference", disable=not progress, file=sys.stderr)
+
+    def batches() -> Iterator[Any]:
+        for batch in iter_dataset_images(cfg.data.url, 20, max_images):
+            yield batch
+            bar.update(len(batch))
+
+    with bar:
+        ref = compute_reference_stats(batches(), extractor, batch_size=20, keep_features=max_images)
+    save_reference_stats(out_url, ref)
+
+
+def _claim_output(out: Path, opts: DemoOptions) -> None:
+    """Make ``out`` this demo's folder: refuse foreign folders and folders made with other options."""
+    marker = out / MARKER
+    identity = opts.identity()
+    if out.exists() and any(out.iterdir()):
+        if not marker.exists():
+            raise DemoError(
+                f"--out {out}: exists and is not a `repa demo` output folder (no {MARKER}); "
+                "choose another --out (the demo never deletes folders it did not make)"
+            )
+        previous = json.loads(marker.read_text()).get("options", {})
+        if opts.fresh:
+            shutil.rmtree(out)
+        elif previous != identity:
+            changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+            raise DemoError(
+                f"--out {out}: holds a demo made with other options ({', '.join(changed)}); "
+                "add --fresh to start over there, or choose another --out"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"options": identity}, indent=1, sort_keys=True) + "\n")
+
+
+def run_demo(opts: DemoOptions) -> DemoResult:
+    """Run every stage (see the module docstring); returns where everything went.
+
+    Reruns into the same folder with the same options reuse finished work: every verb is idempotent.
+    """
+    opts.check()
+    threads = choose_threads(opts.threads)
+    with _limits(threads, opts.verbose):
+        return _run_demo(opts, threads)
+
+
+def _run_demo(opts: DemoOptions, threads: int) -> DemoResult:
+    from repa.config import load_config
+    from repa.eval.sample import SampleSet
+    from repa.train import checkpoint as ckpt
+
+    out = Path(opts.out).resolve()
+    stages = _Stages(7)
+    stages("Output folder, run config and weights")
+    inception = opts.inception_weights or str(out / "weights" / RANDOM_INCEPTION_NAME)
+    cfg = load_config("toy-cpu", demo_overrides(opts, out, inception))  # validated before any write
+    _claim_output(out, opts)
+    config_path = out / "config.yaml"
+    config_path.write_text(
+        "# Written by `repa demo`: the toy-cpu preset plus the demo's overrides. Re-run any step with\n"
+        f"# `repa <verb> --config {config_path}`.\n" + cfg.to_yaml()
+    )
+    lines, random_parts = _weights_report(opts, inception)
+    print("\n".join(lines))
+    if not opts.inception_weights and not Path(inception).exists():
+        make_random_inception_weights(inception)
+    print(f"  config     {_shown(config_path)}")
+    print(f"  threads    {threads} (--threads; default: the CPU cores not already busy)")
+    res, config = cfg.data.resolution, ("--config", str(config_path))
+    quiet = () if opts.progress else ("--no-progress",)
+
+    n_images = opts.classes * opts.images_per_class
+    stages(f"Drawing {n_images} images: {opts.classes} classes of coloured shapes, ImageNet-style folders")
+    images = make_shapes_dataset(
+        out / "images",
+        num_classes=opts.classes,
+        per_class=opts.images_per_class,
+        size=2 * res,
+        seed=opts.seed,
+    )
+    print(f"  {_shown(images)}/train/<class>/*.JPEG")
+
+    stages("repa prepare images + latents: shards on local disk")
+    per_shard = str(max(8, -(-n_images // 8)))  # ~8 shards, each holding every class
+    _verb(
+        "prepare",
+        "images",
+        str(images),
+        cfg.data.url,
+        "--resolution",
+        str(res),
+        "--samples-per-shard",
+        per_shard,
+        *quiet,
+    )
+    latents = ["prepare", "latents", cfg.data.url, "--vae", cfg.vae.name, "--device", opts.device, *quiet]
+    if cfg.vae.weights_url:
+        latents += ["--vae-weights-url", cfg.vae.weights_url]
+    _verb(*latents)
+
+    every = cfg.checkpoint.every_steps
+    stages(f"repa train: {opts.steps} steps of a tiny SiT + REPA, a checkpoint every {every}")
+    _verb("train", *config)
+
+    stages(f"FID reference statistics of {opts.ref_images} prepared images (Inception)")
+    ref_path = out / "ref-stats.npz"
+    if not ref_path.exists():
+        _reference_stats(cfg, str(ref_path), opts.ref_images, opts.progress)
+    print(f"  {_shown(ref_path)}")
+
+    stages("repa watch --once: sample and score every committed checkpoint")
+    _verb("watch", "--once", *config, *quiet)
+
+    stages(f"repa sample: {opts.grid_per_class} images per class for the sample grid")
+    grid_url = _url(out / "grid-samples")
+    grid = [
+        f"sample.num_samples={opts.grid_per_class * opts.classes}",
+        "sample.num_steps=32",
+        "sample.cfg_scale=3.0",
+    ]
+    _verb("sample", *config, "--output", grid_url, *quiet, *[a for s in grid for a in ("--set", s)])
+    samples = np.concatenate(list(SampleSet.open(grid_url).iter_images()))  # (N, R, R, 3), label = i mod C
+    scale = max(1, 128 // res)
+    grid_png, real_png = out / "samples-grid.png", out / "real-grid.png"
+    _grid(samples, opts.classes, scale).save(grid_png)
+    _grid(_real_images(images, opts.classes, opts.grid_per_class, res), opts.classes, scale).save(real_png)
+    seconds = stages.end()
+
+    run_dir = out / "run"
+    committed, _ = ckpt.list_checkpoints(cfg.storage.run_url)
+    results = {}
+    for path in sorted((run_dir / "eval").glob("step-*/result-*.json")):
+        results[int(path.parent.name.removeprefix("step-"))] = json.loads(path.read_text())
+    result = DemoResult(
+        out=out,
+        config_path=config_path,
+        run_dir=run_dir,
+        checkpoints=[r.step for r in committed],
+        results=results,
+        grid_png=grid_png,
+        real_grid_png=real_png,
+        seconds=seconds,
+        random_weights=random_parts,
+    )
+    print("\n".join(summary_lines(result)), flush=True)
+    return result
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when inside it (shorter to copy), else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def tensorboard_command(logdir: Path) -> str:
+    """The command that serves ``logdir``: this environment's tensorboard (e.g. .venv/bin/tensorboard)."""
+    exe = Path(sys.executable).parent / "tensorboard"
+    return f"{_shown(exe) if exe.exists() else 'tensorboard'} --logdir {_shown(logdir)}"
+
+
+def summary_lines(r: DemoResult) -> list[str]:
+    """What the demo made and where (printed at the end)."""
+    rows = [
+        (f"{_shown(r.out / 'images')}/train/", "the drawn data set (ImageNet-style class folders)"),
+        (f"{_shown(r.out / 'data')}/", "prepared shards + manifest.json (`repa prepare`)"),
+        (_shown(r.config_path), "the run config: `repa <verb> --config` it to re-run a step"),
+        (f"{_shown(r.run_dir)}/checkpoints/", f"committed checkpoints, steps {r.checkpoints}"),
+        (f"{_shown(r.run_dir)}/eval/", "the watcher's result JSON per checkpoint"),
+        (f"{_shown(r.tensorboard_dir)}/", "TensorBoard: losses, sample grids; eval/: FID"),
+        (_shown(r.grid_png), "generated samples, one column per class"),
+        (_shown(r.real_grid_png), "training images in the same layout"),
+    ]
+    width = max(len(p) for p, _ in rows)
+    lines = ["", f"Demo finished in {r.seconds:.0f} s. Outputs:"]
+    lines += [f"  {p:<{width}}  {what}" for p, what in rows]
+    if r.results:
+        lines.append("")
+        for step, res in sorted(r.results.items()):
+            name = res.get("metric_name", "FID")
+            lines.append(f"  step {step:>6d}: {name} {res['fid']:.2f} ({res['num_samples']} samples)")
+    if r.random_weights:
+        lines += [
+            "",
+            f"RANDOM weights were used for: {', '.join(r.random_weights)}"
+            + (" (so the FID values are meaningless)" if "Inception" in r.random_weights else "")
+            + ". Real ones: see `repa demo --help`.",
+        ]
+    lines += ["", "Open TensorBoard:", f"  {tensorboard_command(r.tensorboard_dir)}"]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = DemoOptions()
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = (
+        "Run the whole pipeline on this machine, offline: draw a small class-conditional data set, "
+        "prepare shards, train a tiny SiT + REPA with TensorBoard logs and checkpoints, score every "
+        "checkpoint with the watcher (FID), write a sample grid. About two minutes on a laptop CPU."
+    )
+    parser.epilog = (
+        "Real weights (local paths or s3://, gs://, ... URLs; repa never downloads any):\n"
+        "  --encoder-weights    DINOv2 ViT-B/14 file (timm or original)  -> encoder.weights_urls\n"
+        "  --vae-weights        diffusers sd-vae-ft-mse folder           -> vae.name, vae.weights_url\n"
+        "  --inception-weights  weights-inception-2015-12-05-6726825d.pth -> eval.inception_weights_url\n"
+        "Without them the demo uses random weights and says so. With a real encoder the images are\n"
+        "256 px (DINOv2 needs >= 256), which is slow on a CPU: add --device cuda where there is a GPU."
+    )
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", default=d.out, metavar="DIR", help=f"output folder (default ./{d.out})")
+    g.add_argument("--fresh", action="store_true", help="delete an earlier demo in --out first")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--verbose", action="store_true", help="show the verbs' INFO logs")
+    g = parser.add_argument_group("size")
+    sizes = [
+        ("--classes", d.classes, f"classes to draw, 1-{len(SHAPES)}"),
+        ("--images-per-class", d.images_per_class, "images drawn per class"),
+        ("--steps", d.steps, "training steps"),
+        ("--batch-size", d.batch_size, "global batch"),
+        ("--eval-samples", d.eval_samples, "samples per FID"),
+        ("--ref-images", d.ref_images, "images in the FID reference statistics"),
+        ("--grid-per-class", d.grid_per_class, "rows of the sample grid"),
+        ("--seed", d.seed, "seed of the data set and the run"),
+    ]
+    for flag, default, text in sizes:
+        g.add_argument(flag, type=int, default=default, metavar="N", help=f"{text} (default {default})")
+    g.add_argument(
+        "--resolution", type=int, metavar="PX", help="image side (default 32; 256 with --encoder*)"
+    )
+    g.add_argument(
+        "--checkpoint-every", type=int, metavar="N", help="steps between checkpoints (default steps/2)"
+    )
+    g.add_argument("--device", default=d.device, help="cpu (default), cuda, cuda:N or mps")
+    g.add_argument(
+        "--threads", type=int, metavar="N", help="CPU threads (default: the cores not already busy)"
+    )
+    g = parser.add_argument_group("real weights and config")
+    g.add_argument(
+        "--encoder",
+        metavar="NAME",
+        help=f"registered encoder (default {DEFAULT_ENCODER} with --encoder-weights)",
+    )
+    g.add_argument("--encoder-weights", metavar="URL", help="target encoder weights -> encoder.weights_urls")
+    g.add_argument("--vae-weights", metavar="URL", help="SD-VAE, a diffusers folder -> vae.weights_url")
+    g.add_argument(
+        "--inception-weights", metavar="URL", help="FID Inception-v3 -> eval.inception_weights_url"
+    )
+    g.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any run-config override, applied last (repeatable), e.g. --set model.depth=6",
+    )
+
+
+def options_from_args(args: argparse.Namespace) -> DemoOptions:
+    names = {f.name for f in dataclasses.fields(DemoOptions)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    return DemoOptions(**values, progress=not args.no_progress)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`repa demo`: exit 0 when every stage succeeded, 2 with a one-line message otherwise."""
+    from repa.config import ConfigError
+
+    try:
+        run_demo(options_from_args(args))
+    except (DemoError, ConfigError) as e:
+        print(f"repa demo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m repa.demo [options]``: the same as ``repa demo``."""
+    import logging
+
+    parser = argparse.ArgumentParser(prog="repa demo")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
