@@ -119,7 +119,11 @@ class SiTBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm)
+        # norm_layer: timm < 1.0 defaulted it to nn.LayerNorm (what the reference's qk_norm=True used);
+        # newer timm asserts it is given when qk_norm is set.
+        self.attn = Attention(
+            hidden_size, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm, norm_layer=nn.LayerNorm
+        )
         self.attn.fused_attn = fused_attn  # True: torch SDPA; False: explicit softmax(QK^T)V
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(

@@ -287,3 +287,11 @@ def test_file_with_an_arbitrary_pickled_class_is_refused(tmp_path):
     torch.save({"ema": tiny().state_dict(), "args": PlainConfig()}, path)
     with pytest.raises(WeightsError, match="could not be loaded safely"):
         load_torch_file(str(path))
+
+
+def test_qk_norm_builds_layernorms_on_queries_and_keys_and_runs():
+    model = tiny(qk_norm=True)
+    names = {k for k in model.state_dict() if ".attn.q_norm." in k or ".attn.k_norm." in k}
+    assert "blocks.0.attn.q_norm.weight" in names and "blocks.0.attn.k_norm.bias" in names
+    v, _ = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2]))
+    assert v.shape == (2, 4, 8, 8) and torch.isfinite(v).all()
