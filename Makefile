@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv tools test lint demo clean
+.PHONY: venv tools test lint demo convergence clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,10 @@ test: venv tools lint
 # The whole pipeline on this CPU in ~2 minutes, offline; `make demo DEMO_ARGS=--help` lists options.
 demo: venv
 	$(VENV)/bin/repa demo $(DEMO_ARGS)
+
+# REPA vs vanilla vs random-encoder control at laptop scale (~30 min on 2 cores): docs/convergence.md.
+convergence: venv
+	$(PY) benchmarks/convergence.py --workdir /tmp/repa-convergence
 
 clean:
 	rm -rf $(VENV) build *.egg-info
