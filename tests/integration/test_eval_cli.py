@@ -8,7 +8,6 @@ reported as FD_tiny-conv); one test runs the real Inception path with random wei
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -23,33 +22,7 @@ from repa.eval.refstats import compute_reference_stats, load_reference_stats, sa
 from repa.models import build_model
 from repa.train import checkpoint as ckpt
 from repa.train.metrics import read_scalars
-
-FEATS = "repa_test_feats:build"
-FEATS_SOURCE = '''
-"""A tiny deterministic conv feature extractor (repa.eval.metrics.FeatureExtractor protocol)."""
-import torch
-from torch import nn
-
-
-class TinyConv(nn.Module):
-    name = "tiny-conv"
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, stride=2)
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            self.conv.weight.copy_(0.3 * torch.randn(self.conv.weight.shape, generator=g))
-            self.conv.bias.zero_()
-
-    def forward(self, images):  # uint8 (B, 3, H, W) -> (B, 16)
-        h = torch.relu(self.conv(images.float() / 127.5 - 1))
-        return torch.cat([h.mean((2, 3)), h.amax((2, 3))], dim=1)
-
-
-def build():
-    return TinyConv()
-'''
+from tests.tiny_features import FEATS, write_feature_module
 
 
 @pytest.fixture(autouse=True)
@@ -63,9 +36,7 @@ def _one_thread():
 @pytest.fixture
 def feats(tmp_path, monkeypatch):
     """Puts the tiny extractor module on sys.path; returns its folder (for subprocess PYTHONPATH)."""
-    folder = tmp_path / "feats"
-    folder.mkdir()
-    (folder / "repa_test_feats.py").write_text(textwrap.dedent(FEATS_SOURCE))
+    folder = write_feature_module(tmp_path / "feats")
     monkeypatch.syspath_prepend(str(folder))
     return folder
 

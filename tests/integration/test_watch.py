@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -30,37 +29,13 @@ from repa.eval.refstats import compute_reference_stats, save_reference_stats
 from repa.models import build_model
 from repa.train import checkpoint as ckpt
 from repa.train.metrics import read_scalars
+from tests.tiny_features import FEATS, write_feature_module
 
 # NB: repa.eval.watch / repa.eval.evaluate are imported inside the tests: importing the module
 # `repa.eval.evaluate` rebinds the package attribute `repa.eval.evaluate` (metrics' function), which
 # would break modules collected later that do `from repa.eval import evaluate`.
 
 REPO = Path(__file__).resolve().parents[2]
-FEATS = "repa_test_feats:build"
-FEATS_SOURCE = """
-import torch
-from torch import nn
-
-
-class TinyConv(nn.Module):
-    name = "tiny-conv"
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, stride=2)
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            self.conv.weight.copy_(0.3 * torch.randn(self.conv.weight.shape, generator=g))
-            self.conv.bias.zero_()
-
-    def forward(self, images):  # uint8 (B, 3, H, W) -> (B, 16)
-        h = torch.relu(self.conv(images.float() / 127.5 - 1))
-        return torch.cat([h.mean((2, 3)), h.amax((2, 3))], dim=1)
-
-
-def build():
-    return TinyConv()
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -73,9 +48,7 @@ def _one_thread():
 
 @pytest.fixture
 def feats(tmp_path, monkeypatch):
-    folder = tmp_path / "feats"
-    folder.mkdir()
-    (folder / "repa_test_feats.py").write_text(textwrap.dedent(FEATS_SOURCE))
+    folder = write_feature_module(tmp_path / "feats")
     monkeypatch.syspath_prepend(str(folder))
     return folder
 
