@@ -391,7 +391,7 @@ class Trainer:
     # ------------------------------------------------------------------ sample grid
     @torch.no_grad()
     def sample_grid(self) -> torch.Tensor:
-        """EMA samples for TensorBoard: fixed noise and labels, so grids are comparable across steps."""
+        """Grid for TensorBoard (EMA weights by default); fixed noise and labels, comparable across steps."""
         from torchvision.utils import make_grid
 
         from repa.sampling import sample
