@@ -92,19 +92,8 @@ def size(url: str, storage_options: dict[str, Any] | None = None) -> int:
 
 
 def listdir(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Names (not full paths) directly under ``url``; empty if it does not exist."""
-    fs, path = filesystem(url, storage_options)
-
-    def ls() -> list[str]:
-        if _supports_refresh(fs):
-            return fs.ls(path, detail=False, refresh=True)
-        return fs.ls(path, detail=False)
-
-    try:
-        entries = retry(ls, what=url)
-    except FileNotFoundError:
-        return []
-    return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != path.rstrip("/")})
+    """Names (not full paths) directly under ``url``, sorted; empty if it does not exist."""
+    return [entry.name for entry in list_entries(url, storage_options)]
 
 
 @dataclass(frozen=True)
