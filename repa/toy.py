@@ -25,7 +25,7 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +42,15 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CLASSIFIER_ENV",
     "CLASSIFIER_NAME",
+    "ENCODER_OBJECTIVES",
+    "PALETTES",
     "SHAPE_CLASSES",
     "ToyClassifier",
     "classifier_extractor",
+    "encoder_token_stats",
     "load_classifier",
     "make_shapes",
+    "make_shapes_and_masks",
     "train_classifier",
     "train_vit_encoder",
     "write_image_tree",
@@ -93,12 +97,16 @@ def _polygon(cx: float, cy: float, r: float, n: int, angle: float) -> list[tuple
     ]
 
 
-def _draw(label: int, size: int, rng: np.random.Generator) -> Image.Image:
-    """One image of class ``label`` at ``size * _SUPERSAMPLE`` px (drawn with PIL)."""
+PALETTES = ("random", "mono")
+"""``random``: random background/foreground colours per image; ``mono``: white on black."""
+
+
+def _draw_mask(label: int, size: int, rng: np.random.Generator) -> Image.Image:
+    """Foreground mask ("L", 255 = shape) of one image of class ``label``, at ``size * _SUPERSAMPLE`` px."""
     s = size * _SUPERSAMPLE
-    bg, fg = _colours(rng)
-    img = Image.new("RGB", (s, s), bg)
+    img = Image.new("L", (s, s), 0)
     d = ImageDraw.Draw(img)
+    fg = 255
     cx, cy = (s / 2 + rng.uniform(-0.12, 0.12) * s for _ in range(2))
     r = rng.uniform(0.22, 0.34) * s
     angle = rng.uniform(0, 2 * math.pi)
@@ -140,29 +148,49 @@ def _draw(label: int, size: int, rng: np.random.Generator) -> Image.Image:
     return img
 
 
-def make_shapes(
-    per_class: int, resolution: int = 16, seed: int = 0, num_classes: int = 10
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(images uint8 (N, H, W, 3), labels int64 (N,))``, ``per_class`` images of each class, in class
-    order. Deterministic in ``seed``; a different seed gives a disjoint-looking held-out set."""
+def make_shapes_and_masks(
+    per_class: int, resolution: int = 16, seed: int = 0, num_classes: int = 10, palette: str = "random"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(images uint8 (N, H, W, 3), labels int64 (N,), masks float32 (N, H, W))``, ``per_class`` images
+    of each class, in class order. ``masks`` is each image's foreground coverage in [0, 1] (the
+    anti-aliased shape), so an image is exactly ``bg + mask * (fg - bg)`` before rounding.
+    Deterministic in ``seed``; a different seed gives a disjoint-looking held-out set. ``palette`` is
+    one of :data:`PALETTES`."""
+    if palette not in PALETTES:
+        raise ValueError(f"palette: expected one of {', '.join(PALETTES)}, got {palette!r}")
     if not 1 <= num_classes <= len(SHAPE_CLASSES):
         raise ValueError(f"num_classes: expected 1..{len(SHAPE_CLASSES)}, got {num_classes}")
     if per_class < 1 or resolution < 4:
         raise ValueError(f"need per_class >= 1 and resolution >= 4, got {per_class}, {resolution}")
     rng = np.random.default_rng(seed)
-    images = np.empty((num_classes * per_class, resolution, resolution, 3), np.uint8)
+    n = num_classes * per_class
+    images = np.empty((n, resolution, resolution, 3), np.uint8)
+    masks = np.empty((n, resolution, resolution), np.float32)
     labels = np.repeat(np.arange(num_classes, dtype=np.int64), per_class)
     for i, label in enumerate(labels):
-        big = _draw(int(label), resolution, rng)
-        images[i] = np.asarray(big.resize((resolution, resolution), Image.BOX))
+        bg, fg = _colours(rng) if palette == "random" else ((0, 0, 0), (255, 255, 255))
+        big = _draw_mask(int(label), resolution, rng)
+        masks[i] = np.asarray(big.resize((resolution, resolution), Image.BOX), np.float32) / 255.0
+        colour = np.asarray(bg, np.float32) + masks[i][..., None] * (np.asarray(fg, np.float32) - bg)
+        images[i] = np.clip(np.rint(colour), 0, 255).astype(np.uint8)
+    return images, labels, masks
+
+
+def make_shapes(
+    per_class: int, resolution: int = 16, seed: int = 0, num_classes: int = 10, palette: str = "random"
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(images, labels)`` of :func:`make_shapes_and_masks`."""
+    images, labels, _ = make_shapes_and_masks(per_class, resolution, seed, num_classes, palette)
     return images, labels
 
 
-def write_image_tree(root: str | Path, images: np.ndarray, labels: np.ndarray) -> Path:
+def write_image_tree(
+    root: str | Path, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str] = SHAPE_CLASSES
+) -> Path:
     """``root/<class name>/<index>.png`` for every image (the layout ``repa prepare images`` reads)."""
     root = Path(root)
     for i, (img, label) in enumerate(zip(images, labels)):
-        folder = root / SHAPE_CLASSES[int(label)]
+        folder = root / class_names[int(label)]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(folder / f"{i:06d}.png")
     return root
@@ -190,15 +218,18 @@ def _fit(
     lr: float,
     seed: int,
     what: str,
+    loss_fn: Any = None,
 ) -> None:
-    """AdamW + cosine decay on cross-entropy, random shifts as augmentation (``inputs`` float NCHW)."""
+    """AdamW + cosine decay on ``loss_fn(model, inputs, labels)`` (default: cross-entropy of
+    ``model(inputs)``), random shifts as augmentation (``inputs`` float NCHW)."""
+    loss_fn = loss_fn or (lambda m, x, y: F.cross_entropy(m(x), y))
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     model.train()
     for step in range(steps):
         idx = torch.randint(0, len(inputs), (batch_size,), generator=gen)
-        loss = F.cross_entropy(model(_shift(inputs[idx], gen)), labels[idx])
+        loss = loss_fn(model, _shift(inputs[idx], gen), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -220,49 +251,122 @@ def _accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> f
 # ----------------------------------------------------------------------------------------------
 
 
+ENCODER_OBJECTIVES = ("classify", "segment")
+"""How :func:`train_vit_encoder` trains the toy encoder: ``classify`` (the class from the mean of the
+patch tokens) or ``segment`` (every patch token predicts the class of the shape it covers, or
+"background"), which gives patch tokens a spatial structure (docs/convergence.md)."""
+
+
+def _patch_targets(masks: torch.Tensor, labels: torch.Tensor, grid: int, num_classes: int) -> torch.Tensor:
+    """(B, grid*grid) segmentation targets: the image's class where a patch is >= half covered by the
+    shape, else ``num_classes`` (background)."""
+    cover = F.adaptive_avg_pool2d(masks, grid).flatten(1)  # (B, 1, H, W) -> (B, grid*grid)
+    return torch.where(cover >= 0.5, labels[:, None], torch.full_like(labels[:, None], num_classes))
+
+
 def train_vit_encoder(
     name: str,
     model_kwargs: Mapping[str, Any],
-    train: tuple[np.ndarray, np.ndarray],
-    val: tuple[np.ndarray, np.ndarray],
+    train: tuple[np.ndarray, ...],
+    val: tuple[np.ndarray, ...],
     out_url: str,
     *,
     steps: int = 400,
     batch_size: int = 128,
     lr: float = 2e-3,
     seed: int = 0,
+    objective: str = "classify",
 ) -> float:
-    """Train ``timm:<name>`` with ``model_kwargs`` to classify ``train``; save its state dict to ``out_url``.
+    """Train ``timm:<name>`` with ``model_kwargs`` on ``train``; save its state dict to ``out_url``.
 
-    The input is exactly what :class:`repa.encoders.FrozenEncoder` feeds it (the registry's
-    preprocessing for ``timm:`` entries), so the saved weights see the same distribution at
-    alignment time. Use ``global_pool='avg', class_token=False, fc_norm=False`` in ``model_kwargs``:
-    the classifier then reads the mean of the final-LayerNorm patch tokens, which makes each patch
-    token (REPA's target) carry the class signal. Returns the held-out accuracy.
+    ``train``/``val`` are ``(images, labels)`` for ``objective="classify"`` and ``(images, labels,
+    masks)`` (:func:`make_shapes_and_masks`) for ``"segment"``. The input is exactly what
+    :class:`repa.encoders.FrozenEncoder` feeds it (the registry's preprocessing for ``timm:`` entries),
+    so the saved weights see the same distribution at alignment time. Use ``global_pool='avg',
+    class_token=False, fc_norm=False`` in ``model_kwargs``: the classifier then reads the final-LayerNorm
+    patch tokens (their mean for ``classify``, each one for ``segment``). Returns the held-out accuracy
+    (per image for ``classify``, per patch for ``segment``).
     """
     import timm
 
     from repa.encoders import resolve_encoder_spec
     from repa.encoders.frozen import preprocess_raw_image
 
+    if objective not in ENCODER_OBJECTIVES:
+        raise ValueError(f"objective: expected one of {', '.join(ENCODER_OBJECTIVES)}, got {objective!r}")
+    if objective == "segment" and (len(train) < 3 or len(val) < 3):
+        raise ValueError("objective 'segment' needs (images, labels, masks) for train and val")
     spec = resolve_encoder_spec(f"timm:{name}")
     resolution = train[0].shape[1]
     size = spec.preprocessing.input_size(resolution, model_kwargs.get("img_size"))
+    num_classes = int(train[1].max()) + 1
     torch.manual_seed(seed)
     model = timm.create_model(
-        spec.timm_name, pretrained=False, num_classes=int(train[1].max()) + 1, **dict(model_kwargs)
+        spec.timm_name,
+        pretrained=False,
+        num_classes=num_classes + (objective == "segment"),
+        **dict(model_kwargs),
     )
 
-    def prep(images: np.ndarray) -> torch.Tensor:
-        return preprocess_raw_image(_to_nchw(images), spec.preprocessing, size)
+    def prep(split: tuple[np.ndarray, ...]) -> torch.Tensor:
+        x = preprocess_raw_image(_to_nchw(split[0]), spec.preprocessing, size)
+        if objective == "segment":  # the mask rides along as a 4th channel, so shifts move it too
+            masks = torch.as_tensor(split[2])[:, None]
+            x = torch.cat([x, F.interpolate(masks, size=x.shape[-2:], mode="area")], dim=1)
+        return x
 
-    x, y = prep(train[0]), torch.as_tensor(train[1])
-    _fit(model, x, y, steps, batch_size, lr, seed, f"encoder timm:{name}")
-    acc = _accuracy(model, prep(val[0]), torch.as_tensor(val[1]))
+    grid = size // int(model_kwargs.get("patch_size", 16))
+
+    def segment_logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return m.head(m.forward_features(x[:, :3]))  # (B, grid*grid, classes + 1)
+
+    def segment_loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        target = _patch_targets(x[:, 3:], y, grid, num_classes)
+        return F.cross_entropy(segment_logits(m, x).flatten(0, 1), target.flatten())
+
+    x, y = prep(train), torch.as_tensor(train[1])
+    loss_fn = segment_loss if objective == "segment" else None
+    _fit(model, x, y, steps, batch_size, lr, seed, f"encoder timm:{name} ({objective})", loss_fn)
+    xv, yv = prep(val), torch.as_tensor(val[1])
+    if objective == "segment":
+        with torch.no_grad():
+            pred = segment_logits(model.eval(), xv).argmax(-1)
+        acc = float((pred == _patch_targets(xv[:, 3:], yv, grid, num_classes)).float().mean())
+    else:
+        acc = _accuracy(model, xv, yv)
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
     _save(state, out_url)
-    logger.info("encoder timm:%s: held-out accuracy %.3f -> %s", name, acc, out_url)
+    logger.info("encoder timm:%s (%s): held-out accuracy %.3f -> %s", name, objective, acc, out_url)
     return acc
+
+
+@torch.no_grad()
+def encoder_token_stats(tokens: torch.Tensor, images: torch.Tensor, patch_size: int) -> dict[str, float]:
+    """What a REPA target holds, from an encoder's patch tokens ``(B, T, D)`` of uint8 ``images``.
+
+    Tokens are L2-normalised first (REPA's loss compares directions). Returns
+
+    - ``global_share``: the share of token variance that is the per-image mean token (constant over
+      the image, e.g. the class: with labels as conditioning the SiT can match it without looking);
+    - ``spatial_share``: ``1 - global_share``, how much the tokens differ within an image (the
+      "spatial structure" iREPA, arXiv 2512.10794, finds to drive REPA's gains);
+    - ``pixel_r2``: R^2 of a ridge-linear map from each token's own ``patch_size``-px pixel patch to
+      the token (1.0: the target is a local linear function of pixels SiT's patch embedding already
+      sees, as for a random ViT).
+    """
+    t = F.normalize(tokens.double(), dim=-1)
+    image_mean = t.mean(1, keepdim=True)
+    global_var = (image_mean - t.mean((0, 1))).pow(2).sum(-1).mean()
+    spatial_var = (t - image_mean).pow(2).sum(-1).mean()
+    pixels = F.unfold(images.double() / 127.5 - 1, patch_size, stride=patch_size).transpose(1, 2)
+    if pixels.shape[1] != t.shape[1]:
+        raise ValueError(f"{pixels.shape[1]} pixel patches of size {patch_size} vs {t.shape[1]} tokens")
+    x = torch.cat([pixels.flatten(0, 1), torch.ones(pixels.shape[0] * pixels.shape[1], 1).double()], 1)
+    y = t.flatten(0, 1)
+    w = torch.linalg.solve(x.T @ x + 1e-3 * torch.eye(x.shape[1]).double(), x.T @ y)
+    r2 = 1 - (y - x @ w).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
+    share = float(global_var / (global_var + spatial_var))
+    return {"global_share": share, "spatial_share": 1 - share, "pixel_r2": float(r2)}
 
 
 def _save(state: dict[str, torch.Tensor], url: str) -> None:
