@@ -4,25 +4,30 @@ One command, end to end through the product (docs/convergence.md):
 
     .venv/bin/python benchmarks/convergence.py --workdir /tmp/repa-convergence
 
-1. data: 10 classes of procedural shapes/textures at 16 px (``repa.toy.make_shapes``), written as an
-   ImageNet-style tree, then ``repa prepare`` (images -> shards, ``vae none`` -> pixel "latents");
+1. data: 10 classes of procedural shapes/textures at 16 px, white on black by default
+   (``repa.toy.make_shapes_and_masks``), written as an ImageNet-style tree (one folder when
+   ``--conditioning unconditional``, the default), then ``repa prepare`` (images -> shards,
+   ``vae none`` -> pixel "latents");
 2. a frozen encoder for alignment: a small timm ViT (16 px, patch 2 -> 64 patch tokens = SiT's 64)
-   trained to classify the shapes, saved as a state dict and loaded by ``repa train`` through the
-   normal registry (``timm:vit_tiny_patch16_224`` + ``encoder.weights_urls`` + ``model_kwargs``);
+   trained on the true labels (``--encoder-objective classify`` or ``segment``), saved as a state dict
+   and loaded by ``repa train`` through the normal registry (``timm:vit_tiny_patch16_224`` +
+   ``encoder.weights_urls`` + ``model_kwargs``); what its tokens hold is logged
+   (``repa.toy.encoder_token_stats``);
 3. an evaluation network that is not that encoder: a small CNN classifier; reference statistics of
    the training set (``repa.eval.evaluate.compute_dataset_reference_stats``) and ``FD_toy-shapes-cnn``;
-4. runs with the same tiny SiT, seeds, data order and steps: ``vanilla`` (``encoder.names=[]``),
-   ``repa`` (lambda 0.5, tap at block depth * 8/28), ``repa-random`` (same encoder, random weights)
-   and optionally ``repa-half`` (alignment only for the first half); each is ``repa train`` followed by
-   ``repa watch --once --feature-extractor repa.toy:classifier_extractor`` over its committed
-   checkpoints (EMA weights, Euler ODE, class-balanced labels, no guidance);
-5. a table, ``results.json`` and a plot of FD vs step; the speed-up is (vanilla's steps) / (first
-   evaluated step at which a run reaches vanilla's final FD).
+4. runs with the same tiny SiT, data order and steps, one per variant and ``--train-seeds`` seed:
+   ``vanilla`` (``encoder.names=[]``), ``repa`` (lambda 0.5, tap at block depth * 8/28),
+   ``repa-random`` (same encoder, random weights) and optionally ``repa-half`` (alignment only for the
+   first half); each is ``repa train`` followed by ``repa watch --once --feature-extractor
+   repa.toy:classifier_extractor`` over its committed checkpoints (EMA weights, Euler ODE, no guidance,
+   the same noises for every run);
+5. tables (mean +- std over seeds), ``results.json``, a plot of FD vs step and a grid of samples; the
+   speed-up is (last evaluated step) / (first evaluated step at which a variant's mean FD reaches
+   vanilla's final mean FD).
 
-Runs go ``--jobs`` at a time (default 3: all variants at once, so they share the CPU equally) as
-subprocesses with one thread each. Re-running with a larger ``--steps`` in the same ``--workdir``
-resumes every run from its last checkpoint (bit-identical to a straight run) and evaluates only the
-new checkpoints.
+Runs go ``--jobs`` at a time (default 2, one per core) as subprocesses with one thread each.
+Re-running with a larger ``--steps`` in the same ``--workdir`` resumes every run from its last
+checkpoint (bit-identical to a straight run) and evaluates only the new checkpoints.
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-samples", type=int, default=400, help="generated images per evaluation")
     p.add_argument("--sample-steps", type=int, default=20, help="Euler ODE steps per sample")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument("--hidden", type=int, default=64, help="SiT width")
     p.add_argument("--depth", type=int, default=6, help="SiT blocks")
@@ -78,11 +83,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--projector-dim", type=int, default=256)
     p.add_argument("--per-class", type=int, default=400, help="training images per class")
     p.add_argument("--resolution", type=int, default=16)
+    p.add_argument("--palette", default="mono", choices=toy.PALETTES, help="colours of the toy shapes")
     p.add_argument("--encoder-steps", type=int, default=500, help="ViT encoder training steps")
+    p.add_argument(
+        "--conditioning",
+        default="unconditional",
+        choices=("unconditional", "class"),
+        help="unconditional: the SiT gets no labels (one class); class: 10-class conditional",
+    )
+    p.add_argument(
+        "--encoder-objective",
+        default="classify",
+        choices=toy.ENCODER_OBJECTIVES,
+        help="how the encoder is trained",
+    )
     p.add_argument("--classifier-steps", type=int, default=400, help="CNN classifier training steps")
-    p.add_argument("--jobs", type=int, default=3, help="runs trained at once (one thread each)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at once (one thread each)")
+    p.add_argument("--seed", type=int, default=0, help="data, encoder, FD network and sampling noise")
+    p.add_argument(
+        "--train-seeds",
+        default="0,1,2",
+        help="comma-separated: one run per variant and seed (init and data order)",
+    )
     p.add_argument("--plot", default=str(ROOT / "docs" / "convergence.png"), help="PNG of FD vs step")
+    p.add_argument(
+        "--samples-plot",
+        default=str(ROOT / "docs" / "convergence-samples.png"),
+        help="PNG of samples of every variant (first train seed) at the 2nd, 3rd and last evaluation",
+    )
     return p.parse_args(argv)
 
 
@@ -116,9 +144,16 @@ def prepare_assets(args: argparse.Namespace, work: Path) -> dict:
     if info_path.exists():
         return json.loads(info_path.read_text())
     t0 = time.perf_counter()
-    train = toy.make_shapes(args.per_class, args.resolution, seed=args.seed)
-    val = toy.make_shapes(max(20, args.per_class // 5), args.resolution, seed=args.seed + 1000)
-    tree = toy.write_image_tree(work / "images", *train)
+    train = toy.make_shapes_and_masks(args.per_class, args.resolution, seed=args.seed, palette=args.palette)
+    val = toy.make_shapes_and_masks(
+        max(20, args.per_class // 5), args.resolution, seed=args.seed + 1000, palette=args.palette
+    )
+    # --unconditional: one class folder, so the SiT gets no label (the encoder and the FD network
+    # still learn from the true labels)
+    if args.conditioning == "unconditional":
+        tree = toy.write_image_tree(work / "images", train[0], np.zeros_like(train[1]), ["shapes"])
+    else:
+        tree = toy.write_image_tree(work / "images", *train[:2])
     data_url = f"file://{work}/shards"
     prepare_images(str(tree), data_url, resolution=args.resolution, samples_per_shard=500, seed=args.seed)
     prepare_latents(data_url, vae="none", batch_size=256)
@@ -133,13 +168,16 @@ def prepare_assets(args: argparse.Namespace, work: Path) -> dict:
         val,
         enc_url,
         steps=args.encoder_steps,
+        objective=args.encoder_objective,
         batch_size=64,
         seed=args.seed,
     )
     t_enc = time.perf_counter() - t0
     t0 = time.perf_counter()
     cls_url = str(work / "classifier-cnn.pt")
-    cls_acc = toy.train_classifier(train, val, cls_url, steps=args.classifier_steps, seed=args.seed + 1)
+    cls_acc = toy.train_classifier(
+        train[:2], val[:2], cls_url, steps=args.classifier_steps, seed=args.seed + 1
+    )
     ref_url = str(work / "reference-stats.npz")
     compute_dataset_reference_stats(data_url, ref_url, toy.load_classifier(cls_url), keep_features=0)
     t_cls = time.perf_counter() - t0
@@ -186,21 +224,26 @@ def variant_overrides(name: str, args: argparse.Namespace, assets: dict) -> list
     raise SystemExit(f"--variants: unknown variant {name!r} (vanilla, repa, repa-random, repa-half)")
 
 
-def write_config(name: str, args: argparse.Namespace, assets: dict, work: Path) -> Path:
+def run_name(variant: str, seed: int) -> str:
+    return f"{variant}-s{seed}"
+
+
+def write_config(variant: str, seed: int, args: argparse.Namespace, assets: dict, work: Path) -> Path:
+    name = run_name(variant, seed)
     common = [
         "model.name=SiT-S/2",
         f"model.hidden_size={args.hidden}",
         f"model.depth={args.depth}",
         "model.num_heads=4",
         "model.patch_size=2",
-        "model.num_classes=10",
+        f"model.num_classes={1 if args.conditioning == 'unconditional' else 10}",
         f"model.projector_dim={args.projector_dim}",
         f"data.url={assets['data_url']}",
         f"data.resolution={args.resolution}",
         "data.chunk_size=4",
         "data.shards_in_flight=4",
-        f"data.seed={args.seed}",
-        f"train.seed={args.seed}",
+        f"data.seed={seed}",
+        f"train.seed={seed}",
         f"train.global_batch_size={args.batch_size}",
         f"train.max_steps={args.steps}",
         f"train.lr={args.lr}",
@@ -222,7 +265,7 @@ def write_config(name: str, args: argparse.Namespace, assets: dict, work: Path) 
         f"eval.reference_stats_url={assets['reference_stats_url']}",
         f"storage.run_url=file://{work}/runs/{name}",
     ]
-    cfg = load_config("toy-cpu", [*common, *variant_overrides(name, args, assets)])
+    cfg = load_config("toy-cpu", [*common, *variant_overrides(variant, args, assets)])
     path = work / "configs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(cfg.to_yaml())
@@ -276,6 +319,24 @@ def run_variant(name: str, config: Path, work: Path, classifier_url: str) -> dic
 # ----------------------------------------------------------------------------------------------
 
 
+def encoder_targets(args: argparse.Namespace, assets: dict) -> dict:
+    """What the trained and the random encoder's patch tokens hold (``toy.encoder_token_stats``) on
+    500 held-out images: the share that is constant per image, and how linear in the own pixels."""
+    import torch
+
+    from repa.encoders.frozen import build_encoder
+
+    images = toy.make_shapes(50, args.resolution, seed=args.seed + 2000, palette=args.palette)[0]
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous()
+    out = {}
+    for name, url in (("trained", assets["encoder_url"]), ("random", None)):
+        torch.manual_seed(args.seed)
+        encoder = build_encoder(ENCODER, url, args.resolution, encoder_kwargs(args.resolution))
+        with torch.no_grad():
+            out[name] = toy.encoder_token_stats(encoder(x), x, encoder_kwargs(args.resolution)["patch_size"])
+    return out
+
+
 def collect(name: str, work: Path) -> dict:
     from repa.train.metrics import read_scalars
 
@@ -296,16 +357,27 @@ def steps_to_reach(curve: list[list[float]], target: float) -> int | None:
     return next((int(s) for s, v in curve if v <= target), None)
 
 
-def plot(results: dict, path: Path, title: str) -> None:
-    """Line plot of FD vs step with PIL (no matplotlib in the environment)."""
+def mean_curve(runs: list[dict], key: str = "fd") -> list[list[float]]:
+    """Mean over seeds of ``key`` at the steps every seed has, and the standard deviation."""
+    per_run = [dict((int(s), v) for s, v in r[key]) for r in runs]
+    steps = sorted(set.intersection(*(set(c) for c in per_run)))
+    out = []
+    for step in steps:
+        values = np.array([c[step] for c in per_run], dtype=np.float64)
+        out.append([step, float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0])
+    return out
+
+
+def plot(curves: dict, per_seed: dict, path: Path, title: str) -> None:
+    """FD vs step with PIL (no matplotlib in the environment): the mean over seeds thick, each seed thin."""
     w, h, left, right, top, bottom = 900, 560, 80, 180, 50, 60
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
-    curves = {k: v["fd"] for k, v in results.items()}
-    xs = [s for c in curves.values() for s, _ in c]
-    ys = [v for c in curves.values() for _, v in c]
+    every = [c for runs in per_seed.values() for c in runs]
+    xs = [s for c in every for s, _ in c]
+    ys = [v for c in every for _, v in c]
     x0, x1 = 0, max(xs)
-    y0, y1 = 0.0, max(ys) * 1.05
+    y0, y1 = min(ys) * 0.95, max(ys) * 1.02  # not from 0: the runs differ by a few per cent
 
     def px(s: float, v: float) -> tuple[float, float]:
         return (
@@ -330,7 +402,11 @@ def plot(results: dict, path: Path, title: str) -> None:
     d.text((left + 150, 20), title, fill="black")
     for i, (name, curve) in enumerate(curves.items()):
         colour = COLOURS.get(name, (120, 120, 120))
-        pts = [px(s, v) for s, v in curve]
+        faint = tuple(int(c + (255 - c) * 0.6) for c in colour)
+        if len(per_seed[name]) > 1:
+            for seed_curve in per_seed[name]:
+                d.line([px(s, v) for s, v in seed_curve], fill=faint, width=1)
+        pts = [px(s, v) for s, v, _ in curve]
         d.line(pts, fill=colour, width=3)
         for x, y in pts:
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
@@ -340,36 +416,112 @@ def plot(results: dict, path: Path, title: str) -> None:
     img.save(path)
 
 
-def report(results: dict, args: argparse.Namespace) -> dict:
-    """Markdown table + speed-ups (steps to vanilla's final FD)."""
-    summary: dict = {}
-    target = results["vanilla"]["fd"][-1][1] if "vanilla" in results else None
-    steps = sorted({int(s) for r in results.values() for s, _ in r["fd"]})
-    names = list(results)
-    lines = ["| step | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for s in steps:
-        row = [dict((int(a), b) for a, b in results[n]["fd"]).get(s) for n in names]
-        lines.append(f"| {s} | " + " | ".join("" if v is None else f"{v:.3f}" for v in row) + " |")
-    lines.append("")
-    lines.append("| run | final FD | best FD | final alignment | steps to vanilla's final FD | speed-up |")
+def sample_grid(
+    work: Path, variants: list[str], seed: int, steps: list[int], path: Path, n: int = 16
+) -> None:
+    """EMA samples of each variant's ``seed`` run at ``steps`` (rows), the same ``n`` noises everywhere:
+    Euler ODE 20 steps, through the product's checkpoint loader, sampler and (identity) VAE."""
+    import torch
+
+    from repa.eval.sample import CheckpointSource, build_decoder_vae, load_model
+    from repa.sampling import sample
+
+    rows = []
+    for variant in variants:
+        cfg = load_config(str(work / "configs" / f"{run_name(variant, seed)}.yaml"))
+        vae, _ = build_decoder_vae(cfg)
+        gen = torch.Generator().manual_seed(cfg.sample.seed)
+        res = cfg.data.resolution
+        noise = torch.randn(n, 3, res, res, generator=gen)
+        labels = torch.arange(n) % cfg.model.num_classes
+        for step in steps:
+            url = f"{cfg.storage.run_url}/checkpoints/step-{step:07d}"
+            model = load_model(cfg, CheckpointSource(url, "run", step), weights="ema").model
+            with torch.no_grad():
+                z = sample(model, noise, labels, "ode_euler", cfg.sample.num_steps).float()
+            images = vae.decode_to_uint8(z, cfg.vae.latents_scale, cfg.vae.latents_bias)
+            rows.append((f"{variant} @{step}", torch.cat(list(images), dim=2)))  # (3, H, n*W)
+    scale, label_w = 4, 150
+    h, w = rows[0][1].shape[1] * scale, rows[0][1].shape[2] * scale
+    img = Image.new("RGB", (label_w + w, len(rows) * (h + 4)), "white")
+    d = ImageDraw.Draw(img)
+    for i, (label, strip) in enumerate(rows):
+        tile = Image.fromarray(strip.permute(1, 2, 0).numpy()).resize((w, h), Image.NEAREST)
+        img.paste(tile, (label_w, i * (h + 4)))
+        d.text((6, i * (h + 4) + h // 2 - 6), label, fill="black")
+    img.save(path)
+
+
+def report(results: dict, variants: list[str], seeds: list[int]) -> dict:
+    """Markdown tables (mean +- std over seeds) and the speed-up: the first evaluated step at which a
+    variant's mean FD reaches vanilla's final mean FD, as a fraction of the run length."""
+    curves = {v: mean_curve([results[run_name(v, s)] for s in seeds]) for v in variants}
+    align = {v: mean_curve([results[run_name(v, s)] for s in seeds], "alignment") for v in variants}
+    target = curves["vanilla"][-1][1] if "vanilla" in curves else None
+    steps = sorted({s for c in curves.values() for s, _, _ in c})
+    sd = len(seeds) > 1
+    lines = [
+        f"FD_{toy.CLASSIFIER_NAME}, mean{' +- std' if sd else ''} over train seeds {seeds}:",
+        "",
+        "| step | " + " | ".join(variants) + " |",
+        "|---|" + "---|" * len(variants),
+    ]
+    for step in steps:
+        cells = []
+        for v in variants:
+            point = next((p for p in curves[v] if p[0] == step), None)
+            cells.append("" if point is None else f"{point[1]:.0f}" + (f" +- {point[2]:.0f}" if sd else ""))
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    lines += ["", "| run | final FD | best FD | final alignment | steps to vanilla's final FD | speed-up |"]
     lines.append("|---|---|---|---|---|---|")
-    for n in names:
-        fd = results[n]["fd"]
-        align = results[n]["alignment"][-1][1] if results[n]["alignment"] else None
-        reach = steps_to_reach(fd, target) if target is not None else None
-        speed = args.steps / reach if reach else None
-        summary[n] = {
+    summary: dict = {"curves": curves}
+    for v in variants:
+        fd = curves[v]
+        final_align = next((a for _, a, _ in reversed(align[v]) if a == a), None)  # skip NaN
+        reach = steps_to_reach([[s, m] for s, m, _ in fd], target) if target is not None else None
+        speed = fd[-1][0] / reach if reach else None
+        summary[v] = {
             "final_fd": fd[-1][1],
-            "best_fd": min(v for _, v in fd),
-            "final_alignment": align,
+            "final_fd_std": fd[-1][2],
+            "final_fd_per_seed": [results[run_name(v, s)]["fd"][-1][1] for s in seeds],
+            "best_fd": min(m for _, m, _ in fd),
+            "final_alignment": final_align,
             "steps_to_vanilla_final_fd": reach,
             "speedup": speed,
         }
         lines.append(
-            f"| {n} | {fd[-1][1]:.3f} | {min(v for _, v in fd):.3f} | "
-            f"{'' if align is None else f'{align:.3f}'} | {reach if reach else 'not reached'} | "
+            f"| {v} | {fd[-1][1]:.0f} | {summary[v]['best_fd']:.0f} | "
+            f"{'' if final_align is None else f'{final_align:.3f}'} | {reach if reach else 'not reached'} | "
             f"{'' if speed is None else f'{speed:.2f}x'} |"
         )
+    if "vanilla" in variants and len(seeds) > 1:
+        others = [v for v in variants if v != "vanilla"]
+        lines += [
+            "",
+            "Paired by seed (same train seed, data order and sampling noise): variant FD - vanilla FD, "
+            "mean +- standard error over seeds (negative = better than vanilla):",
+            "",
+            "| step | " + " | ".join(f"{v} - vanilla" for v in others) + " |",
+            "|---|" + "---|" * len(others),
+        ]
+        summary["paired_vs_vanilla"] = {}
+        for step in steps:
+            cells = []
+            for v in others:
+                diffs = []
+                for seed in seeds:
+                    mine = dict((int(a), b) for a, b in results[run_name(v, seed)]["fd"])
+                    base = dict((int(a), b) for a, b in results[run_name("vanilla", seed)]["fd"])
+                    if step in mine and step in base:
+                        diffs.append(mine[step] - base[step])
+                if len(diffs) < 2:
+                    cells.append("")
+                    continue
+                d = np.array(diffs)
+                se = float(d.std(ddof=1) / np.sqrt(len(d)))
+                summary["paired_vs_vanilla"].setdefault(v, []).append([step, float(d.mean()), se])
+                cells.append(f"{d.mean():+.0f} +- {se:.0f}")
+            lines.append(f"| {step} | " + " | ".join(cells) + " |")
     summary["table"] = "\n".join(lines)
     return summary
 
@@ -387,13 +539,25 @@ def main(argv: list[str] | None = None) -> int:
         assets["classifier_accuracy"],
         {k: round(v) for k, v in assets["seconds"].items()},
     )
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    configs = {n: write_config(n, args, assets, work) for n in names}
+    targets = encoder_targets(args, assets)
+    for name, stats in targets.items():
+        log.info(
+            "%s encoder tokens: %.0f%% per-image constant, R^2 %.2f from own pixels",
+            name,
+            100 * stats["global_share"],
+            stats["pixel_r2"],
+        )
+    variants = [n.strip() for n in args.variants.split(",") if n.strip()]
+    seeds = [int(s) for s in args.train_seeds.split(",") if s.strip()]
+    runs = [(v, s) for s in seeds for v in variants]  # seed-major: every variant's first seed first
+    configs = {run_name(v, s): write_config(v, s, args, assets, work) for v, s in runs}
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        futures = {n: pool.submit(run_variant, n, configs[n], work, assets["classifier_url"]) for n in names}
+        futures = {
+            n: pool.submit(run_variant, n, c, work, assets["classifier_url"]) for n, c in configs.items()
+        }
         seconds = {n: f.result() for n, f in futures.items()}
-    results = {n: collect(n, work) for n in names}
-    summary = report(results, args)
+    results = {n: collect(n, work) for n in configs}
+    summary = report(results, variants, seeds)
     total = time.perf_counter() - started
     cpu = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -403,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "args": vars(args),
         "assets": assets,
+        "encoder_targets": targets,
         "seconds": {"total": total, "runs": seconds},
         "results": results,
         "summary": {k: v for k, v in summary.items() if k != "table"},
@@ -411,14 +576,15 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     (work / "results.json").write_text(json.dumps(out, indent=2))
-    title = f"SiT h{args.hidden} d{args.depth}, {args.resolution}px, bs {args.batch_size}"
-    plot(results, Path(args.plot), title)
+    title = f"SiT h{args.hidden} d{args.depth}, {args.resolution}px {args.conditioning}, bs {args.batch_size}"
+    per_seed = {v: [results[run_name(v, s)]["fd"] for s in seeds] for v in variants}
+    plot(summary["curves"], per_seed, Path(args.plot), title)
+    evaluated = [int(s) for s, _, _ in summary["curves"][variants[0]]]
+    shown = sorted({evaluated[min(i, len(evaluated) - 1)] for i in (1, 2)} | {evaluated[-1]})  # early + end
+    sample_grid(work, variants, seeds[0], shown, Path(args.samples_plot))
     print(summary["table"])
-    print(f"\nwall time {total / 60:.1f} min; results {work / 'results.json'}; plot {args.plot}")
-    if "vanilla" in summary and "repa" in summary:
-        best = np.array([v for _, v in results["repa"]["fd"]])
-        print(f"repa reaches vanilla's final FD at step {summary['repa']['steps_to_vanilla_final_fd']} "
-              f"(min FD {best.min():.3f})")  # fmt: skip
+    print(f"\nwall time {total / 60:.1f} min; results {work / 'results.json'}")
+    print(f"plots {args.plot}, {args.samples_plot}")
     return 0
 
 
