@@ -31,7 +31,7 @@ test: venv tools lint
 demo: venv
 	$(VENV)/bin/repa demo $(DEMO_ARGS)
 
-# REPA vs vanilla vs random-encoder control at laptop scale (~30 min on 2 cores): docs/convergence.md.
+# REPA vs vanilla vs random-encoder control at laptop scale, 3 seeds (~37 min on 2 cores): docs/convergence.md.
 convergence: venv
 	$(PY) benchmarks/convergence.py --workdir /tmp/repa-convergence
 
