@@ -82,3 +82,26 @@ def s3_bucket(s3_server: str) -> str:
 def imagenet_tree(tmp_path: Path) -> ImageNetTree:
     """3 synsets x 4 images (varied sizes, grayscale, CMYK, a PNG named .JPEG) + 2 corrupt files."""
     return make_imagenet_tree(tmp_path)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the test (two shared cores: OpenMP threads spinning against other jobs
+    make tiny forwards ~30x slower); use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def feats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Puts the tiny extractor module (``tests.tiny_features.FEATS``) on sys.path; returns its folder
+    (for a subprocess's PYTHONPATH)."""
+    from tests.tiny_features import write_feature_module
+
+    folder = write_feature_module(tmp_path / "feats")
+    monkeypatch.syspath_prepend(str(folder))
+    return folder

@@ -12,72 +12,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from repa.config import RunConfig
 from repa.data import format as fmt
 from repa.eval import sample as S
 from repa.eval.refstats import compute_reference_stats, load_reference_stats, save_reference_stats
-from repa.models import build_model
-from repa.train import checkpoint as ckpt
 from repa.train.metrics import read_scalars
-from tests.tiny_features import FEATS, write_feature_module
+from tests.tiny_features import FEATS
+from tests.tiny_runs import commit_tiny_checkpoint as commit_checkpoint
+from tests.tiny_runs import tiny_run_config
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def feats(tmp_path, monkeypatch):
-    """Puts the tiny extractor module on sys.path; returns its folder (for subprocess PYTHONPATH)."""
-    folder = write_feature_module(tmp_path / "feats")
-    monkeypatch.syspath_prepend(str(folder))
-    return folder
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(run_url: str, reference_stats_url: str | None = None, **sample) -> dict:
-    return {
-        "model": {
-            "name": "SiT-S/2",
-            "hidden_size": 32,
-            "depth": 2,
-            "num_heads": 2,
-            "encoder_depth": 0,
-            "num_classes": 10,
-        },
-        "encoder": {"names": []},
-        "vae": {"name": "none", "latents_scale": 1.0},
-        "data": {"resolution": 16},
-        "sample": {"num_samples": 12, "num_steps": 4, "batch_size_per_device": 6, **sample},
-        "train": {"device": "cpu"},
-        "eval": {"reference_stats_url": reference_stats_url},
-        "storage": {"run_url": run_url},
-    }
+    return tiny_run_config(
+        run_url,
+        sample={"num_samples": 12, "num_steps": 4, "batch_size_per_device": 6, **sample},
+        eval={"reference_stats_url": reference_stats_url},
+    )
 
 
 def write_config(path: Path, tree: dict) -> str:
     path.write_text(yaml.safe_dump(tree))
     return str(path)
-
-
-def commit_checkpoint(cfg: RunConfig, step: int, seed: int = 0) -> None:
-    args = {**S.model_args_from_config(cfg), "z_dims": []}
-    name = args.pop("model")
-    torch.manual_seed(seed)
-    model = build_model(name, **args)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    sd = model.state_dict()
-    state = {"model": sd, "ema": sd, "config": cfg.to_dict()}
-    ckpt.save_checkpoint(cfg.storage.run_url, step, state, sd, {"model": name, **args})
 
 
 def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:

@@ -19,17 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from repa import storage
 from repa.config import RunConfig
 from repa.eval import sample as S
 from repa.eval.refstats import compute_reference_stats, save_reference_stats
-from repa.models import build_model
 from repa.train import checkpoint as ckpt
 from repa.train.metrics import read_scalars
-from tests.tiny_features import FEATS, write_feature_module
+from tests.tiny_features import FEATS
+from tests.tiny_runs import commit_tiny_checkpoint, tiny_run_config
 
 # NB: repa.eval.watch / repa.eval.evaluate are imported inside the tests: importing the module
 # `repa.eval.evaluate` rebinds the package attribute `repa.eval.evaluate` (metrics' function), which
@@ -38,19 +37,7 @@ from tests.tiny_features import FEATS, write_feature_module
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def feats(tmp_path, monkeypatch):
-    folder = write_feature_module(tmp_path / "feats")
-    monkeypatch.syspath_prepend(str(folder))
-    return folder
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -63,42 +50,21 @@ def reference(tmp_path, feats) -> str:
 
 
 def tiny_config(run_url: str, reference_stats_url: str, **sections) -> dict:
-    tree = {
-        "model": {
-            "name": "SiT-S/2",
-            "hidden_size": 32,
-            "depth": 2,
-            "num_heads": 2,
-            "encoder_depth": 0,
-            "num_classes": 10,
-        },
-        "encoder": {"names": []},
-        "vae": {"name": "none", "latents_scale": 1.0},
-        "data": {"resolution": 16},
-        "sample": {"num_samples": 8, "num_steps": 3, "batch_size_per_device": 8},
-        "train": {"device": "cpu", "max_steps": 1000},
-        "checkpoint": {"every_steps": 100, "keep_every_steps": 0},
-        "log": {"every_steps": 100},
-        "eval": {"reference_stats_url": reference_stats_url, "watch_poll_seconds": 1},
-        "storage": {"run_url": run_url},
-    }
+    tree = tiny_run_config(
+        run_url,
+        sample={"num_samples": 8, "num_steps": 3, "batch_size_per_device": 8},
+        train={"max_steps": 1000},
+        checkpoint={"every_steps": 100, "keep_every_steps": 0},
+        log={"every_steps": 100},
+        eval={"reference_stats_url": reference_stats_url, "watch_poll_seconds": 1},
+    )
     for name, values in sections.items():
         tree[name] = {**tree[name], **values}
     return tree
 
 
 def commit_checkpoint(cfg: RunConfig, step: int) -> None:
-    args = {**S.model_args_from_config(cfg), "z_dims": []}
-    name = args.pop("model")
-    torch.manual_seed(step)
-    model = build_model(name, **args)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    sd = model.state_dict()
-    state = {"model": sd, "ema": sd, "config": cfg.to_dict()}
-    ckpt.save_checkpoint(cfg.storage.run_url, step, state, sd, {"model": name, **args})
+    commit_tiny_checkpoint(cfg, step, seed=step)
 
 
 def setup_run(tmp_path: Path, run_url: str, reference: str, steps=(100, 200, 300), **sections):

@@ -23,39 +23,16 @@ import yaml
 
 from repa.config import RunConfig
 from repa.eval import sample as S
-from repa.models import build_model
-from repa.train import checkpoint as ckpt
+from tests.tiny_runs import NUM_CLASSES, commit_tiny_checkpoint, tiny_run_config
 
 REPO = Path(__file__).resolve().parents[2]
-NUM_CLASSES = 10
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two shared cores: OpenMP threads spinning against other jobs make tiny forwards 30x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(run_url: str, **sample) -> dict:
-    return {
-        "model": {
-            "name": "SiT-S/2",
-            "hidden_size": 32,
-            "depth": 2,
-            "num_heads": 2,
-            "encoder_depth": 0,
-            "num_classes": NUM_CLASSES,
-        },
-        "encoder": {"names": []},
-        "vae": {"name": "none", "latents_scale": 1.0},
-        "data": {"resolution": 16},
-        "sample": {"num_samples": 12, "num_steps": 4, "batch_size_per_device": 5, **sample},
-        "train": {"device": "cpu"},
-        "storage": {"run_url": run_url},
-    }
+    return tiny_run_config(
+        run_url, sample={"num_samples": 12, "num_steps": 4, "batch_size_per_device": 5, **sample}
+    )
 
 
 def write_run(root: Path, step: int = 100, weights_seed: int = 0, **sample) -> tuple[str, str, RunConfig]:
@@ -63,18 +40,7 @@ def write_run(root: Path, step: int = 100, weights_seed: int = 0, **sample) -> t
     (config file, run_url, config)."""
     run_url = str(root / "run")
     cfg = RunConfig.from_dict(tiny_config(run_url, **sample))
-    args = {**S.model_args_from_config(cfg), "z_dims": []}
-    name = args.pop("model")
-    torch.manual_seed(weights_seed)
-    model = build_model(name, **args)
-    with torch.no_grad():  # adaLN-Zero starts at v = 0; perturb so samples depend on the weights
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    sd = model.state_dict()
-    ckpt.save_checkpoint(
-        run_url, step, {"model": sd, "ema": sd, "config": cfg.to_dict()}, sd, {"model": name, **args}
-    )
+    commit_tiny_checkpoint(cfg, step, seed=weights_seed)
     (root / "run" / "config.yaml").write_text(cfg.to_yaml())
     cfg_path = root / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_config(run_url, **sample)))

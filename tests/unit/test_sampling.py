@@ -19,6 +19,7 @@ from repa.sampling import (
     sde_time_grid,
 )
 from tests.golden import meta, sit_model, tensor
+from tests.tiny_runs import perturb
 
 ATOL = 1e-5  # golden README: sample.ode_*, sample.sde_* (float32 model, float64 state)
 
@@ -84,11 +85,7 @@ def tiny_sit(num_classes: int = 10) -> SiT:
         projector_dim=16,
         num_classes=num_classes,
     )
-    with torch.no_grad():  # adaLN-Zero makes the output 0 at init; give it a non-trivial output
-        for p in m.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    return m.eval()
+    return perturb(m).eval()  # adaLN-Zero makes the output 0 at init; give it a non-trivial output
 
 
 # ------------------------------------------------------------------------------------------------
