@@ -148,8 +148,8 @@ def prepare_assets(args: argparse.Namespace, work: Path) -> dict:
     val = toy.make_shapes_and_masks(
         max(20, args.per_class // 5), args.resolution, seed=args.seed + 1000, palette=args.palette
     )
-    # --unconditional: one class folder, so the SiT gets no label (the encoder and the FD network
-    # still learn from the true labels)
+    # --conditioning unconditional: one class folder, so the SiT gets no label (the encoder and the
+    # FD network still learn from the true labels)
     if args.conditioning == "unconditional":
         tree = toy.write_image_tree(work / "images", train[0], np.zeros_like(train[1]), ["shapes"])
     else:
@@ -322,19 +322,12 @@ def run_variant(name: str, config: Path, work: Path, classifier_url: str) -> dic
 def encoder_targets(args: argparse.Namespace, assets: dict) -> dict:
     """What the trained and the random encoder's patch tokens hold (``toy.encoder_token_stats``) on
     500 held-out images: the share that is constant per image, and how linear in the own pixels."""
-    import torch
-
-    from repa.encoders.frozen import build_encoder
-
     images = toy.make_shapes(50, args.resolution, seed=args.seed + 2000, palette=args.palette)[0]
-    x = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous()
-    out = {}
-    for name, url in (("trained", assets["encoder_url"]), ("random", None)):
-        torch.manual_seed(args.seed)
-        encoder = build_encoder(ENCODER, url, args.resolution, encoder_kwargs(args.resolution))
-        with torch.no_grad():
-            out[name] = toy.encoder_token_stats(encoder(x), x, encoder_kwargs(args.resolution)["patch_size"])
-    return out
+    kwargs = encoder_kwargs(args.resolution)
+    return {
+        name: toy.measure_encoder_targets(ENCODER, url, kwargs, images, seed=args.seed)
+        for name, url in (("trained", assets["encoder_url"]), ("random", None))
+    }
 
 
 def collect(name: str, work: Path) -> dict:
@@ -504,20 +497,16 @@ def report(results: dict, variants: list[str], seeds: list[int]) -> dict:
             "| step | " + " | ".join(f"{v} - vanilla" for v in others) + " |",
             "|---|" + "---|" * len(others),
         ]
+        fd_at = {name: {int(step): fd for step, fd in r["fd"]} for name, r in results.items()}
         summary["paired_vs_vanilla"] = {}
         for step in steps:
             cells = []
             for v in others:
-                diffs = []
-                for seed in seeds:
-                    mine = dict((int(a), b) for a, b in results[run_name(v, seed)]["fd"])
-                    base = dict((int(a), b) for a, b in results[run_name("vanilla", seed)]["fd"])
-                    if step in mine and step in base:
-                        diffs.append(mine[step] - base[step])
-                if len(diffs) < 2:
+                pairs = [(fd_at[run_name(v, s)], fd_at[run_name("vanilla", s)]) for s in seeds]
+                d = np.array([a[step] - b[step] for a, b in pairs if step in a and step in b])
+                if len(d) < 2:
                     cells.append("")
                     continue
-                d = np.array(diffs)
                 se = float(d.std(ddof=1) / np.sqrt(len(d)))
                 summary["paired_vs_vanilla"].setdefault(v, []).append([step, float(d.mean()), se])
                 cells.append(f"{d.mean():+.0f} +- {se:.0f}")

@@ -25,7 +25,7 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ __all__ = [
     "load_classifier",
     "make_shapes",
     "make_shapes_and_masks",
+    "measure_encoder_targets",
     "train_classifier",
     "train_vit_encoder",
     "write_image_tree",
@@ -106,7 +107,7 @@ def _draw_mask(label: int, size: int, rng: np.random.Generator) -> Image.Image:
     s = size * _SUPERSAMPLE
     img = Image.new("L", (s, s), 0)
     d = ImageDraw.Draw(img)
-    fg = 255
+    fg = 255  # the shape's value in the mask: the fill of every primitive below
     cx, cy = (s / 2 + rng.uniform(-0.12, 0.12) * s for _ in range(2))
     r = rng.uniform(0.22, 0.34) * s
     angle = rng.uniform(0, 2 * math.pi)
@@ -218,7 +219,7 @@ def _fit(
     lr: float,
     seed: int,
     what: str,
-    loss_fn: Any = None,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """AdamW + cosine decay on ``loss_fn(model, inputs, labels)`` (default: cross-entropy of
     ``model(inputs)``), random shifts as augmentation (``inputs`` float NCHW)."""
@@ -315,7 +316,7 @@ def train_vit_encoder(
             x = torch.cat([x, F.interpolate(masks, size=x.shape[-2:], mode="area")], dim=1)
         return x
 
-    grid = size // int(model_kwargs.get("patch_size", 16))
+    grid = int(model.patch_embed.grid_size[0])  # patch tokens per side
 
     def segment_logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return m.head(m.forward_features(x[:, :3]))  # (B, grid*grid, classes + 1)
@@ -367,6 +368,24 @@ def encoder_token_stats(tokens: torch.Tensor, images: torch.Tensor, patch_size: 
     r2 = 1 - (y - x @ w).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
     share = float(global_var / (global_var + spatial_var))
     return {"global_share": share, "spatial_share": 1 - share, "pixel_r2": float(r2)}
+
+
+@torch.no_grad()
+def measure_encoder_targets(
+    name: str,
+    weights_url: str | None,
+    model_kwargs: Mapping[str, Any],
+    images: np.ndarray,
+    seed: int = 0,
+) -> dict[str, float]:
+    """:func:`encoder_token_stats` of encoder ``name`` (built through the registry like ``repa train``
+    does; ``weights_url`` None = random weights from torch seed ``seed``) on uint8 ``images`` (N, H, W, 3)."""
+    from repa.encoders.frozen import build_encoder
+
+    torch.manual_seed(seed)
+    encoder = build_encoder(name, weights_url, images.shape[1], model_kwargs)
+    x = _to_nchw(images)
+    return encoder_token_stats(encoder(x), x, int(encoder.model.patch_embed.patch_size[0]))
 
 
 def _save(state: dict[str, torch.Tensor], url: str) -> None:
