@@ -331,7 +331,7 @@ def encoder_targets(args: argparse.Namespace, assets: dict) -> dict:
 
 
 def collect(name: str, work: Path) -> dict:
-    from repa.train.metrics import read_scalars
+    from repa.tensorboard import read_scalars
 
     run = f"file://{work}/runs/{name}"
     evals = read_scalars(f"{run}/tensorboard/eval")

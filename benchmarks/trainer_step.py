@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from repa.config import load_config
 from repa.flops import mfu
-from repa.train.distributed import DistInfo, resolve_device
+from repa.runtime import DistInfo, resolve_device
 from repa.train.trainer import Trainer
 
 

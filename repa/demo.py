@@ -569,7 +569,7 @@ def _reference_stats(cfg: Any, out_url: str, max_images: int, progress: bool) ->
 
     from repa.eval.evaluate import build_extractor, iter_dataset_images
     from repa.eval.refstats import compute_reference_stats, save_reference_stats
-    from repa.train.distributed import resolve_device
+    from repa.runtime import resolve_device
 
     extractor = build_extractor(cfg, None, resolve_device(cfg.train.device))
     bar = tqdm(total=max_images, unit="img", desc="reference", disable=not progress, file=sys.stderr)
@@ -619,9 +619,9 @@ def run_demo(opts: DemoOptions) -> DemoResult:
 
 
 def _run_demo(opts: DemoOptions, threads: int) -> DemoResult:
+    from repa import checkpoint as ckpt
     from repa.config import load_config
     from repa.eval.sample import SampleSet
-    from repa.train import checkpoint as ckpt
 
     out = Path(opts.out).resolve()
     stages = _Stages(7)

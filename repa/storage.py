@@ -1,23 +1,29 @@
-"""The one module that touches fsspec: URLs, atomic writes, listing.
+"""The one module that touches fsspec: URLs, locations, atomic writes, listing, local copies.
 
 Every storage location in repa is a URL (``s3://``, ``gs://``, ``memory://``, ``file://``) or a
 plain local path. Credentials and endpoints come from the environment (``AWS_ENDPOINT_URL_S3``,
-``AWS_ACCESS_KEY_ID``, ``GOOGLE_APPLICATION_CREDENTIALS`` ...) or from ``storage_options``, never
-from code.
+``AWS_ACCESS_KEY_ID``, ``GOOGLE_APPLICATION_CREDENTIALS`` ...) or from fsspec options, never
+from code. A :class:`Location` binds a URL to its fsspec options once, so the options travel
+with the URL to whatever reads it (weights, data, checkpoints) instead of being passed alongside.
+
+This module alone decides whether a URL is local (:func:`is_local`, :func:`local_path`) and where
+remote files are cached for libraries that only read paths (:func:`cache_dir`, :func:`local_copy`).
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import random
 import re
+import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
 import fsspec
@@ -33,14 +39,19 @@ _TEMP_RE = re.compile(r"^\.tmp-[0-9a-f]{32}-(.+)$")
 
 __all__ = [
     "Entry",
+    "Location",
     "StorageError",
+    "cache_dir",
     "cleanup_temps",
     "exists",
     "filesystem",
+    "is_local",
     "is_transient",
     "join",
     "list_entries",
     "listdir",
+    "local_copy",
+    "local_path",
     "open_url",
     "read_bytes",
     "remove",
@@ -54,7 +65,33 @@ class StorageError(RuntimeError):
     """A storage operation failed; the message names the URL."""
 
 
-def _fs_options(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Location:
+    """A URL (or local path) together with the fsspec options needed to reach it.
+
+    Every function here takes a ``Location`` wherever it takes a URL; its options then win over a
+    ``storage_options`` argument. ``Location(url)`` has no options (environment credentials only).
+    """
+
+    url: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def join(self, *parts: str) -> Location:
+        """The location of ``parts`` below this one, with the same options."""
+        return Location(join(self.url, *parts), self.options)
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def _split(where: str | Location, storage_options: Mapping[str, Any] | None) -> tuple[str, dict | None]:
+    """``(url, options)`` of a URL or Location; a Location carries its own options."""
+    if isinstance(where, Location):
+        return where.url, dict(where.options) or None
+    return str(where), (dict(storage_options) if storage_options else None)
+
+
+def _fs_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
     options = dict(storage_options or {})
     # gcsfs's first bucket access hangs ~60 s probing hierarchical namespaces unless told not to.
     if url.startswith(("gs://", "gcs://")):
@@ -63,10 +100,60 @@ def _fs_options(url: str, storage_options: dict[str, Any] | None) -> dict[str, A
 
 
 def filesystem(
-    url: str, storage_options: dict[str, Any] | None = None
+    url: str | Location, storage_options: dict[str, Any] | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Return ``(filesystem, path within it)`` for a URL or local path."""
+    """Return ``(filesystem, path within it)`` for a URL, local path or Location."""
+    url, storage_options = _split(url, storage_options)
     return url_to_fs(url, **_fs_options(url, storage_options))
+
+
+def is_local(url: str | Location) -> bool:
+    """True for a plain path or ``file://`` URL (the one place that decides "is this URL local")."""
+    text = url.url if isinstance(url, Location) else str(url)
+    return "://" not in text or text.startswith(("file://", "local://"))
+
+
+def local_path(url: str | Location) -> str | None:
+    """The filesystem path of a local URL (``file:///a/b`` -> ``/a/b``), or None for a remote one."""
+    if not is_local(url):
+        return None
+    text = url.url if isinstance(url, Location) else str(url)
+    for prefix in ("file://", "local://"):
+        if text.startswith(prefix):
+            return text[len(prefix) :]
+    return os.path.expanduser(text)
+
+
+def cache_dir() -> str:
+    """The one cache root for local copies of remote files: ``$REPA_CACHE_DIR``, else
+    ``$TMPDIR/repa-cache`` (writable in a container whose root filesystem is read-only when /tmp is
+    an emptyDir, as in the chart)."""
+    return os.environ.get("REPA_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "repa-cache")
+
+
+def local_copy(
+    url: str | Location, storage_options: dict[str, Any] | None = None, *, kind: str = "files"
+) -> str:
+    """A local path holding the file at ``url``: a local path as is, a remote object copied once.
+
+    For libraries that only read paths (torch-fidelity, diffusers, ``np.load``). Copies live under
+    ``cache_dir()/kind/<hash of the URL>-<name>``; a copy whose size differs from the remote object
+    is refreshed, and the copy is written atomically, so concurrent pods never read half a file.
+    """
+    text, options = _split(url, storage_options)
+    path = local_path(text)
+    if path is not None:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{text}: not found")
+        return path
+    remote_size = size(text, options)
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    name = text.rstrip("/").rsplit("/", 1)[-1] or "file"
+    local = os.path.join(cache_dir(), kind, f"{key}-{name}")
+    if not (os.path.exists(local) and os.path.getsize(local) == remote_size):
+        logger.info("copying %s to %s", text, local)
+        write_bytes_atomic(local, read_bytes(text, options))
+    return local
 
 
 def join(base: str, *parts: str) -> str:
@@ -77,13 +164,15 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+def exists(url: str | Location, storage_options: dict[str, Any] | None = None) -> bool:
+    url, storage_options = _split(url, storage_options)
     fs, path = filesystem(url, storage_options)
     return retry(lambda: fs.exists(path), what=url)
 
 
-def size(url: str, storage_options: dict[str, Any] | None = None) -> int:
+def size(url: str | Location, storage_options: dict[str, Any] | None = None) -> int:
     """Size in bytes of the file/object at ``url`` (FileNotFoundError naming the URL if absent)."""
+    url, storage_options = _split(url, storage_options)
     fs, path = filesystem(url, storage_options)
     try:
         return int(retry(lambda: fs.size(path), what=url))
@@ -91,8 +180,9 @@ def size(url: str, storage_options: dict[str, Any] | None = None) -> int:
         raise FileNotFoundError(f"{url}: not found") from e
 
 
-def listdir(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+def listdir(url: str | Location, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Names (not full paths) directly under ``url``, sorted; empty if it does not exist."""
+    url, storage_options = _split(url, storage_options)
     return [entry.name for entry in list_entries(url, storage_options)]
 
 
@@ -105,12 +195,13 @@ class Entry:
     size: int | None  # bytes for files; None (or 0) for folders
 
 
-def list_entries(url: str, storage_options: dict[str, Any] | None = None) -> list[Entry]:
+def list_entries(url: str | Location, storage_options: dict[str, Any] | None = None) -> list[Entry]:
     """Items directly under ``url`` with their kind and size, sorted by name; empty if absent.
 
     One listing call (object stores: one LIST per 1000 keys), so callers can check many files'
     existence and size without a request each.
     """
+    url, storage_options = _split(url, storage_options)
     fs, path = filesystem(url, storage_options)
 
     def ls() -> list[dict[str, Any]]:
@@ -133,13 +224,16 @@ def list_entries(url: str, storage_options: dict[str, Any] | None = None) -> lis
     return [entries[k] for k in sorted(entries)]
 
 
-def cleanup_temps(url: str, names: Iterable[str], storage_options: dict[str, Any] | None = None) -> int:
+def cleanup_temps(
+    url: str | Location, names: Iterable[str], storage_options: dict[str, Any] | None = None
+) -> int:
     """Remove leftovers of interrupted ``write_bytes_atomic`` calls for ``names`` in folder ``url``.
 
     Only temporaries of the given target names are touched, so a worker never deletes a file that
     another worker is writing right now. Object stores have no temporaries (a PUT is atomic).
     Returns how many were removed.
     """
+    url, storage_options = _split(url, storage_options)
     fs, _ = filesystem(url, storage_options)
     if not _is_local(fs):
         return 0
@@ -161,8 +255,11 @@ def _supports_refresh(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 @contextmanager
-def open_url(url: str, mode: str = "rb", storage_options: dict[str, Any] | None = None) -> Iterator[IO]:
+def open_url(
+    url: str | Location, mode: str = "rb", storage_options: dict[str, Any] | None = None
+) -> Iterator[IO]:
     """Open a URL for reading or (non-atomic) writing; parent folders are created for local files."""
+    url, storage_options = _split(url, storage_options)
     fs, path = filesystem(url, storage_options)
     if "w" in mode and _is_local(fs):
         fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -174,8 +271,9 @@ def open_url(url: str, mode: str = "rb", storage_options: dict[str, Any] | None 
         yield f
 
 
-def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+def read_bytes(url: str | Location, storage_options: dict[str, Any] | None = None) -> bytes:
     """The whole file/object; transient errors are retried (see ``retry``)."""
+    url, storage_options = _split(url, storage_options)
 
     def read() -> bytes:
         with open_url(url, "rb", storage_options) as f:
@@ -184,13 +282,16 @@ def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes
     return retry(read, what=url)
 
 
-def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+def write_bytes_atomic(
+    url: str | Location, data: bytes, storage_options: dict[str, Any] | None = None
+) -> None:
     """Write ``data`` so that readers see either nothing or the whole object.
 
     Local files: write a temporary sibling, fsync, then ``os.replace`` (atomic on POSIX).
     Object stores (S3, GCS): a single PUT is already atomic, an object is visible only once
     complete, so we upload directly.
     """
+    url, storage_options = _split(url, storage_options)
     fs, path = filesystem(url, storage_options)
     if _is_local(fs):
         directory = os.path.dirname(path) or "."
@@ -210,7 +311,10 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | 
         retry(lambda: fs.pipe_file(path, data), what=url)
 
 
-def remove(url: str, recursive: bool = False, storage_options: dict[str, Any] | None = None) -> None:
+def remove(
+    url: str | Location, recursive: bool = False, storage_options: dict[str, Any] | None = None
+) -> None:
+    url, storage_options = _split(url, storage_options)
     fs, path = filesystem(url, storage_options)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from repa import checkpoint as ckpt
 from repa.config import RunConfig
 from repa.eval import sample as S
 from repa.models import build_model
-from repa.train import checkpoint as ckpt
 
 NUM_CLASSES = 10
 

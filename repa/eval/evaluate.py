@@ -40,11 +40,11 @@ from typing import Any
 import torch
 
 import repa
+from repa import checkpoint as ckpt
 from repa import storage
 from repa.config import VAE_DOWNSAMPLE, ConfigError, RunConfig
 from repa.eval import sample as S
-from repa.train import checkpoint as ckpt
-from repa.train.distributed import DistInfo, broadcast_object
+from repa.runtime import DistInfo, broadcast_object
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def _code_version() -> dict[str, Any]:
 
 def write_tensorboard(run_url: str, step: int, scalars: dict[str, float | None], storage_options: Any) -> str:
     """One event file in ``{run_url}/tensorboard/eval`` holding ``scalars`` at ``step``, flushed once."""
-    from repa.train.metrics import TensorBoardLogger
+    from repa.tensorboard import TensorBoardLogger
 
     log_url = storage.join(run_url, "tensorboard", EVAL_LOG_SUBDIR)
     tb = TensorBoardLogger(log_url, storage_options=storage_options)
@@ -532,7 +532,7 @@ def _run_ref_stats(args: argparse.Namespace) -> int:
     data_url = args.data_url or cfg.data.url
     if not data_url:
         raise ConfigError("data.url", "required by `repa eval ref-stats` (or pass --data-url)")
-    from repa.train.distributed import resolve_device
+    from repa.runtime import resolve_device
 
     device = resolve_device(cfg.train.device)
     extractor = build_extractor(cfg, args.feature_extractor, device)
@@ -551,8 +551,8 @@ def _run_ref_stats(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from repa import runtime as D
     from repa.eval.metrics import MetricsError
-    from repa.train import distributed as D
     from repa.weights import WeightsError
 
     user_errors = (S.SamplingError, EvalError, MetricsError, WeightsError, FileNotFoundError)

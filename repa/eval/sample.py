@@ -54,10 +54,10 @@ import torch
 from torch import nn
 
 import repa
+from repa import checkpoint as ckpt
 from repa import storage
 from repa.config import VAE_DOWNSAMPLE, ConfigError, RunConfig, load_config
-from repa.train import checkpoint as ckpt
-from repa.train.distributed import DistInfo, broadcast_object
+from repa.runtime import DistInfo, broadcast_object
 
 log = logging.getLogger(__name__)
 
@@ -1074,7 +1074,7 @@ def cli_error(verb: str, e: BaseException) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from repa.train import distributed as D
+    from repa import runtime as D
 
     extra = [f"sample.output_url={json.dumps(args.output)}"] if args.output else []
     cfg, explicit = resolve_config(args, extra)

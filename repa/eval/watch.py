@@ -37,11 +37,11 @@ from typing import Any
 import torch
 
 import repa.eval.evaluate as E  # (`from repa.eval import evaluate` is metrics.evaluate, a function)
+from repa import checkpoint as ckpt
 from repa import storage
 from repa.config import ConfigError, RunConfig
 from repa.eval import sample as S
-from repa.train import checkpoint as ckpt
-from repa.train.distributed import DistInfo, resolve_device
+from repa.runtime import DistInfo, resolve_device
 
 log = logging.getLogger(__name__)
 

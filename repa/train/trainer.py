@@ -37,13 +37,14 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from repa import checkpoint as ckpt
+from repa import runtime as D
 from repa import storage
 from repa.config import ConfigError, RunConfig, TrainConfig, config_from_args
 from repa.data.format import Manifest
-from repa.train import checkpoint as ckpt
-from repa.train import distributed as D
+from repa.tensorboard import TensorBoardLogger
 from repa.train.ema import make_ema, update_ema
-from repa.train.metrics import TensorBoardLogger, Throughput, gpu_memory_gib
+from repa.train.throughput import Throughput, gpu_memory_gib
 
 log = logging.getLogger(__name__)
 

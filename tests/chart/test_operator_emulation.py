@@ -41,9 +41,9 @@ import torch
 import yaml
 from chart_helpers import NAMESPACE, load_yaml_docs, one, profile_file, run, template_cmd
 
+from repa import checkpoint as ckpt
 from repa import storage
 from repa.config import load_config
-from repa.train import checkpoint as ckpt
 
 PROFILE = "emulation"
 CONFIG_PATH = "/etc/repa/config.yaml"  # the chart's mount of the run config (repa.configPath)

@@ -24,7 +24,7 @@ import torch
 from repa import toy
 from repa.cli import main as repa_main
 from repa.data.prepare import prepare_images, prepare_latents
-from repa.train.metrics import read_scalars
+from repa.tensorboard import read_scalars
 
 STEPS = 150
 ENCODER = "vit_tiny_patch16_224"

@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
+from repa import checkpoint as ckpt
 from repa.config import load_config
 from repa.demo import RANDOM_INCEPTION_NAME, DemoOptions, demo_overrides
 from repa.demo import main as demo_main
-from repa.train import checkpoint as ckpt
-from repa.train.metrics import read_scalars
+from repa.tensorboard import read_scalars
 
 CLASSES, PER_CLASS, GRID_ROWS, RESOLUTION = 4, 8, 2, 32
 TINY = [

@@ -18,7 +18,7 @@ from repa.config import RunConfig
 from repa.data import format as fmt
 from repa.eval import sample as S
 from repa.eval.refstats import compute_reference_stats, load_reference_stats, save_reference_stats
-from repa.train.metrics import read_scalars
+from repa.tensorboard import read_scalars
 from tests.tiny_features import FEATS
 from tests.tiny_runs import commit_tiny_checkpoint as commit_checkpoint
 from tests.tiny_runs import tiny_run_config

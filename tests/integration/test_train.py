@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from repa import checkpoint as ckpt
 from repa import storage
 from repa.cli import main as repa_main
 from repa.data.prepare import prepare_images, prepare_latents
-from repa.train import checkpoint as ckpt
-from repa.train.metrics import read_scalars
+from repa.tensorboard import read_scalars
 from tests.datasets import make_imagenet_tree
 
 ROOT = Path(__file__).resolve().parents[2]

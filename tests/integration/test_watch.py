@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import yaml
 
+from repa import checkpoint as ckpt
 from repa import storage
 from repa.config import RunConfig
 from repa.eval import sample as S
 from repa.eval.refstats import compute_reference_stats, save_reference_stats
-from repa.train import checkpoint as ckpt
-from repa.train.metrics import read_scalars
+from repa.tensorboard import read_scalars
 from tests.tiny_features import FEATS
 from tests.tiny_runs import commit_tiny_checkpoint, tiny_run_config
 

@@ -7,8 +7,8 @@ import uuid
 import pytest
 import torch
 
+from repa import checkpoint as ckpt
 from repa import storage
-from repa.train import checkpoint as ckpt
 
 
 @pytest.fixture(params=["file", "memory"])

@@ -1,4 +1,4 @@
-"""TensorBoard logging to a local folder or any fsspec URL, plus throughput bookkeeping.
+"""TensorBoard event files on a local folder or any fsspec URL: the writer and a scalar reader.
 
 Event files are written locally by ``torch.utils.tensorboard.SummaryWriter``; for remote URLs
 (s3://, gs://) the local folder is uploaded whole every ``flush_every_steps`` and at close. Object
@@ -13,9 +13,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
-from collections import defaultdict
-from typing import Any
 
 import torch
 
@@ -106,32 +103,3 @@ def read_scalars(log_url: str, storage_options: dict | None = None) -> dict[str,
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-class Throughput:
-    """Images/s over the last logging window, and running means of step metrics."""
-
-    def __init__(self) -> None:
-        self._start = time.perf_counter()
-        self._images = 0
-        self._sums: dict[str, float] = defaultdict(float)
-        self._count = 0
-
-    def update(self, images: int, metrics: dict[str, float]) -> None:
-        self._images += images
-        self._count += 1
-        for key, value in metrics.items():
-            self._sums[key] += value
-
-    def summary(self) -> dict[str, Any]:
-        elapsed = max(time.perf_counter() - self._start, 1e-9)
-        means = {key: value / max(self._count, 1) for key, value in self._sums.items()}
-        means["images_per_second"] = self._images / elapsed
-        self.__init__()
-        return means
-
-
-def gpu_memory_gib(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    return torch.cuda.max_memory_allocated(device) / 2**30
