@@ -1,25 +1,22 @@
 """`repa <verb>`: parse arguments, load the config, call one function. No logic lives here.
 
 Each verb is a module with ``add_arguments(parser)`` and ``run(args) -> int`` (``COMMANDS``). Only the
-chosen verb's module is imported, so ``repa --help`` and ``repa config`` stay fast and a verb whose
-module is not installed is simply not offered. A :class:`repa.config.ConfigError` becomes a one-line
-message on stderr and exit code 2, never a traceback.
+chosen verb's module is imported, so ``repa --help`` and ``repa config`` stay fast. A
+:class:`repa.config.ConfigError` becomes a one-line message on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.machinery
-import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
 
 import repa
-from repa.config import ConfigError, add_config_arguments, config_from_args
+from repa.config import ConfigError
 
-__all__ = ["COMMANDS", "Command", "add_config_arguments", "available_commands", "config_from_args", "main"]
+__all__ = ["COMMANDS", "Command", "main"]
 
 
 class Command:
@@ -42,36 +39,12 @@ COMMANDS: dict[str, Command] = {
     "sample": Command("repa.eval.sample", "generate images from a checkpoint for FID (chunked, resumable)"),
     "eval": Command("repa.eval.evaluate", "FID / IS / precision-recall of samples vs reference statistics"),
     "watch": Command("repa.eval.watch", "evaluate every new committed checkpoint of a run once"),
-    "config": Command("repa.config", "show, validate, document or export the schema of a run config"),
+    "config": Command("repa.config_export", "show, validate, document or export the schema of a run config"),
     "demo": Command(
         "repa.demo",
         "the whole pipeline on this machine in minutes, offline: data, prepare, train, FID, sample grid",
     ),
 }
-
-
-def _module_exists(path: str) -> bool:
-    """True if module ``path`` exists, found without executing any package ``__init__`` on the way.
-
-    ``importlib.util.find_spec("repa.eval.sample")`` would import ``repa.eval`` (which imports torch),
-    making ``repa --help`` slow; walking the packages' search paths with the same finder avoids that.
-    Only existence is decided here: the chosen verb's module is then imported normally, so a real
-    ImportError inside it still surfaces.
-    """
-    top, *rest = path.split(".")
-    spec = importlib.util.find_spec(top)
-    name = top
-    for part in rest:
-        if spec is None or spec.submodule_search_locations is None:
-            return False
-        name = f"{name}.{part}"
-        spec = importlib.machinery.PathFinder.find_spec(name, list(spec.submodule_search_locations))
-    return spec is not None
-
-
-def available_commands() -> dict[str, Command]:
-    """The verbs whose modules exist in this installation (their import errors still surface)."""
-    return {verb: cmd for verb, cmd in COMMANDS.items() if _module_exists(cmd.module)}
 
 
 def _chosen_verb(argv: Sequence[str], verbs: Sequence[str]) -> str | None:
@@ -90,7 +63,7 @@ def _chosen_verb(argv: Sequence[str], verbs: Sequence[str]) -> str | None:
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The top-level parser; only the verb named in ``argv`` gets its module imported and arguments."""
-    commands = available_commands()
+    commands = COMMANDS
     parser = argparse.ArgumentParser(
         prog="repa",
         description="REPA diffusion transformers: data preparation, training, sampling and evaluation.",

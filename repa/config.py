@@ -1,12 +1,12 @@
 """The run config: one typed dataclass tree, from YAML and ``--set`` overrides to every component.
 
-Flow (STYLE.md §6): ``YAML (preset or file) -> --set a.b=c -> RunConfig (validated) -> Trainer /
+Flow: ``YAML (preset or file) -> --set a.b=c -> RunConfig (validated) -> Trainer /
 sampler / watcher``. The resolved tree is saved beside the run (``{run_url}/config.yaml``), in every
 checkpoint and in TensorBoard, so a run can always be re-created from its own output.
 
 - Sections: ``model encoder vae objective data train checkpoint log sample eval storage``.
-- Defaults are the paper's SiT-XL/2 + REPA values (REPA.md §5); a field whose default differs from
-  the reference code says so in its ``reference`` metadata, which the generated docs show.
+- Defaults are the paper's SiT-XL/2 + REPA values (REPA Table 7, the reference ``train.py``); a field
+  whose default differs from the reference code says so in its ``reference`` metadata (shown in the docs).
 - The docstring under each field is its documentation: :func:`markdown_docs` renders
   ``docs/configuration.md`` from it and :func:`json_schema` the ``config:`` part of the Helm chart's
   ``values.schema.json`` (``repa config docs`` / ``repa config schema``; tests fail on drift).
@@ -17,26 +17,20 @@ checkpoint and in TensorBoard, so a run can always be re-created from its own ou
 - Credentials never go in a config: ``storage_options`` holds endpoints and flags only; keys and tokens
   come from the environment (``AWS_*``, ``GOOGLE_APPLICATION_CREDENTIALS``) or a mounted Secret.
 
-Validation of the model name and the encoder names imports ``repa.models`` / ``repa.encoders``
-lazily (they import torch and timm), so building the docs or the schema stays cheap.
+Validation reads the model size table and the encoder registry, both plain data: loading and
+validating a config never imports torch (``repa config show`` answers in well under a second).
+The JSON schema, the generated docs and the ``repa config`` verb live in ``repa.config_export``.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import dataclasses
 import difflib
 import functools
-import importlib
-import inspect
-import itertools
-import json
 import math
 import re
-import sys
-import textwrap
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field
@@ -49,6 +43,8 @@ __all__ = [
     "PRESETS_DIR",
     "REQUIRED_FOR",
     "SECTIONS",
+    "VAE_DOWNSAMPLE",
+    "VAE_LATENT_CHANNELS",
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
@@ -65,10 +61,8 @@ __all__ = [
     "add_config_arguments",
     "apply_overrides",
     "config_from_args",
-    "json_schema",
     "list_presets",
     "load_config",
-    "markdown_docs",
 ]
 
 PRESETS_DIR = Path(__file__).parent / "configs"
@@ -81,8 +75,10 @@ SamplerName = Literal["sde", "ode_euler", "ode_heun"]
 Weights = Literal["ema", "model"]
 Metric = Literal["fid", "is", "precision_recall"]
 
-# Spatial downsampling of each VAE (SD-VAE: 256 px -> 32x32 latents); "none" feeds pixels to SiT.
+# Spatial downsampling and latent channels of each VAE (SD-VAE: 256 px -> 4x32x32 latents); "none" feeds
+# pixels to SiT. repa.vae checks a loaded VAE against these.
 VAE_DOWNSAMPLE = {"sd-vae-ft-mse": 8, "sd-vae-ft-ema": 8, "none": 1}
+VAE_LATENT_CHANNELS = {"sd-vae-ft-mse": 4, "sd-vae-ft-ema": 4, "none": 3}
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
@@ -184,24 +180,22 @@ class ModelConfig(_Section):
     def architecture(self) -> dict[str, int]:
         """Resolved ``depth``, ``hidden_size``, ``num_heads``, ``patch_size`` (table value or override).
 
-        Imports ``repa.models`` (torch). Raises ConfigError for an unknown ``name``.
+        Reads the plain-data size table (``repa.models.sizes``), so no torch is imported. Raises
+        ConfigError for an unknown ``name``.
         """
-        from repa.models import SiT, SiT_models  # lazy: torch + timm
+        from repa.models.sizes import SIT_SIZES
 
-        if self.name not in SiT_models:
+        if self.name not in SIT_SIZES:
             raise ConfigError(
                 "model.name",
-                f"unknown model {self.name!r}{_did_you_mean(self.name, SiT_models)}; "
-                f"allowed: {', '.join(SiT_models)}",
+                f"unknown model {self.name!r}{_did_you_mean(self.name, SIT_SIZES)}; "
+                f"allowed: {', '.join(SIT_SIZES)}",
             )
-        ctor = SiT_models[self.name]
-        table = dict(getattr(ctor, "keywords", {}))  # SiT_models entries are functools.partial(SiT, ...)
-        params = inspect.signature(SiT).parameters
-        arch = {}
-        for key in ("depth", "hidden_size", "num_heads", "patch_size"):
-            override = getattr(self, key)
-            arch[key] = override if override is not None else int(table.get(key, params[key].default))
-        return arch
+        table = SIT_SIZES[self.name]
+        return {
+            key: override if (override := getattr(self, key)) is not None else int(table[key])
+            for key in ("depth", "hidden_size", "num_heads", "patch_size")
+        }
 
 
 @dataclass(kw_only=True)
@@ -312,10 +306,16 @@ class DataConfig(_Section):
     """fsspec options for ``url`` (e.g. ``{client_kwargs: {endpoint_url: http://minio:9000}}``).
     Never put credentials here: they come from the environment or a mounted Secret."""
 
+    def location(self) -> Any:
+        """``url`` bound to ``storage_options`` (a ``repa.storage.Location``)."""
+        from repa.storage import Location  # lazy: fsspec
+
+        return Location(self.url or "", dict(self.storage_options))
+
 
 @dataclass(kw_only=True)
 class TrainConfig(_Section):
-    """Optimisation, precision and the training loop (REPA.md §5)."""
+    """Optimisation, precision and the training loop (the reference ``train.py`` defaults)."""
 
     SECTION: ClassVar[str] = "train"
 
@@ -484,6 +484,10 @@ class SampleConfig(_Section):
     """Where samples go; null = ``{run_url}/samples/step-NNNNNNN-<settings>``."""
     save_npz: bool = False
     """Also write ``samples.npz`` (``arr_0`` uint8 (N, H, W, 3)) for the ADM evaluation suite."""
+    chunk_size: int = setting(1000, ge=1)
+    """Samples per chunk file: the unit of resumption and of work per rank (``--chunk-size``)."""
+    precision: Precision | None = None
+    """Autocast dtype while sampling (``--precision``); null = train.precision."""
 
     def check(self) -> None:
         if self.guidance_low > self.guidance_high:
@@ -512,6 +516,12 @@ class EvalConfig(_Section):
     """``repa watch``: evaluate every Nth committed checkpoint (by checkpoint index)."""
     watch_only_latest: bool = False
     """``repa watch``: skip a backlog and evaluate only the newest unevaluated checkpoint."""
+    feature_extractor: str | None = None
+    """``MODULE:CALLABLE`` returning a custom feature network (reported as ``FD_<name>``;
+    ``--feature-extractor``); null = Inception-v3 from inception_weights_url (FID, IS)."""
+    keep_samples: bool = True
+    """Keep the samples once the result is written (false = ``--delete-samples``; a 50K set of 256 px
+    images is ~10 GB)."""
 
     def check(self) -> None:
         if not self.metrics:
@@ -530,8 +540,15 @@ class StorageConfig(_Section):
     """fsspec URL of the run folder (``s3://bucket/runs/name``, ``file:///runs/name``); required by
     ``repa train``. The run's location is a function of the config, so a restarted pod resumes it."""
     storage_options: dict[str, Any] = field(default_factory=dict)
-    """fsspec options for run_url (endpoint, region...). Never credentials: those come from the
-    environment (``AWS_*``, ``GOOGLE_APPLICATION_CREDENTIALS``) or a mounted Secret."""
+    """fsspec options for run_url and every other location of the run except data.url (weights files,
+    reference statistics, checkpoints to sample): endpoint, region... Never credentials: those come from
+    the environment (``AWS_*``, ``GOOGLE_APPLICATION_CREDENTIALS``) or a mounted Secret."""
+
+    def locate(self, url: str | None) -> Any:
+        """``url`` bound to ``storage_options`` (a ``repa.storage.Location``), or None for no URL."""
+        from repa.storage import Location  # lazy: fsspec
+
+        return None if url is None else Location(url, dict(self.storage_options))
 
 
 #################################################################################
@@ -629,7 +646,7 @@ class RunConfig:
     def _check_encoders(self) -> None:
         if not self.encoder.names:
             return
-        from repa.encoders import ENCODERS, UnknownEncoderError, resolve_encoder_spec  # lazy: torch + timm
+        from repa.encoders.registry import ENCODERS, UnknownEncoderError, resolve_encoder_spec
 
         for i, name in enumerate(self.encoder.names):
             key = f"encoder.names[{i}]"
@@ -645,6 +662,16 @@ class RunConfig:
                 spec.preprocessing.input_size(self.data.resolution, self.encoder.kwargs(i).get("img_size"))
             except ValueError as e:
                 raise ConfigError(key, f"{name!r} at data.resolution={self.data.resolution}: {e}") from None
+
+    def sample_precision(self) -> str:
+        """The autocast precision for sampling: ``sample.precision``, else ``train.precision``."""
+        return self.sample.precision or self.train.precision
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        """``(channels, side, side)`` of the latents SiT works on: the VAE's channels at
+        ``data.resolution / downsampling`` per side."""
+        side = self.data.resolution // VAE_DOWNSAMPLE[self.vae.name]
+        return VAE_LATENT_CHANNELS[self.vae.name], side, side
 
     def require(self, *keys: str, purpose: str = "this command") -> RunConfig:
         """Raise ConfigError unless every dotted key is set (not null / empty)."""
@@ -964,188 +991,6 @@ def _did_you_mean(word: str, candidates: Any) -> str:
 
 
 #################################################################################
-#                          Docs and JSON schema (generated)                      #
-#################################################################################
-
-
-@functools.cache
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of dataclass ``cls`` (torchtitan style), read from the source."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for stmt, nxt in itertools.pairwise(body):
-        if (
-            isinstance(stmt, ast.AnnAssign)
-            and isinstance(stmt.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[stmt.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
-    return docs
-
-
-def _default(f: dataclasses.Field) -> Any:
-    if f.default is not MISSING:
-        return f.default
-    if f.default_factory is not MISSING:
-        return f.default_factory()
-    return None
-
-
-def _schema_for(tp: Any) -> dict[str, Any]:
-    if tp is Any:
-        return {}
-    if _is_union(tp):
-        arms = [a for a in get_args(tp) if a is not type(None)]
-        nullable = len(arms) != len(get_args(tp))
-        if len(arms) == 1:
-            sub = _schema_for(arms[0])
-            if nullable:
-                if "enum" in sub:
-                    sub["enum"] = [*sub["enum"], None]
-                sub["type"] = [sub["type"], "null"] if isinstance(sub.get("type"), str) else sub.get("type")
-            return sub
-        return {"anyOf": [_schema_for(a) for a in get_args(tp)]}
-    origin = get_origin(tp)
-    if origin is Literal:
-        return {"type": "string", "enum": list(get_args(tp))}
-    if origin is list:
-        return {"type": "array", "items": _schema_for(get_args(tp)[0])}
-    if origin is dict or tp is dict:
-        return {"type": "object"}
-    return {"type": {bool: "boolean", int: "integer", float: "number", str: "string"}[tp]}
-
-
-_SCHEMA_BOUNDS = (
-    ("ge", "minimum"),
-    ("gt", "exclusiveMinimum"),
-    ("le", "maximum"),
-    ("lt", "exclusiveMaximum"),
-)
-
-
-def json_schema() -> dict[str, Any]:
-    """JSON schema (draft-07) of the run config: types, enums, ranges, defaults, descriptions.
-
-    Helm's ``values.schema.json`` embeds it as the ``config`` property; no key is required (every
-    field has a default), unknown keys are rejected (``additionalProperties: false``).
-    """
-    props: dict[str, Any] = {}
-    for name, cls in SECTIONS.items():
-        hints = _hints(cls)
-        docs = field_docs(cls)
-        fields: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            s = _schema_for(hints[f.name])
-            for op, word in _SCHEMA_BOUNDS:
-                if op in f.metadata:
-                    s[word] = f.metadata[op]
-            s["default"] = _default(f)
-            s["description"] = docs.get(f.name, "")
-            fields[f.name] = s
-        props[name] = {
-            "type": "object",
-            "description": inspect.cleandoc(cls.__doc__ or ""),
-            "additionalProperties": False,
-            "properties": fields,
-        }
-    return {
-        "$schema": "http://json-schema.org/draft-07/schema#",
-        "title": "repa run config",
-        "description": "The run config of `repa train/sample/eval/watch` (repa.config.RunConfig).",
-        "type": "object",
-        "additionalProperties": False,
-        "properties": props,
-    }
-
-
-def _md_type(tp: Any, meta: Mapping[str, Any]) -> str:
-    if get_origin(tp) is Literal:
-        text = " \\| ".join(f"`{a}`" for a in get_args(tp))
-    elif _is_union(tp):
-        text = " \\| ".join(_md_type(a, {}) for a in get_args(tp))
-    elif tp is type(None):
-        text = "null"
-    elif get_origin(tp) is list:
-        text = f"list[{_md_type(get_args(tp)[0], {}).replace('`', '')}]"
-    elif get_origin(tp) is dict or tp is dict:
-        text = "mapping"
-    else:
-        text = getattr(tp, "__name__", str(tp))
-    bounds = [
-        f"{sym} {meta[op]}" for op, sym in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<")) if op in meta
-    ]
-    return f"{text} ({', '.join(bounds)})" if bounds else text
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("``", "`").replace("|", "\\|")
-
-
-def _preset_summary(name: str) -> str:
-    """The first line of a preset file (a comment saying what it reproduces)."""
-    first = (PRESETS_DIR / f"{name}.yaml").read_text(encoding="utf-8").partition("\n")[0]
-    return first.lstrip("#").strip()
-
-
-def markdown_docs() -> str:
-    """``docs/configuration.md``: every section and field with type, default, reference value, doc."""
-    out = [
-        "# Run configuration",
-        "",
-        "<!-- Generated by `repa config docs > docs/configuration.md` from repa/config.py; do not edit."
-        " tests/unit/test_config.py fails when this file and the code disagree. -->",
-        "",
-        "One YAML file configures a run. It is read in this order: the file (or a bundled preset), then",
-        "every `--set section.key=value` override, then validation of types, choices, ranges and the",
-        "rules between keys, before any expensive work starts. The resolved config is saved with the",
-        "run (`{run_url}/config.yaml`, every checkpoint, TensorBoard).",
-        "",
-        "```bash",
-        "repa config show --config sit-xl-2-repa --set train.global_batch_size=512   # resolved YAML",
-        "repa config validate --config my-run.yaml --for train",
-        "repa config schema          # JSON schema: the `config:` part of helm values.schema.json",
-        "repa train --config sit-b-2-repa --set data.url=s3://bucket/imagenet-256 \\",
-        "    --set storage.run_url=s3://bucket/runs/b2",
-        "```",
-        "",
-        "- Unknown keys are errors (with the closest known key suggested). Values are coerced by the",
-        "  declared type: int fields accept integral floats such as `4e+06` (Helm renders big ints so),",
-        "  `--set` values are parsed as YAML (`[a, b]`, `null`, `true`).",
-        "- Defaults are the paper's SiT-XL/2 + REPA values. The *Reference* column shows what the",
-        "  reference code (sihyun-yu/REPA) uses where our default differs.",
-        "- Storage locations are fsspec URLs (`s3://`, `gs://`, `file://`, or a local path).",
-        "  `storage_options` carries endpoints and flags only: credentials come from the environment",
-        "  (`AWS_*`, `GOOGLE_APPLICATION_CREDENTIALS`) or a mounted Secret, never from a config file.",
-        "",
-        "## Presets",
-        "",
-        "Bundled in `repa/configs/`; pass the name to `--config`.",
-        "",
-        "| preset | reproduces |",
-        "|---|---|",
-    ]
-    out += [f"| `{name}` | {_md_cell(_preset_summary(name))} |" for name in list_presets()]
-    out.append("")
-    for name, cls in SECTIONS.items():
-        hints = _hints(cls)
-        docs = field_docs(cls)
-        out += [f"## `{name}`", "", _md_cell(inspect.cleandoc(cls.__doc__ or "")), ""]
-        out += ["| key | type | default | reference | description |", "|---|---|---|---|---|"]
-        for f in dataclasses.fields(cls):
-            default = json.dumps(_default(f))
-            ref = f.metadata.get("reference", "")
-            out.append(
-                f"| `{name}.{f.name}` | {_md_type(hints[f.name], f.metadata)} | `{_md_cell(default)}` "
-                f"| {_md_cell(ref)} | {_md_cell(docs.get(f.name, ''))} |"
-            )
-        out.append("")
-    return "\n".join(out)
-
-
-#################################################################################
 #                          CLI: shared arguments, `repa config`              #
 #################################################################################
 
@@ -1172,54 +1017,3 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = Fa
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The validated RunConfig named by ``--config`` and ``--set``."""
     return load_config(args.config, args.overrides)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`repa config {show,validate,schema,docs,presets}`."""
-    sub = parser.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    p = sub.add_parser("show", help="print the resolved config as YAML", description="Print the config.")
-    add_config_arguments(p)
-    p = sub.add_parser(
-        "validate", help="check a config and exit 0 (valid) or 2", description="Validate a config."
-    )
-    add_config_arguments(p)
-    p.add_argument(
-        "--for",
-        dest="verb",
-        choices=sorted(REQUIRED_FOR),
-        help="also require the keys this verb needs (e.g. data.url and storage.run_url for train)",
-    )
-    p = sub.add_parser("schema", help="print the config's JSON schema", description="Print the JSON schema.")
-    p.add_argument("--output", "-o", help="write to this file instead of stdout")
-    p = sub.add_parser(
-        "docs", help="print docs/configuration.md (Markdown)", description="Print the config reference."
-    )
-    p.add_argument("--output", "-o", help="write to this file instead of stdout")
-    sub.add_parser("presets", help="list bundled presets", description="List the bundled presets.")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run a `repa config` action; ConfigError propagates to the CLI (exit code 2)."""
-    action = args.config_command
-    if action == "show":
-        sys.stdout.write(config_from_args(args).to_yaml())
-    elif action == "validate":
-        cfg = config_from_args(args)
-        if args.verb:
-            cfg.require_for(args.verb)
-        n = len(args.overrides)
-        sys.stdout.write(f"ok: {args.config or 'defaults'}{f' with {n} override(s)' if n else ''}\n")
-    elif action in ("schema", "docs"):
-        text = json.dumps(json_schema(), indent=2) + "\n" if action == "schema" else markdown_docs()
-        if args.output:
-            Path(args.output).write_text(text, encoding="utf-8")
-        else:
-            sys.stdout.write(text)
-    elif action == "presets":
-        for name in list_presets():
-            sys.stdout.write(f"{name}: {_preset_summary(name)}\n")
-    return 0
-
-
-if __name__ == "__main__":  # `python -m repa.config docs` == `repa config docs`
-    raise SystemExit(importlib.import_module("repa.cli").main(["config", *sys.argv[1:]]))

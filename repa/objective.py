@@ -1,6 +1,6 @@
 """The REPA training objective: flow-matching (velocity) loss + representation alignment.
 
-Follows the official REPA ``loss.py`` ``SILoss`` and ``train.py`` (REPA.md §2, §13.1-2):
+Follows the official REPA ``loss.py`` ``SILoss`` and ``train.py`` (REPA §3.2, Eqs. 7-8):
 
     x_t = alpha_t x + sigma_t eps,          v_target = d_alpha_t x + d_sigma_t eps     (t=0 data, t=1 noise)
     denoising_b = mean_{C,H,W} (v_pred_b - v_target_b)^2

@@ -1,13 +1,15 @@
-"""Process-group set-up under torchrun (and the Kubeflow operator's ``PET_*`` variables).
+"""Where and how a process computes: device, process group, precision (autocast, TF32).
 
-torchrun (elastic agent) exports ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
-``MASTER_PORT`` to every worker, after a c10d rendezvous configured from ``PET_*`` variables
-(the Kubeflow Training Operator sets ``PET_NNODES=min:max``, ``PET_RDZV_ENDPOINT``, ...). Without
-them we run as a single process. The only module that reads those variables.
+Shared by training and evaluation. torchrun (elastic agent) exports ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` to every worker, after a c10d rendezvous
+configured from ``PET_*`` variables (the Kubeflow Training Operator sets ``PET_NNODES=min:max``,
+``PET_RDZV_ENDPOINT``, ...; docs/kubernetes.md). Without them we run as a single process. The only
+module that reads those variables, and the one place that turns a precision name into autocast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -51,7 +53,7 @@ def init_distributed(device: str = "auto", timeout_seconds: float = 300.0) -> Di
 
     The timeout is short on purpose (default 5 min, not torch's 30): after a peer dies, survivors
     must fail out of their collective quickly so torchrun can restart the group from the last
-    checkpoint (KUBEFLOW.md: "survivors hang in NCCL collectives until the default 30-min timeout").
+    checkpoint, instead of hanging in NCCL collectives for torch's default 30 minutes.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -103,3 +105,35 @@ def all_reduce_mean(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision: one decision for training and sampling
+# ----------------------------------------------------------------------------------------------
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(name: str, device: torch.device | str) -> str:
+    """``auto`` -> ``bf16`` on CUDA, ``fp32`` elsewhere; any other name must be a key of ``DTYPES``."""
+    if name == "auto":
+        name = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    if name not in DTYPES:
+        raise ValueError(f"precision {name!r}: choose auto, {', '.join(DTYPES)}")
+    return name
+
+
+def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for ``precision`` on ``device``; fp32 is no autocast at all (``nullcontext``)."""
+    device = torch.device(device)
+    name = resolve_precision(precision, device)
+    if name == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[name])
+
+
+def enable_tf32(device: torch.device | str, allow: bool) -> None:
+    """TF32 matmuls and convolutions on CUDA when ``allow`` (the reference's ``--allow-tf32``)."""
+    if torch.device(device).type == "cuda" and allow:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

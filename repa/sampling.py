@@ -1,7 +1,7 @@
 """Samplers for velocity-predicting SiT models: Euler / Heun ODE and Euler–Maruyama SDE, with
 classifier-free guidance (CFG) restricted to a guidance interval.
 
-Numerics follow the official REPA ``samplers.py`` (sihyun-yu/REPA @ 67f7145, REPA.md §6–§7), which in
+Numerics follow the official REPA ``samplers.py`` (sihyun-yu/REPA @ 67f7145), which in
 turn reproduces SiT's ``transport`` defaults (willisma/SiT ``transport/integrators.py``):
 
 - time runs from t=1 (noise) to t=0 (data), interpolant ``x_t = α_t·x_0 + σ_t·ε`` (linear: α=1−t, σ=t);

@@ -78,7 +78,7 @@ class Location:
 
     def join(self, *parts: str) -> Location:
         """The location of ``parts`` below this one, with the same options."""
-        return Location(join(self.url, *parts), self.options)
+        return join(self, *parts)
 
     def __str__(self) -> str:
         return self.url
@@ -156,8 +156,13 @@ def local_copy(
     return local
 
 
-def join(base: str, *parts: str) -> str:
-    """Join URL path parts with '/' (os.path.join would break ``s3://`` URLs on Windows-like rules)."""
+def join(base: str | Location, *parts: str) -> Any:
+    """Join URL path parts with '/' (os.path.join would break ``s3://`` URLs on Windows-like rules).
+
+    A Location gives a Location with the same options; a string gives a string.
+    """
+    if isinstance(base, Location):
+        return Location(join(base.url, *parts), base.options)
     out = base.rstrip("/")
     for part in parts:
         out = f"{out}/{part.strip('/')}"

@@ -1,6 +1,6 @@
 """Latent space: SD-VAE (diffusers ``AutoencoderKL``) or the identity ``none`` mode for pixel toys.
 
-Reference (REPA.md §4, §8; golden README "Preprocessing"):
+Reference (sihyun-yu/REPA ``preprocessing/`` and ``generate.py``):
 
 - ``encode_moments``: pixels ``x / 127.5 - 1`` (in [-1, 1]) -> ``vae.encode(x).latent_dist`` ->
   ``cat([mean, std], dim=1)``, float32 (B, 8, H/8, W/8). This is what data preparation stores
@@ -315,21 +315,12 @@ class VAE(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def _default_cache_dir() -> str:
-    return os.environ.get("REPA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "repa")
+def _fetch_folder(where: storage.Location, cache_dir: str) -> str:
+    """Copy config.json + safetensors of a remote diffusers folder into the cache; return the local dir.
 
-
-def _local_path(url: str, storage_options: dict[str, Any] | None) -> str | None:
-    """The local filesystem path of ``url`` (plain path or file://), or None for remote URLs."""
-    if "://" not in url:
-        return url
-    fs, path = storage.filesystem(url, storage_options)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return path if ("file" in protocols or "local" in protocols) else None
-
-
-def _fetch_folder(url: str, cache_dir: str, storage_options: dict[str, Any] | None) -> str:
-    """Copy config.json + safetensors of a remote diffusers folder into the cache; return the local dir."""
+    (Two files that must sit side by side, so not ``storage.local_copy``, which caches single files.)
+    """
+    url, storage_options = where.url, dict(where.options) or None
     local = os.path.join(cache_dir, "vae", hashlib.sha256(url.encode()).hexdigest()[:16])
     fs, root = storage.filesystem(url, storage_options)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -374,7 +365,7 @@ def _load_folder(local_dir: str, url: str) -> nn.Module:
 
 def build_vae(
     name: str = "sd-vae-ft-mse",
-    weights_url: str | None = None,
+    weights_url: str | storage.Location | None = None,
     *,
     config_overrides: Mapping[str, Any] | None = None,
     allow_download: bool = False,
@@ -383,12 +374,17 @@ def build_vae(
 ) -> VAE:
     """Build the VAE ``name`` (``sd-vae-ft-mse``, ``sd-vae-ft-ema`` or ``none``).
 
-    weights_url: diffusers-format folder as a local path, ``file://`` or remote fsspec URL (copied to
-        ``cache_dir``, default ``$REPA_CACHE_DIR`` or ``~/.cache/repa``); a hub id such as
+    weights_url: diffusers-format folder as a local path, ``file://`` or remote fsspec URL, or a
+        ``repa.storage.Location`` (URL + fsspec options); remote folders are copied to ``cache_dir``
+        (default ``repa.storage.cache_dir()``); a hub id such as
         ``stabilityai/sd-vae-ft-mse`` only with ``allow_download=True``. None: random init from
         ``SD_VAE_CONFIG`` (+ ``config_overrides``, e.g. a tiny test VAE) with a WARNING.
     """
     _check_name(name)
+    where = weights_url if isinstance(weights_url, storage.Location) else None
+    if where is None and weights_url:
+        where = storage.Location(weights_url, dict(storage_options or {}))
+    weights_url = where.url if where is not None and where.url else None
     if name == "none":
         if weights_url or config_overrides:
             raise ValueError("vae 'none' (identity) takes no weights_url or config_overrides")
@@ -416,7 +412,7 @@ def build_vae(
         raise ValueError(
             "vae config_overrides only apply to random init (weights_url=None); the folder has its config"
         )
-    local = _local_path(weights_url, storage_options)
+    local = storage.local_path(weights_url)
     if local is not None and not os.path.exists(local) and _looks_like_hub_id(weights_url):
         if not allow_download:
             raise WeightsError(
@@ -429,7 +425,7 @@ def build_vae(
             name, AutoencoderKL.from_pretrained(weights_url, use_safetensors=True), weights_url=weights_url
         )
     if local is None:
-        local = _fetch_folder(weights_url, cache_dir or _default_cache_dir(), storage_options)
+        local = _fetch_folder(where, cache_dir or storage.cache_dir())
     return VAE(name, _load_folder(local, weights_url), weights_url=weights_url, local_dir=local)
 
 

@@ -24,10 +24,11 @@ class WeightsError(ValueError):
     """A weights file is missing, unreadable or not what was expected; the message names it."""
 
 
-def load_torch_file(url: str, storage_options: dict[str, Any] | None = None) -> Any:
-    """Load a ``.pt``/``.pth``/``.safetensors`` file from a local path or fsspec URL, safely."""
+def load_torch_file(url: str | storage.Location, storage_options: dict[str, Any] | None = None) -> Any:
+    """Load a ``.pt``/``.pth``/``.safetensors`` file from a local path, fsspec URL or Location, safely."""
+    where, url = url, str(url)
     try:
-        data = storage.read_bytes(url, storage_options)
+        data = storage.read_bytes(where, storage_options)
     except FileNotFoundError as e:
         raise WeightsError(f"weights file {url!r} not found") from e
     if url.endswith(".safetensors"):

@@ -48,7 +48,6 @@ SIT_ARGS = (
     "patch_size",
     "in_channels",
     "hidden_size",
-    "decoder_hidden_size",
     "encoder_depth",
     "depth",
     "num_heads",
@@ -64,7 +63,13 @@ SIT_ARGS = (
 
 
 def sit_kwargs(**overrides: Any) -> dict[str, Any]:
-    """The golden SiT's constructor arguments, from ``meta_*``."""
+    """The golden SiT's constructor arguments, from ``meta_*``.
+
+    The official constructor also takes ``decoder_hidden_size``; repa's SiT has no such argument (the
+    final layer always reads the last block's width), so the file must record it equal to hidden_size.
+    """
+    decoder = meta("decoder_hidden_size") if "meta_decoder_hidden_size" in golden() else None
+    assert decoder in (None, meta("hidden_size")), f"golden decoder_hidden_size {decoder} != hidden_size"
     return {**{name: meta(name) for name in SIT_ARGS}, **overrides}
 
 

@@ -10,7 +10,6 @@ from torch import nn
 
 from repa import checkpoint as ckpt
 from repa.config import RunConfig
-from repa.eval import sample as S
 from repa.models import build_model
 
 NUM_CLASSES = 10
@@ -51,7 +50,7 @@ def perturb(model: nn.Module, scale: float = 0.05) -> nn.Module:
 
 def commit_tiny_checkpoint(cfg: RunConfig, step: int, seed: int = 0) -> None:
     """Commit ``step`` of ``cfg``'s run: a perturbed random SiT (torch seed ``seed``) as model and EMA."""
-    args = {**S.model_args_from_config(cfg), "z_dims": []}
+    args = ckpt.model_kwargs(cfg, z_dims=[])
     name = args.pop("model")
     torch.manual_seed(seed)
     sd = perturb(build_model(name, **args)).state_dict()

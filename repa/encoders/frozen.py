@@ -1,6 +1,6 @@
 """Frozen encoder: uint8 images -> reference preprocessing -> timm ViT -> patch tokens (REPA targets).
 
-Reference procedure (REPA.md §3, golden README "Encoder"), reproduced exactly:
+Reference procedure (docs/architecture.md, golden README "Encoder"), reproduced exactly:
 
 1. ``preprocess_raw_image``: ``x / 255`` -> ImageNet mean/std -> ``F.interpolate(bicubic)`` to
    ``224 * (res // 256)`` (align_corners=False, **no** antialias; normalise first, then resize).
@@ -101,8 +101,7 @@ class FrozenEncoder(nn.Module):
         model: nn.Module,
         resolution: int,
         input_size: int,
-        weights_url: str | None = None,
-        storage_options: dict[str, Any] | None = None,
+        weights: storage.Location | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -110,8 +109,8 @@ class FrozenEncoder(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.resolution = resolution
         self.input_size = input_size
-        self.weights_url = weights_url
-        self._storage_options = storage_options
+        self.weights = weights
+        self.weights_url = weights.url if weights is not None else None
         self._weights_sha256: str | None = None
         n_prefix = spec.num_prefix_tokens
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) if n_prefix is None else n_prefix)
@@ -159,10 +158,10 @@ class FrozenEncoder(nn.Module):
     @property
     def weights_sha256(self) -> str | None:
         """sha256 of the weights file (read again on first access; None for random init)."""
-        if self.weights_url is None:
+        if self.weights is None:
             return None
         if self._weights_sha256 is None:
-            data = storage.read_bytes(self.weights_url, self._storage_options)
+            data = storage.read_bytes(self.weights)
             self._weights_sha256 = hashlib.sha256(data).hexdigest()
         return self._weights_sha256
 
@@ -220,9 +219,12 @@ def _checkpoint_filter(spec: EncoderSpec, model: nn.Module):
     return getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", lambda sd, model: sd)
 
 
-def load_encoder_weights(model: nn.Module, spec: EncoderSpec, url: str, storage_options=None) -> None:
+def load_encoder_weights(
+    model: nn.Module, spec: EncoderSpec, weights: str | storage.Location, storage_options=None
+) -> None:
     """Load timm- or original-format weights into ``model`` strictly, converting and resampling."""
-    state = _state_dict_from(load_torch_file(url, storage_options), url)
+    url = str(weights)
+    state = _state_dict_from(load_torch_file(weights, storage_options), url)
     try:
         state = _checkpoint_filter(spec, model)(state, model)
     except Exception as e:  # conversion code raises anything from KeyError to RuntimeError
@@ -258,7 +260,7 @@ def load_encoder_weights(model: nn.Module, spec: EncoderSpec, url: str, storage_
 
 def build_encoder(
     name: str,
-    weights_url: str | None = None,
+    weights_url: str | storage.Location | None = None,
     resolution: int = 256,
     model_kwargs: Mapping[str, Any] | None = None,
     *,
@@ -267,9 +269,10 @@ def build_encoder(
     """Build the frozen encoder ``name`` for ``resolution`` px images.
 
     name: a key of ``ENCODERS`` (``dinov2-vit-b``...) or ``timm:<timm model name>``.
-    weights_url: local path or fsspec URL of a ``.pth``/``.pt``/``.safetensors`` state dict, in timm
-        layout or the original one (e.g. facebookresearch ``dinov2_vitb14_pretrain.pth``). None builds
-        a randomly initialised encoder (a WARNING is logged: its features are meaningless).
+    weights_url: local path, fsspec URL or ``repa.storage.Location`` (URL + fsspec options) of a
+        ``.pth``/``.pt``/``.safetensors`` state dict, in timm layout or the original one (e.g.
+        facebookresearch ``dinov2_vitb14_pretrain.pth``). None builds a randomly initialised encoder
+        (a WARNING is logged: its features are meaningless).
     model_kwargs: ``timm.create_model`` overrides (tiny test models, a toy ``timm:`` encoder's
         ``embed_dim``/``depth``/``num_heads``/``patch_size``/``img_size``).
     """
@@ -284,8 +287,9 @@ def build_encoder(
     img_size_optional = "img_size" not in kwargs and spec.preprocessing.resize != "repa"
     kwargs["img_size"] = input_size
     model = _create_model(spec, kwargs, name, img_size_optional)
-    if weights_url:
-        load_encoder_weights(model, spec, weights_url, storage_options)
+    weights = _as_location(weights_url, storage_options)
+    if weights is not None:
+        load_encoder_weights(model, spec, weights)
     else:
         logger.warning(
             "encoder %s: no weights_url given, using RANDOM weights. Its features are meaningless, so "
@@ -294,7 +298,7 @@ def build_encoder(
             name,
             spec.reference_weights or "the model's published weights",
         )
-    encoder = FrozenEncoder(name, spec, model, resolution, input_size, weights_url or None, storage_options)
+    encoder = FrozenEncoder(name, spec, model, resolution, input_size, weights)
     if (
         spec.embed_dim is not None
         and "embed_dim" not in (model_kwargs or {})
@@ -304,3 +308,10 @@ def build_encoder(
             f"encoder {name!r}: registry says embed_dim {spec.embed_dim}, model has {encoder.embed_dim}"
         )
     return encoder
+
+
+def _as_location(url: str | storage.Location | None, storage_options: dict[str, Any] | None) -> Any:
+    """A weights URL with its fsspec options (a Location keeps its own); None for no weights."""
+    if isinstance(url, storage.Location):
+        return url if url.url else None
+    return storage.Location(url, dict(storage_options or {})) if url else None

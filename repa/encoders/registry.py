@@ -1,7 +1,7 @@
 """Registry of frozen representation encoders: one entry says how to build, feed and read one.
 
 REPA aligns SiT hidden states with the patch tokens of a frozen, pretrained vision encoder
-(REPA.md §3). The reference hard-codes each encoder family twice, in ``utils.load_encoders``
+(REPA §3.2). The reference hard-codes each encoder family twice, in ``utils.load_encoders``
 (torch.hub) and in ``train.py preprocess_raw_image`` (``if 'dinov2' in enc_type`` ...). Here an
 encoder is one :class:`EncoderSpec`: the timm architecture, its preprocessing, and which output
 tokens are patch tokens. Adding CLIP, SigLIP or MAE is one ``register_encoder`` call; a model

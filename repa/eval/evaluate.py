@@ -41,7 +41,7 @@ import torch
 
 import repa
 from repa import checkpoint as ckpt
-from repa import storage
+from repa import runtime, storage
 from repa.config import VAE_DOWNSAMPLE, ConfigError, RunConfig
 from repa.eval import sample as S
 from repa.runtime import DistInfo, broadcast_object
@@ -76,8 +76,9 @@ class EvalError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
-def extractor_identity(cfg: RunConfig, factory: str | None) -> dict[str, Any]:
+def extractor_identity(cfg: RunConfig) -> dict[str, Any]:
     """What names the feature network before it is built (its weights sha256 is added to results)."""
+    factory = cfg.eval.feature_extractor
     if factory:
         return {"factory": factory}
     from repa.eval.metrics import INCEPTION_NAME
@@ -85,23 +86,24 @@ def extractor_identity(cfg: RunConfig, factory: str | None) -> dict[str, Any]:
     return {"name": INCEPTION_NAME, "weights_url": cfg.eval.inception_weights_url}
 
 
-def build_extractor(cfg: RunConfig, factory: str | None, device: torch.device | str = "cpu") -> Any:
-    """Inception (``eval.inception_weights_url``) or ``factory`` = ``"module:callable"`` returning any
-    :class:`repa.eval.metrics.FeatureExtractor` (its Fréchet distance is reported as ``FD_<name>``)."""
+def build_extractor(cfg: RunConfig, device: torch.device | str = "cpu") -> Any:
+    """Inception (``eval.inception_weights_url``) or ``eval.feature_extractor`` = ``"module:callable"``
+    returning any FeatureExtractor (its Fréchet distance is reported as ``FD_<name>``)."""
+    factory = cfg.eval.feature_extractor
     if factory:
         module_name, _, attr = factory.partition(":")
         if not module_name or not attr:
             raise EvalError(
-                f"--feature-extractor {factory!r}: expected MODULE:CALLABLE, e.g. mypkg.feats:build"
+                f"eval.feature_extractor {factory!r}: expected MODULE:CALLABLE, e.g. mypkg.feats:build"
             )
         try:
             fn = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as e:
-            raise EvalError(f"--feature-extractor {factory!r}: cannot import it ({e})") from e
+            raise EvalError(f"eval.feature_extractor {factory!r}: cannot import it ({e})") from e
         extractor = fn()
         if not callable(extractor) or not isinstance(getattr(extractor, "name", None), str):
             raise EvalError(
-                f"--feature-extractor {factory!r} returned {type(extractor).__name__}, which is not a "
+                f"eval.feature_extractor {factory!r} returned {type(extractor).__name__}, which is not a "
                 "FeatureExtractor (a callable with a `name` attribute)"
             )
         if isinstance(extractor, torch.nn.Module):
@@ -121,7 +123,7 @@ def build_extractor(cfg: RunConfig, factory: str | None, device: torch.device | 
 class EvalPlan:
     """Where one evaluation's samples and result go, and the identities behind the names."""
 
-    source: S.CheckpointSource
+    source: ckpt.CheckpointSource
     spec: S.SampleSpec
     sampling: dict[str, Any]  # sampling identity (spec, checkpoint, vae)
     protocol: dict[str, Any]  # evaluation identity (sampling + reference + extractor + metrics)
@@ -133,23 +135,17 @@ class EvalPlan:
         return S.identity_digest(self.protocol)
 
 
-def plan_evaluation(
-    cfg: RunConfig,
-    source: S.CheckpointSource,
-    *,
-    chunk_size: int = S.DEFAULT_CHUNK_SIZE,
-    feature_extractor: str | None = None,
-) -> EvalPlan:
+def plan_evaluation(cfg: RunConfig, source: ckpt.CheckpointSource) -> EvalPlan:
     """Digests and URLs of the evaluation of ``source`` under ``cfg`` (reads nothing)."""
     cfg.require("eval.reference_stats_url", purpose="`repa eval`")
-    spec = S.SampleSpec.from_config(cfg, chunk_size)
+    spec = S.SampleSpec.from_config(cfg)
     sampling = S.sampling_identity(
         spec, source.describe(cfg.sample.checkpoint_weights), S.decoder_vae_identity(cfg)
     )
     protocol = {
         "sampling": sampling,
         "reference_stats_url": cfg.eval.reference_stats_url,
-        "feature_extractor": extractor_identity(cfg, feature_extractor),
+        "feature_extractor": extractor_identity(cfg),
         "metrics": sorted(cfg.eval.metrics),
     }
     samples_url = S.default_output_url(cfg, source, S.identity_digest(sampling))
@@ -193,7 +189,7 @@ def _check_reference(ref: Any, url: str, image_size: int, metrics: list[str]) ->
 
 
 def _reference_and_extractor(
-    cfg: RunConfig, factory: str | None, device: torch.device, cache: dict[Any, Any] | None
+    cfg: RunConfig, device: torch.device, cache: dict[Any, Any] | None
 ) -> tuple[Any, Any]:
     """Load (or take from ``cache``) the reference statistics and the feature network."""
     from repa.eval.refstats import load_reference_stats
@@ -202,9 +198,9 @@ def _reference_and_extractor(
     so = cfg.storage.storage_options or None
     with_pr = "precision_recall" in cfg.eval.metrics
     ref_key = ("reference", cfg.eval.reference_stats_url, with_pr)
-    ext_key = ("extractor", json.dumps(extractor_identity(cfg, factory), sort_keys=True), str(device))
+    ext_key = ("extractor", json.dumps(extractor_identity(cfg), sort_keys=True), str(device))
     if ext_key not in cache:
-        cache[ext_key] = build_extractor(cfg, factory, device)
+        cache[ext_key] = build_extractor(cfg, device)
     extractor = cache[ext_key]
     if ref_key not in cache:
         cache[ref_key] = load_reference_stats(
@@ -246,14 +242,10 @@ def write_tensorboard(run_url: str, step: int, scalars: dict[str, float | None],
 
 def evaluate_checkpoint(
     cfg: RunConfig,
-    source: S.CheckpointSource,
+    source: ckpt.CheckpointSource,
     *,
     info: DistInfo | None = None,
-    chunk_size: int = S.DEFAULT_CHUNK_SIZE,
-    feature_extractor: str | None = None,
-    precision: str | None = None,
     check_config: bool = True,
-    keep_samples: bool = True,
     force: bool = False,
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
@@ -271,7 +263,7 @@ def evaluate_checkpoint(
     """
     info = info or DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     so = cfg.storage.storage_options or None
-    plan = plan_evaluation(cfg, source, chunk_size=chunk_size, feature_extractor=feature_extractor)
+    plan = plan_evaluation(cfg, source)
     ref_url = cfg.eval.reference_stats_url
     image_size = cfg.data.resolution
 
@@ -291,7 +283,7 @@ def evaluate_checkpoint(
                         "`repa eval ref-stats --data-url ... --out ...` or copy ADM's "
                         "VIRTUAL_imagenet256_labeled.npz there"
                     )
-                reference, extractor = _reference_and_extractor(cfg, feature_extractor, info.device, cache)
+                reference, extractor = _reference_and_extractor(cfg, info.device, cache)
                 _check_reference(reference, ref_url, image_size, cfg.eval.metrics)
         except Exception as e:
             failure, status = e, ("error", f"{type(e).__name__}: {e}")
@@ -304,15 +296,15 @@ def evaluate_checkpoint(
         log.info("%s already evaluated: %s", source.url, plan.result_url)
         return EvalOutcome(plan.result_url, existing, skipped=True) if info.is_main else None
 
-    loaded = S.load_model(cfg, source, device=info.device, check_config=check_config, storage_options=so)
+    loaded = ckpt.load_model(cfg, source, device=info.device, check_config=check_config, storage_options=so)
     produced = int(loaded.model.input_size) * VAE_DOWNSAMPLE[S.decoder_vae_identity(cfg)["name"]]
     if produced != image_size:
         raise EvalError(
             f"checkpoint {source.url} makes {produced}x{produced} images but data.resolution is {image_size}"
         )
-    S.enable_tf32(cfg, info.device)
+    runtime.enable_tf32(info.device, cfg.train.allow_tf32)
     vae, vae_identity = S.build_decoder_vae(cfg, info.device)
-    precision = S.resolve_precision(precision or cfg.train.precision, info.device)
+    precision = runtime.resolve_precision(cfg.sample_precision(), info.device)
     started = time.perf_counter()
     sample_set = S.generate_samples(
         loaded.model,
@@ -359,10 +351,10 @@ def evaluate_checkpoint(
         "seed_rule": "sample i: torch.Generator(sample_seed(seed, i)) draws its label, z and SDE noise",
         "vae": vae_identity,
         "samples_url": plan.samples_url,
-        "samples_kept": keep_samples,
+        "samples_kept": cfg.eval.keep_samples,
         "reference_stats": {"url": ref_url, "sha256": reference.sha256},
         "feature_extractor": {
-            **extractor_identity(cfg, feature_extractor),
+            **extractor_identity(cfg),
             "name": result.feature_extractor,
             "sha256": result.feature_extractor_sha256,
         },
@@ -396,7 +388,7 @@ def evaluate_checkpoint(
         "" if result.inception_score_mean is None else f", IS {result.inception_score_mean:.3f}",
         plan.result_url,
     )
-    if not keep_samples:
+    if not cfg.eval.keep_samples:
         storage.remove(plan.samples_url, recursive=True, storage_options=so)
     payload = json.loads(storage.read_bytes(plan.result_url, so))
     return EvalOutcome(plan.result_url, payload)
@@ -483,14 +475,20 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--feature-extractor",
         metavar="MODULE:CALLABLE",
-        help="custom feature network (any repa.eval.metrics.FeatureExtractor); reported as FD_<name>. "
+        help="custom feature network, reported as FD_<name> (sets eval.feature_extractor). "
         "Default: Inception-v3 from eval.inception_weights_url (FID, IS)",
     )
     parser.add_argument(
         "--delete-samples",
-        action="store_true",
-        help="delete the samples once the result is written (a 50K set of 256px images is ~10 GB)",
+        dest="keep_samples",
+        action="store_false",
+        default=None,
+        help="delete the samples once the result is written (sets eval.keep_samples=false)",
     )
+
+
+# `repa eval` / `repa watch` flags that are shorthands for config keys (see repa.eval.sample).
+EVAL_FLAG_KEYS = {"feature_extractor": "eval.feature_extractor", "keep_samples": "eval.keep_samples"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -528,14 +526,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_ref_stats(args: argparse.Namespace) -> int:
     from repa.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + S.flag_overrides(args, EVAL_FLAG_KEYS))
     data_url = args.data_url or cfg.data.url
     if not data_url:
         raise ConfigError("data.url", "required by `repa eval ref-stats` (or pass --data-url)")
     from repa.runtime import resolve_device
 
     device = resolve_device(cfg.train.device)
-    extractor = build_extractor(cfg, args.feature_extractor, device)
+    extractor = build_extractor(cfg, device)
     digest = compute_dataset_reference_stats(
         data_url,
         args.out,
@@ -555,7 +553,14 @@ def run(args: argparse.Namespace) -> int:
     from repa.eval.metrics import MetricsError
     from repa.weights import WeightsError
 
-    user_errors = (S.SamplingError, EvalError, MetricsError, WeightsError, FileNotFoundError)
+    user_errors = (
+        S.SamplingError,
+        ckpt.CheckpointError,
+        EvalError,
+        MetricsError,
+        WeightsError,
+        FileNotFoundError,
+    )
     if args.eval_command == "ref-stats":
         try:
             return _run_ref_stats(args)
@@ -563,21 +568,19 @@ def run(args: argparse.Namespace) -> int:
             raise
         except (*user_errors, ValueError) as e:
             return S.cli_error("eval ref-stats", e)
-    cfg, explicit = S.resolve_config(args)
+    cfg, explicit = S.resolve_config(args, EVAL_FLAG_KEYS)
     cfg.require_for("eval")
     info = D.init_distributed(cfg.train.device, cfg.train.process_group_timeout_seconds)
     try:
         so = cfg.storage.storage_options or None
-        source = S.resolve_checkpoint(args.checkpoint or cfg.sample.checkpoint_url, cfg.storage.run_url, so)
+        source = ckpt.resolve_checkpoint(
+            args.checkpoint or cfg.sample.checkpoint_url, cfg.storage.run_url, so
+        )
         outcome = evaluate_checkpoint(
             cfg,
             source,
             info=info,
-            chunk_size=args.chunk_size,
-            feature_extractor=args.feature_extractor,
-            precision=args.precision,
             check_config=explicit,
-            keep_samples=not args.delete_samples,
             force=args.force,
             progress=not args.no_progress,
         )

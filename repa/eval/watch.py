@@ -78,10 +78,10 @@ class Watcher:
     def __init__(
         self,
         cfg: RunConfig,
-        process: Callable[[S.CheckpointSource, E.EvalPlan], Any],
+        process: Callable[[ckpt.CheckpointSource, E.EvalPlan], Any],
         is_done: Callable[[E.EvalPlan], bool],
         *,
-        plan: Callable[[S.CheckpointSource], E.EvalPlan],
+        plan: Callable[[ckpt.CheckpointSource], E.EvalPlan],
         stop: threading.Event | None = None,
         max_attempts: int = 3,
         max_backoff_seconds: float = DEFAULT_MAX_BACKOFF_SECONDS,
@@ -109,7 +109,7 @@ class Watcher:
             return True
         return step % (n * self.cfg.checkpoint.every_steps) == 0
 
-    def pending(self, committed: list[ckpt.CheckpointRef]) -> list[tuple[S.CheckpointSource, E.EvalPlan]]:
+    def pending(self, committed: list[ckpt.CheckpointRef]) -> list[tuple[ckpt.CheckpointSource, E.EvalPlan]]:
         """Committed, eligible, not yet done checkpoints in step order.
 
         With ``eval.watch_only_latest`` only the newest eligible checkpoint is considered: older ones
@@ -122,7 +122,7 @@ class Watcher:
         for ref in refs:
             if ref.step in self.finished:
                 continue
-            source = S.CheckpointSource(ref.url, "run", ref.step, self.run_url)
+            source = ckpt.CheckpointSource(ref.url, "run", ref.step, self.run_url)
             plan = self.plan(source)
             if self.is_done(plan):
                 self.finished.add(ref.step)
@@ -175,7 +175,7 @@ class Watcher:
             self.finished.add(step)
             report.processed.append(step)
 
-    def _still_committed(self, source: S.CheckpointSource) -> bool:
+    def _still_committed(self, source: ckpt.CheckpointSource) -> bool:
         try:
             return storage.exists(storage.join(source.url, ckpt.MARKER), self.storage_options)
         except Exception:
@@ -217,25 +217,21 @@ class Watcher:
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_eval_inputs(cfg: RunConfig, feature_extractor: str | None) -> None:
+def _check_eval_inputs(cfg: RunConfig) -> None:
     """Fail at start-up (not once per checkpoint) when the evaluation can never work."""
     so = cfg.storage.storage_options or None
     cfg.require_for("eval")
     if not storage.exists(cfg.eval.reference_stats_url, so):
         raise E.EvalError(f"eval.reference_stats_url: {cfg.eval.reference_stats_url} not found")
     url = cfg.eval.inception_weights_url
-    if not feature_extractor and url and not storage.exists(url, so):
+    if not cfg.eval.feature_extractor and url and not storage.exists(url, so):
         raise E.EvalError(f"eval.inception_weights_url: {url} not found")
 
 
 def make_watcher(
     cfg: RunConfig,
     *,
-    chunk_size: int = S.DEFAULT_CHUNK_SIZE,
-    feature_extractor: str | None = None,
-    precision: str | None = None,
     check_config: bool = True,
-    keep_samples: bool = True,
     progress: bool = False,
     launcher: Any = None,
     stop: threading.Event | None = None,
@@ -245,24 +241,20 @@ def make_watcher(
     stop = stop or threading.Event()
     so = cfg.storage.storage_options or None
 
-    def plan(source: S.CheckpointSource) -> E.EvalPlan:
-        return E.plan_evaluation(cfg, source, chunk_size=chunk_size, feature_extractor=feature_extractor)
+    def plan(source: ckpt.CheckpointSource) -> E.EvalPlan:
+        return E.plan_evaluation(cfg, source)
 
     if launcher is None:
         device = resolve_device(cfg.train.device)
         info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(device))
         cache: dict[Any, Any] = {}  # reference statistics and feature network, loaded once
 
-        def process(source: S.CheckpointSource, plan_: E.EvalPlan) -> Any:
+        def process(source: ckpt.CheckpointSource, plan_: E.EvalPlan) -> Any:
             return E.evaluate_checkpoint(
                 cfg,
                 source,
                 info=info,
-                chunk_size=chunk_size,
-                feature_extractor=feature_extractor,
-                precision=precision,
                 check_config=check_config,
-                keep_samples=keep_samples,
                 progress=progress,
                 should_stop=stop.is_set,
                 cache=cache,
@@ -273,7 +265,7 @@ def make_watcher(
 
     else:
 
-        def process(source: S.CheckpointSource, plan_: E.EvalPlan) -> Any:
+        def process(source: ckpt.CheckpointSource, plan_: E.EvalPlan) -> Any:
             result = launcher.launch(source.url, source.step, plan_.digest)
             marker = {
                 "job": result.name,
@@ -331,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
     from repa.eval.metrics import MetricsError
     from repa.weights import WeightsError
 
-    cfg, explicit = S.resolve_config(args)
+    cfg, explicit = S.resolve_config(args, E.EVAL_FLAG_KEYS)
     cfg.require_for("watch")
     launcher = None
     try:
@@ -344,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
             )
             cfg.require_for("eval")
         else:
-            _check_eval_inputs(cfg, args.feature_extractor)
+            _check_eval_inputs(cfg)
     except (E.EvalError, MetricsError, WeightsError, RuntimeError) as e:
         return S.cli_error("watch", e)
 
@@ -358,11 +350,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         watcher = make_watcher(
             cfg,
-            chunk_size=args.chunk_size,
-            feature_extractor=args.feature_extractor,
-            precision=args.precision,
             check_config=explicit,
-            keep_samples=not args.delete_samples,
             progress=not args.no_progress,
             launcher=launcher,
             stop=stop,

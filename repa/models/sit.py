@@ -5,7 +5,7 @@ Reads top to bottom, like facebookresearch/DiT ``models.py``:
     modulate | Timestep/LabelEmbedder | SiTBlock, FinalLayer, build_mlp | SiT | pos-embed | SiT_models
 
 Numerics and state-dict names follow the official REPA ``models/sit.py`` (sihyun-yu/REPA @ 67f7145,
-summarised in REPA.md §1), so its checkpoints load with ``strict=True``:
+), so its checkpoints load with ``strict=True``:
 
 - t in [0, 1] is embedded as is (no x1000 as in DiT), 256 frequencies ordered ``[cos, sin]``;
 - the null label is ``num_classes``; labels are dropped (for classifier-free guidance) in train mode only;
@@ -28,6 +28,8 @@ import torch.nn as nn
 from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Attention
 
+from repa.models.sizes import SIT_SIZES
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: per-sample affine of token features; ``x`` (B, T, D), ``shift``/``scale`` (B, D)."""
@@ -40,7 +42,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class TimestepEmbedder(nn.Module):
-    """Embeds scalar times t in [0, 1] (fed unscaled, REPA.md §13.1) into vectors of width ``hidden_size``."""
+    """Embeds scalar times t in [0, 1] (fed unscaled, as the reference) into ``hidden_size`` vectors."""
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256) -> None:
         super().__init__()
@@ -159,7 +161,7 @@ class FinalLayer(nn.Module):
 
 
 def build_mlp(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential:
-    """REPA projector h_phi: Linear(h, pd) - SiLU - Linear(pd, pd) - SiLU - Linear(pd, z) (REPA.md §1)."""
+    """REPA projector h_phi (REPA §3.2): Linear(h, pd) - SiLU - Linear(pd, pd) - SiLU - Linear(pd, z)."""
     return nn.Sequential(
         nn.Linear(hidden_size, projector_dim),
         nn.SiLU(),
@@ -185,7 +187,6 @@ class SiT(nn.Module):
         patch_size: int = 2,
         in_channels: int = 4,
         hidden_size: int = 1152,
-        decoder_hidden_size: int | None = None,
         encoder_depth: int = 8,
         depth: int = 28,
         num_heads: int = 16,
@@ -199,14 +200,12 @@ class SiT(nn.Module):
         qk_norm: bool = False,
     ) -> None:
         super().__init__()
-        decoder_hidden_size = hidden_size if decoder_hidden_size is None else decoder_hidden_size
         z_dims = tuple(int(z) for z in z_dims)
         _check_args(
             input_size=input_size,
             patch_size=patch_size,
             in_channels=in_channels,
             hidden_size=hidden_size,
-            decoder_hidden_size=decoder_hidden_size,
             encoder_depth=encoder_depth,
             depth=depth,
             num_heads=num_heads,
@@ -238,7 +237,7 @@ class SiT(nn.Module):
             [SiTBlock(hidden_size, num_heads, mlp_ratio, fused_attn, qk_norm) for _ in range(depth)]
         )
         self.projectors = nn.ModuleList([build_mlp(hidden_size, projector_dim, z) for z in self.z_dims])
-        self.final_layer = FinalLayer(decoder_hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
     @property
@@ -327,7 +326,6 @@ def _check_args(
     patch_size: int,
     in_channels: int,
     hidden_size: int,
-    decoder_hidden_size: int,
     encoder_depth: int,
     depth: int,
     num_heads: int,
@@ -354,11 +352,6 @@ def _check_args(
         raise ValueError(f"SiT input_size={input_size} is not divisible by patch_size={patch_size}")
     if hidden_size % num_heads:
         raise ValueError(f"SiT hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
-    if decoder_hidden_size != hidden_size:
-        raise ValueError(
-            f"SiT decoder_hidden_size={decoder_hidden_size} must equal hidden_size={hidden_size}: the final "
-            "layer reads the last block's tokens (the reference's SiT-S table entry broke on exactly this)"
-        )
     if not 0 <= encoder_depth <= depth:
         raise ValueError(
             f"SiT encoder_depth={encoder_depth} must be in [0, depth={depth}] (1-based block whose output "
@@ -405,20 +398,8 @@ def get_1d_sincos_pos_embed(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
 #                                   SiT Configs                                 #
 #################################################################################
 
-# name -> (depth, hidden_size, num_heads), from the SiT/DiT papers (Table 1) and REPA's models/sit.py.
-_SIZES: dict[str, tuple[int, int, int]] = {
-    "XL": (28, 1152, 16),
-    "L": (24, 1024, 16),
-    "B": (12, 768, 12),
-    "S": (12, 384, 6),
-}
-
-# "SiT-XL/2" -> constructor with that size and patch; keyword arguments override anything.
-SiT_models = {
-    f"SiT-{size}/{patch}": partial(SiT, depth=d, hidden_size=h, num_heads=n, patch_size=patch)
-    for size, (d, h, n) in _SIZES.items()
-    for patch in (2, 4, 8)
-}
+# "SiT-XL/2" -> constructor with that size and patch (repa.models.sizes); keyword arguments override.
+SiT_models = {name: partial(SiT, **size) for name, size in SIT_SIZES.items()}
 
 
 def build_model(name: str, **overrides) -> SiT:

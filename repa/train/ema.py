@@ -1,4 +1,4 @@
-"""Exponential moving average of the model weights, kept in fp32 (REPA.md §5).
+"""Exponential moving average of the model weights, kept in fp32 (as the reference ``train.py``).
 
 Reference (``train.py update_ema``): initialised as a copy of the model (decay 0 at step 0),
 then every optimiser step ``ema = decay * ema + (1 - decay) * param`` over ``named_parameters()``

@@ -1,6 +1,6 @@
 """`repa train`: the REPA training loop, standalone or under torchrun (elastic, c10d).
 
-One optimiser step, as the reference ``train.py`` (REPA.md §5):
+One optimiser step, as the reference ``train.py`` (sihyun-yu/REPA; docs/architecture.md):
 
     x   = (mean + std * eps) * 0.18215            posterior sample of the stored VAE moments
     zs  = encoder(image)                           frozen encoder features of the clean image
@@ -11,8 +11,9 @@ Design choices that make restarts exact and elastic:
 - Randomness is a function of progress: before each micro-batch the global RNG is seeded from
   (seed, step, rank, micro-batch) (edm2's approach), so resuming needs no RNG blobs and a resumed
   run draws exactly what the uninterrupted run drew.
-- The data position is ``samples_consumed`` (global), stored in every checkpoint; the reader
-  maps it to shards and offsets for any world size.
+- The data position is ``samples_consumed`` (global), stored in every checkpoint with the reader's
+  order settings (``data.seed``, ``shards_in_flight``, ``chunk_size``); the reader maps it to shards
+  and offsets for any world size, and a resume whose order settings changed is refused.
 - Every process resumes from the newest *committed* checkpoint found at start (rank 0 looks,
   all ranks load the same one), so a torchrun restart after a member died simply continues.
 - All ranks stop at the same step (they run in lock-step), so the elastic PyTorchJob, which
@@ -29,6 +30,7 @@ import math
 import signal
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from repa import checkpoint as ckpt
 from repa import runtime as D
 from repa import storage
-from repa.config import ConfigError, RunConfig, TrainConfig, config_from_args
+from repa.config import ConfigError, RunConfig, TrainConfig, add_config_arguments, config_from_args
 from repa.data.format import Manifest
 from repa.tensorboard import TensorBoardLogger
 from repa.train.ema import make_ema, update_ema
@@ -101,7 +103,6 @@ def check_inputs(cfg: RunConfig) -> Manifest:
     """
     from repa.data.format import read_manifest
 
-    options = cfg.storage.storage_options or None
     cfg.require_for("train")
     try:
         manifest = read_manifest(cfg.data.url, cfg.data.storage_options or None)
@@ -122,10 +123,18 @@ def check_inputs(cfg: RunConfig) -> Manifest:
         raise ConfigError(
             "model.num_classes", f"{cfg.model.num_classes} < {manifest.num_classes} classes in the data"
         )
+    channels, side, _ = cfg.latent_shape()
+    if tuple(manifest.moments_shape) != (2 * channels, side, side):
+        raise ConfigError(
+            "data.url",
+            f"{cfg.data.url} holds moments of shape {tuple(manifest.moments_shape)}, but vae.name="
+            f"{cfg.vae.name!r} at data.resolution={cfg.data.resolution} gives {(2 * channels, side, side)}",
+        )
+    # The same Locations (URL + storage.storage_options) are used to load the weights in Trainer.build.
     for i, url in enumerate(cfg.encoder.weights_urls):
-        if url and not storage.exists(url, options):
+        if url and not storage.exists(cfg.storage.locate(url)):
             raise ConfigError(f"encoder.weights_urls[{i}]", f"{url} does not exist")
-    if cfg.vae.weights_url and not storage.exists(cfg.vae.weights_url, options):
+    if cfg.vae.weights_url and not storage.exists(cfg.storage.locate(cfg.vae.weights_url)):
         raise ConfigError("vae.weights_url", f"{cfg.vae.weights_url} does not exist")
     return manifest
 
@@ -140,6 +149,7 @@ class Trainer:
         self.storage_options = cfg.storage.storage_options or None
         self.step = 0
         self.samples_consumed = 0
+        self.resumed_reader_state: dict[str, Any] | None = None
         self.preemption = _Preemption()
 
     # ------------------------------------------------------------------ set-up
@@ -165,42 +175,21 @@ class Trainer:
 
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts)
-        if self.device.type == "cuda" and cfg.train.allow_tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        D.enable_tf32(self.device, cfg.train.allow_tf32)
         self.encoders = nn.ModuleList(
             build_encoder(
                 name,
-                weights_url=cfg.encoder.weights_urls[i] if cfg.encoder.weights_urls else None,
+                weights_url=cfg.storage.locate(cfg.encoder.weights_url(i)),
                 resolution=cfg.data.resolution,
-                model_kwargs=cfg.encoder.model_kwargs[i] if cfg.encoder.model_kwargs else None,
+                model_kwargs=cfg.encoder.kwargs(i),
             )
             for i, name in enumerate(cfg.encoder.names)
         ).to(self.device)
-        latent_channels = self.manifest.moments_shape[0] // 2
-        overrides = {
-            k: v
-            for k, v in {
-                "hidden_size": cfg.model.hidden_size,
-                "depth": cfg.model.depth,
-                "num_heads": cfg.model.num_heads,
-                "patch_size": cfg.model.patch_size,
-            }.items()
-            if v is not None
-        }
-        self.model_args = dict(
-            input_size=self.manifest.moments_shape[-1],
-            in_channels=latent_channels,
-            encoder_depth=cfg.model.encoder_depth if cfg.encoder.names else 0,
-            projector_dim=cfg.model.projector_dim,
-            z_dims=[enc.embed_dim for enc in self.encoders],
-            class_dropout_prob=cfg.model.class_dropout_prob,
-            num_classes=cfg.model.num_classes,
-            qk_norm=cfg.model.qk_norm,
-            fused_attn=cfg.model.fused_attn,
-            **overrides,
-        )
-        self.raw_model = build_model(cfg.model.name, **self.model_args).to(self.device)
+        self.model_args = ckpt.model_kwargs(cfg, [enc.embed_dim for enc in self.encoders])
+        model_name = self.model_args["model"]
+        self.raw_model = build_model(
+            model_name, **{k: v for k, v in self.model_args.items() if k != "model"}
+        ).to(self.device)
         self.ema = make_ema(self.raw_model)
         self.model: nn.Module = self.raw_model
         if self.info.distributed:
@@ -261,17 +250,8 @@ class Trainer:
                 )
         return total
 
-    @property
-    def precision(self) -> torch.dtype:
-        name = self.cfg.train.precision
-        if name == "auto":
-            name = "bf16" if self.device.type == "cuda" else "fp32"
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.precision)
+        return D.autocast(self.device, self.cfg.train.precision)
 
     # ------------------------------------------------------------------ checkpoints
     def resume(self) -> ckpt.CheckpointRef | None:
@@ -289,6 +269,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.samples_consumed = int(state["reader"]["samples_consumed"])
+        self.resumed_reader_state = dict(state["reader"])
         log.info("resumed from %s (step %d, %d samples consumed)", ref.url, self.step, self.samples_consumed)
         return ref
 
@@ -298,15 +279,15 @@ class Trainer:
                 "model": self.raw_model.state_dict(),
                 "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
-                "reader": {"samples_consumed": self.samples_consumed, "seed": self.cfg.data.seed},
+                # position + the settings that define the data order (checked on resume)
+                "reader": self.loader.state_dict(),
                 # RNG is reseeded from (train.seed, step, rank, micro-batch) every micro-batch, so the
                 # step is the whole RNG state; recorded here so a reader of the file knows.
                 "rng": {"scheme": "per-micro-batch reseed", "seed": self.cfg.train.seed},
                 "config": self.cfg.to_dict(),
                 "world_size": self.info.world_size,
             }
-            reference_args = {"model": self.cfg.model.name, **self.model_args}
-            reference_args["z_dims"] = list(reference_args["z_dims"])
+            reference_args = dict(self.model_args)
             ckpt.save_checkpoint(
                 self.cfg.storage.run_url,
                 self.step,
@@ -324,8 +305,9 @@ class Trainer:
         D.barrier(self.info)
 
     # ------------------------------------------------------------------ data
-    def make_batches(self):
-        """Per-device batches of ``geometry.per_device`` samples from the streaming reader."""
+    def make_loader(self) -> Any:
+        """The rank's streaming loader at ``samples_consumed``; a resumed run's reader state must match
+        this config's data order (ConfigError naming the key otherwise)."""
         from repa.data.reader import StreamingDataset, make_loader
 
         dataset = StreamingDataset(
@@ -346,7 +328,18 @@ class Trainer:
             prefetch_factor=self.cfg.data.prefetch_factor,
             pin_memory=self.device.type == "cuda",
         )
-        iterator = iter(loader)
+        if self.resumed_reader_state is not None:
+            try:
+                loader.load_state_dict(self.resumed_reader_state)
+            except ValueError as e:
+                raise ConfigError(
+                    f"cannot resume step {self.step} of {self.cfg.storage.run_url}: {e}"
+                ) from None
+        return loader
+
+    def make_batches(self) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """Per-step lists of ``accumulation`` micro-batches from ``self.loader``."""
+        iterator = iter(self.loader)
         while True:
             yield [next(iterator) for _ in range(self.geometry.accumulation)]
 
@@ -400,7 +393,7 @@ class Trainer:
 
         cfg = self.cfg
         if not hasattr(self, "_grid_vae"):
-            self._grid_vae = build_vae(cfg.vae.name, cfg.vae.weights_url).to(self.device)
+            self._grid_vae = build_vae(cfg.vae.name, cfg.storage.locate(cfg.vae.weights_url)).to(self.device)
         n = cfg.log.sample_num_images
         gen = torch.Generator().manual_seed(cfg.train.seed)
         m = self.ema
@@ -438,6 +431,7 @@ class Trainer:
                 )
                 tb.text("config", "```\n" + cfg.to_yaml() + "\n```", self.step)
         meter = Throughput()
+        self.loader = self.make_loader()
         batches = self.make_batches()
         exit_code = 0
         try:
@@ -487,23 +481,24 @@ class Trainer:
         if tb is not None:
             tb.scalars(scalars, self.step)
         epoch = self.samples_consumed / max(self.manifest.num_samples, 1)
-        print(
-            f"step {self.step:>8d} | epoch {epoch:6.2f} | loss {summary['loss']:.4f} | den "
-            f"{summary['denoising_loss']:.4f} | proj {summary['projection_loss']:.4f} | grad "
-            f"{summary['grad_norm']:.3f} | {images_per_second:8.1f} img/s",
-            flush=True,
+        log.info(
+            "step %8d | epoch %6.2f | loss %.4f | den %.4f | proj %.4f | grad %.3f | %8.1f img/s",
+            self.step,
+            epoch,
+            summary["loss"],
+            summary["denoising_loss"],
+            summary["projection_loss"],
+            summary["grad_norm"],
+            images_per_second,
         )
 
 
 # ---------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from repa.cli import add_config_arguments
-
     add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = config_from_args(args)
     manifest = check_inputs(cfg)
     info = D.init_distributed(cfg.train.device, cfg.train.process_group_timeout_seconds)

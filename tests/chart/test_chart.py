@@ -392,13 +392,13 @@ def test_config_map_loads_with_repa_config(profile: str, tmp_path: Path) -> None
 
 
 def test_values_schema_config_part_is_generated_from_repa_config() -> None:
-    """`definitions.repaRunConfig` must equal repa.config.json_schema() (regenerate on drift)."""
+    """`definitions.repaRunConfig` must equal repa.config_export.json_schema() (regenerate on drift)."""
     pytest.importorskip("repa.config")
     import update_values_schema
 
     text = (CHART / "values.schema.json").read_text()
     assert update_values_schema.render(json.loads(text)) == text, (
-        "helm/repa/values.schema.json drifted from repa.config.json_schema(); "
+        "helm/repa/values.schema.json drifted from repa.config_export.json_schema(); "
         "run .venv/bin/python tests/chart/update_values_schema.py"
     )
 

@@ -3,7 +3,7 @@
     .venv/bin/python tests/chart/update_values_schema.py          # rewrite the file
     .venv/bin/python tests/chart/update_values_schema.py --check  # exit 1 if it drifted
 
-Only ``definitions.repaRunConfig`` is generated (from :func:`repa.config.json_schema`, the same tree as
+Only ``definitions.repaRunConfig`` is generated (from :func:`repa.config_export.json_schema`, the same tree as
 ``repa config schema``); ``properties.config`` combines it (``allOf``) with the hand-written
 ``definitions.chartRequiredConfig`` (data.url and storage.run_url must be fsspec URLs). The Kubernetes
 part of the schema is hand-written. tests/chart/test_chart.py fails when the generated part drifts.
@@ -21,8 +21,8 @@ SCHEMA_PATH = Path(__file__).resolve().parents[2] / "helm" / "repa" / "values.sc
 
 
 def generated_run_config_schema() -> dict[str, Any]:
-    """repa.config.json_schema() without its `$schema` key (it becomes a definition of the chart's schema)."""
-    from repa.config import json_schema
+    """repa.config_export.json_schema() without its `$schema` key (a definition of the chart's schema)."""
+    from repa.config_export import json_schema
 
     return {k: v for k, v in json_schema().items() if k != "$schema"}
 
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.check:
         print(
-            f"{SCHEMA_PATH}: definitions.repaRunConfig drifted from repa.config.json_schema(); run {__file__}"
+            f"{SCHEMA_PATH}: definitions.repaRunConfig drifted from "
+            f"repa.config_export.json_schema(); run {__file__}"
         )
         return 1
     SCHEMA_PATH.write_text(new, encoding="utf-8")

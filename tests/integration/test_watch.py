@@ -24,7 +24,6 @@ import yaml
 from repa import checkpoint as ckpt
 from repa import storage
 from repa.config import RunConfig
-from repa.eval import sample as S
 from repa.eval.refstats import compute_reference_stats, save_reference_stats
 from repa.tensorboard import read_scalars
 from tests.tiny_features import FEATS
@@ -331,7 +330,7 @@ def test_launch_jobs_creates_one_job_per_checkpoint_and_409_means_done(tmp_path,
     commit_checkpoint(cfg, 300)
     from repa.eval.evaluate import plan_evaluation
 
-    plan = plan_evaluation(cfg, S.resolve_checkpoint(f"{run_url}/checkpoints/step-0000300", None))
+    plan = plan_evaluation(cfg, ckpt.resolve_checkpoint(f"{run_url}/checkpoints/step-0000300", None))
     taken = jobs.job_name("my-release-eval", 300, plan.digest)
     clash = StubBatchApi(existing={taken})
     assert make_watcher(cfg, launcher=jobs.JobLauncher(clash, template)).run(once=True).processed == [300]

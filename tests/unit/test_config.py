@@ -16,12 +16,10 @@ from repa.config import (
     RunConfig,
     TrainConfig,
     apply_overrides,
-    field_docs,
-    json_schema,
     list_presets,
     load_config,
-    markdown_docs,
 )
+from repa.config_export import field_docs, json_schema, markdown_docs
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -148,7 +148,6 @@ def test_unknown_model_name_lists_allowed_names():
         (dict(encoder_depth=-1), r"encoder_depth=-1"),
         (dict(hidden_size=30, num_heads=4), r"hidden_size=30 is not divisible by num_heads=4"),
         (dict(input_size=9), r"input_size=9 is not divisible by patch_size=2"),
-        (dict(decoder_hidden_size=48), r"decoder_hidden_size=48 must equal hidden_size=32"),
         (dict(depth=0, encoder_depth=0), r"depth=0"),
         (dict(class_dropout_prob=1.0), r"class_dropout_prob"),
         (dict(z_dims=(16, 0)), r"z_dims"),

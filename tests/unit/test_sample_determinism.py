@@ -8,6 +8,7 @@ single in-process run (chunk files are deterministic .npz bytes). Tiny SiT on 16
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import signal
@@ -21,8 +22,10 @@ import pytest
 import torch
 import yaml
 
+from repa import checkpoint as ckpt
 from repa.config import RunConfig
 from repa.eval import sample as S
+from repa.models.reference import model_args_from_recorded
 from tests.tiny_runs import NUM_CLASSES, commit_tiny_checkpoint, tiny_run_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,19 +107,22 @@ def test_class_balanced_labels_cycle_without_changing_the_noise():
     assert len(set(a.y.tolist())) > 3  # uniform random labels
 
 
-def test_paper_preset_is_the_fid_1_42_protocol():
-    assert S.PRESETS["paper"] == {
-        "sampler": "sde",
-        "num_steps": 250,
-        "cfg_scale": 1.8,
-        "guidance_low": 0.0,
-        "guidance_high": 0.7,
-        "num_samples": 50_000,
-        "class_balanced": False,
-    }
-    cfg, _ = S.resolve_config(argparse.Namespace(config=None, overrides=[], preset="paper", checkpoint=None))
-    assert (cfg.sample.sampler, cfg.sample.num_steps, cfg.sample.cfg_scale) == ("sde", 250, 1.8)
-    assert (cfg.sample.guidance_high, cfg.sample.num_samples) == (0.7, 50_000)
+def test_sample_defaults_are_the_fid_1_42_protocol():
+    """The paper's FID setting is the default (no separate preset to keep in sync with it)."""
+    cfg, _ = S.resolve_config(argparse.Namespace(config=None, overrides=[], checkpoint=None))
+    s = cfg.sample
+    assert (s.sampler, s.num_steps, s.cfg_scale) == ("sde", 250, 1.8)
+    assert (s.guidance_low, s.guidance_high, s.num_samples, s.class_balanced) == (0.0, 0.7, 50_000, False)
+
+
+def test_shorthand_flags_become_config_keys():
+    args = argparse.Namespace(
+        config=None, overrides=["sample.seed=3"], checkpoint=None, chunk_size=7, precision="bf16", output=None
+    )
+    cfg, _ = S.resolve_config(args)
+    assert (cfg.sample.chunk_size, cfg.sample.precision, cfg.sample.seed) == (7, "bf16", 3)
+    assert cfg.sample_precision() == "bf16"
+    assert S.SampleSpec.from_config(cfg).chunk_size == 7
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,9 +161,9 @@ def test_two_processes_and_one_produce_byte_identical_chunks(tmp_path):
 
 def test_batch_size_changes_no_input_and_at_most_the_last_bit(tmp_path):
     _, run_url, cfg = write_run(tmp_path)
-    loaded = S.load_model(cfg, S.resolve_checkpoint(None, run_url))
+    loaded = ckpt.load_model(cfg, ckpt.resolve_checkpoint(None, run_url))
     vae, _ = S.build_decoder_vae(cfg)
-    spec = S.SampleSpec.from_config(cfg, chunk_size=6)
+    spec = dataclasses.replace(S.SampleSpec.from_config(cfg), chunk_size=6)
     sets = {
         bs: S.generate_samples(
             loaded.model, spec, out_url=str(tmp_path / f"bs{bs}"), vae=vae, batch_size=bs, latents_scale=1.0
@@ -263,9 +269,9 @@ def test_uncommitted_checkpoint_is_refused(tmp_path):
     partial = Path(run_url, "checkpoints", "step-0000200")
     partial.mkdir()
     (partial / "ema.pt").write_bytes(b"half written")
-    with pytest.raises(S.SamplingError, match=r"step-0000200: has no COMMITTED marker"):
-        S.resolve_checkpoint(str(partial), None)
-    assert S.resolve_checkpoint(None, run_url).step == 100  # latest *committed*
+    with pytest.raises(ckpt.CheckpointError, match=r"step-0000200: has no COMMITTED marker"):
+        ckpt.resolve_checkpoint(str(partial), None)
+    assert ckpt.resolve_checkpoint(None, run_url).step == 100  # latest *committed*
 
 
 def test_reference_checkpoint_files_load_with_config_or_recorded_args(tmp_path):
@@ -273,13 +279,15 @@ def test_reference_checkpoint_files_load_with_config_or_recorded_args(tmp_path):
     sd = torch.load(Path(run_url, "checkpoints", "step-0000100", "ema.pt"), weights_only=False)["ema"]
     bare = tmp_path / "last.pt"  # the authors' released file is a bare EMA state dict: args from the config
     torch.save(sd, bare)
-    loaded = S.load_model(cfg, S.resolve_checkpoint(str(bare), None))
+    loaded = ckpt.load_model(cfg, ckpt.resolve_checkpoint(str(bare), None))
     assert loaded.model_args["hidden_size"] == 32 and loaded.source.kind == "file"
     bigger = RunConfig.from_dict(
         {**tiny_config(run_url), "model": {**tiny_config(run_url)["model"], "hidden_size": 64}}
     )
-    with pytest.raises(S.ModelMismatchError, match=r"do not fit .*model.hidden_size: weights 32, config 64"):
-        S.load_model(bigger, S.resolve_checkpoint(str(bare), None))
+    with pytest.raises(
+        ckpt.ModelMismatchError, match=r"do not fit .*model.hidden_size: weights 32, config 64"
+    ):
+        ckpt.load_model(bigger, ckpt.resolve_checkpoint(str(bare), None))
 
     # Official train.py layout {model, ema, opt, args, steps}: args is its argparse Namespace.
     official_args = argparse.Namespace(
@@ -293,7 +301,7 @@ def test_reference_checkpoint_files_load_with_config_or_recorded_args(tmp_path):
         batch_size=256,
         learning_rate=1e-4,
     )
-    assert S._args_from_recorded(vars(official_args)) == {
+    assert model_args_from_recorded(vars(official_args)) == {
         "model": "SiT-XL/2",
         "input_size": 32,
         "in_channels": 4,
@@ -310,8 +318,8 @@ def test_reference_checkpoint_files_load_with_config_or_recorded_args(tmp_path):
     path = tmp_path / "official.pt"
     torch.save({"model": sd, "ema": sd, "args": official_args, "steps": 5}, path)
     with pytest.raises(
-        S.ModelMismatchError,
+        ckpt.ModelMismatchError,
         match=r"model.name: checkpoint 'SiT-XL/2', config 'SiT-S/2'.*"
         r"model.depth: checkpoint 28, config 2",
     ):
-        S.load_model(cfg, S.resolve_checkpoint(str(path), None))
+        ckpt.load_model(cfg, ckpt.resolve_checkpoint(str(path), None))
