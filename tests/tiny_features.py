@@ -1,4 +1,4 @@
-"""A tiny deterministic conv feature extractor for eval tests (repa.eval.metrics.FeatureExtractor protocol).
+"""A tiny deterministic conv feature extractor for eval tests (repa.eval.features.FeatureExtractor protocol).
 
 Written as a module file into a test's tmp folder, because `repa eval/watch --feature-extractor
 MODULE:CALLABLE` imports it by name, also in subprocesses (put the folder on PYTHONPATH).
@@ -11,7 +11,7 @@ from pathlib import Path
 
 FEATS = "repa_test_feats:build"
 FEATS_SOURCE = '''
-"""A tiny deterministic conv feature extractor (repa.eval.metrics.FeatureExtractor protocol)."""
+"""A tiny deterministic conv feature extractor (repa.eval.features.FeatureExtractor protocol)."""
 import torch
 from torch import nn
 

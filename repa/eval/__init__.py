@@ -1,5 +1,10 @@
 """Evaluation: FID / Inception Score / precision-recall (ADM's protocol) and reference statistics.
 
+Modules, each with one job: ``stats`` (Fréchet distance, IS, precision/recall on feature arrays),
+``images`` (uint8 image batches from tensors, ``.npz`` files and folders), ``features`` (the Inception
+network and the feature pass), ``refstats`` (reference statistics files), ``metrics`` (all of them
+for one sample set against one reference, and the result JSON).
+
 The one-pass evaluation function is ``repa.eval.metrics.evaluate``; it is not re-exported here
 because ``repa.eval.evaluate`` is the ``repa eval`` command's module (a submodule import would
 silently replace a same-named package attribute). Typical use::
@@ -12,37 +17,35 @@ silently replace a same-named package attribute). Typical use::
     write_result_json("s3://bucket/run/eval/step-400000.json", result, protocol={...})
 """
 
-from repa.eval.metrics import (
+from repa.eval.errors import MetricsError
+from repa.eval.features import (
     INCEPTION_NAME,
     INCEPTION_WEIGHTS_FILENAME,
     INCEPTION_WEIGHTS_SOURCE_URL,
-    EvalResult,
     ExtractedFeatures,
     FeatureExtractor,
-    FeatureStats,
-    ImageSource,
     InceptionFeatureExtractor,
-    MetricsError,
-    RunningFeatureStats,
-    UInt8ImageDataset,
     build_inception,
     compute_feature_stats,
-    evaluate_features,
     extract_features,
-    frechet_distance,
-    inception_score,
-    iter_image_batches,
-    local_copy,
-    precision_recall,
+    iter_features,
     sha256_file,
-    write_result_json,
 )
+from repa.eval.images import ImageSource, UInt8ImageDataset, iter_image_batches
+from repa.eval.metrics import EvalResult, evaluate_features, write_result_json
 from repa.eval.refstats import (
     ReferenceStats,
     ReferenceStatsError,
     compute_reference_stats,
     load_reference_stats,
     save_reference_stats,
+)
+from repa.eval.stats import (
+    FeatureStats,
+    RunningFeatureStats,
+    frechet_distance,
+    inception_score,
+    precision_recall,
 )
 
 __all__ = [
@@ -67,9 +70,9 @@ __all__ = [
     "extract_features",
     "frechet_distance",
     "inception_score",
+    "iter_features",
     "iter_image_batches",
     "load_reference_stats",
-    "local_copy",
     "precision_recall",
     "save_reference_stats",
     "sha256_file",

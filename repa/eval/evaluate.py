@@ -81,7 +81,7 @@ def extractor_identity(cfg: RunConfig) -> dict[str, Any]:
     factory = cfg.eval.feature_extractor
     if factory:
         return {"factory": factory}
-    from repa.eval.metrics import INCEPTION_NAME
+    from repa.eval.features import INCEPTION_NAME
 
     return {"name": INCEPTION_NAME, "weights_url": cfg.eval.inception_weights_url}
 
@@ -109,7 +109,7 @@ def build_extractor(cfg: RunConfig, device: torch.device | str = "cpu") -> Any:
         if isinstance(extractor, torch.nn.Module):
             extractor = extractor.to(device).eval()
         return extractor
-    from repa.eval.metrics import build_inception
+    from repa.eval.features import build_inception
 
     return build_inception(cfg.eval.inception_weights_url, device=device)
 
@@ -211,7 +211,7 @@ def _reference_and_extractor(
     if with_pr and reference.features is None and reference.images is not None:
         # Extract the reference images' features once (ADM files carry images, not features); the
         # metrics then use them for every later checkpoint. ADM's statistics are Inception's.
-        from repa.eval.metrics import extract_features
+        from repa.eval.features import extract_features
 
         if reference.feature_extractor in (None, name):
             reference.features = extract_features(extractor, reference.images).features.numpy()
@@ -550,7 +550,7 @@ def _run_ref_stats(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from repa import runtime as D
-    from repa.eval.metrics import MetricsError
+    from repa.eval.errors import MetricsError
     from repa.weights import WeightsError
 
     user_errors = (

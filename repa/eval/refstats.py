@@ -26,16 +26,10 @@ from typing import Any
 import numpy as np
 
 from repa import storage
-from repa.eval.metrics import (
-    FeatureExtractor,
-    FeatureStats,
-    ImageSource,
-    MetricsError,
-    RunningFeatureStats,
-    _iter_features,
-    local_copy,
-    sha256_file,
-)
+from repa.eval.errors import MetricsError
+from repa.eval.features import FeatureExtractor, iter_features, sha256_file
+from repa.eval.images import ImageSource
+from repa.eval.stats import FeatureStats, RunningFeatureStats
 
 __all__ = [
     "FORMAT_VERSION",
@@ -114,16 +108,16 @@ class ReferenceStats:
 def load_reference_stats(
     url: str,
     load_images: bool = True,
-    cache_dir: str | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> ReferenceStats:
     """Read an ADM reference batch or a repa statistics file from a local path or fsspec URL.
 
-    Remote files are copied to ``cache_dir`` first (ADM's 256px batch holds 2 GB of images; ``np.load`` and
-    the sha256 read it from local disk). ``load_images=False`` skips ``arr_0`` (FID only).
+    Remote files are copied to ``repa.storage.cache_dir()/refstats`` first (ADM's 256px batch holds
+    2 GB of images; ``np.load`` and the sha256 read it from local disk). ``load_images=False`` skips
+    ``arr_0`` (FID only).
     """
     try:
-        path = local_copy(url, cache_dir, storage_options)
+        path = storage.local_copy(url, storage_options, kind="refstats")
     except FileNotFoundError as e:
         raise ReferenceStatsError(f"reference statistics {url!r} not found") from e
     digest = sha256_file(path)
@@ -268,7 +262,7 @@ def compute_reference_stats(
     running = RunningFeatureStats()
     reservoir = _Reservoir(max(keep_features, keep_images), seed)
     size = None
-    for batch, feats, _ in _iter_features(extractor, images, batch_size, with_logits=False):
+    for batch, feats, _ in iter_features(extractor, images, batch_size, with_logits=False):
         size = (int(batch.shape[2]), int(batch.shape[3]))
         running.update(feats)
         if reservoir.capacity:

@@ -320,7 +320,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from repa.eval.metrics import MetricsError
+    from repa.eval.errors import MetricsError
     from repa.weights import WeightsError
 
     cfg, explicit = S.resolve_config(args, E.EVAL_FLAG_KEYS)

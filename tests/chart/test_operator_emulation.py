@@ -358,7 +358,7 @@ def _prepare_data(tmp_path: Path, data_url: str) -> None:
 def _prepare_eval_inputs(cfg: Any) -> None:
     """Random-weights Inception on storage, and reference statistics of the dataset made with it."""
     from repa.eval.evaluate import compute_dataset_reference_stats
-    from repa.eval.metrics import build_inception
+    from repa.eval.features import build_inception
     from tests.fidelity_weights import random_inception_weights_path
 
     weights = random_inception_weights_path()

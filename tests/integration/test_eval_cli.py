@@ -171,7 +171,7 @@ def test_reference_of_another_image_size_is_refused_before_sampling(tmp_path, fe
 
 def test_inception_fid_and_is_end_to_end_with_random_weights(tmp_path):
     """The real torch-fidelity InceptionV3 path (random weights: FID values meaningless, code path exact)."""
-    from repa.eval.metrics import build_inception
+    from repa.eval.features import build_inception
     from tests.fidelity_weights import random_inception_weights_path
 
     weights = random_inception_weights_path()

@@ -1,0 +1,122 @@
+"""Package layout: no import cycles among repa's modules, counting lazy imports inside functions.
+
+A cycle works at import time only by luck of order (or because one side imports lazily) and ties two
+modules into one job; the eval stack (stats <- images <- features <- refstats <- metrics) is layered
+so that each can be read and tested on its own. The graph is read from the source with ``ast``, so
+every ``import repa...`` / ``from repa... import`` counts, wherever it sits: module level, inside a
+function, or under ``TYPE_CHECKING``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import repa
+
+PACKAGE_DIR = Path(repa.__file__).resolve().parent
+
+
+def module_files(package_dir: Path) -> dict[str, tuple[Path, bool]]:
+    """``{dotted module name: (file, is a package __init__)}`` for every module of a package."""
+    out = {}
+    for path in sorted(package_dir.rglob("*.py")):
+        parts = [package_dir.name, *path.relative_to(package_dir).with_suffix("").parts]
+        is_package = parts[-1] == "__init__"
+        out[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+    return out
+
+
+def imports_of(name: str, path: Path, is_package: bool, modules: dict) -> set[str]:
+    """The package's modules that ``name`` imports.
+
+    ``from pkg import x`` names the submodule ``pkg.x`` when there is one, else ``pkg`` itself (its
+    ``__init__``). Importing ``a.b.c`` also runs ``a/__init__`` and ``a/b/__init__``; those implicit
+    parent imports are not edges (else every package that re-exports its submodules would be a
+    cycle), but an explicit ``from a.b import Name`` is one.
+    """
+    package = name.split(".") if is_package else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: one level is the current package
+                base = ".".join(
+                    package[: len(package) - node.level + 1] + ([node.module] if node.module else [])
+                )
+            else:
+                base = node.module or ""
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                found.add(sub if sub in modules else base)
+    return {m for m in found if m in modules and m != name}
+
+
+def import_graph(package_dir: Path = PACKAGE_DIR) -> dict[str, set[str]]:
+    """``{module: modules of the same package it imports}``."""
+    modules = module_files(package_dir)
+    return {name: imports_of(name, path, is_pkg, modules) for name, (path, is_pkg) in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as ``[a, b, ..., a]``, or None (depth-first search, white/grey/black)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                return [*path[path.index(dep) :], dep]
+            if dep not in state and (cycle := visit(dep)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_graph_sees_lazy_relative_and_type_checking_imports(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    files = {
+        "__init__.py": "from pkg.sub import b\n",
+        "a.py": "import os\n\ndef f():\n    import pkg.sub.b as B\n",
+        "sub/__init__.py": "",
+        "sub/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import c\n",
+        "sub/c.py": "from ..a import f\nfrom pkg import NAME\n",
+    }
+    for name, text in files.items():
+        (pkg / name).write_text(text)
+    graph = import_graph(pkg)
+    assert graph == {
+        "pkg": {"pkg.sub.b"},
+        "pkg.a": {"pkg.sub.b"},  # lazy, inside a function; os is not the package's
+        "pkg.sub": set(),
+        "pkg.sub.b": {"pkg.sub.c"},  # relative, under TYPE_CHECKING
+        "pkg.sub.c": {"pkg.a", "pkg"},  # `from pkg import NAME` runs pkg/__init__
+    }
+    assert find_cycle(graph) == ["pkg", "pkg.sub.b", "pkg.sub.c", "pkg"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycles_in_the_package():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_eval_stack_is_layered():
+    # stats and images know nothing of networks or each other; features no files of statistics.
+    graph = import_graph()
+    eval_deps = {name: {d for d in deps if d.startswith("repa.eval")} for name, deps in graph.items()}
+    assert eval_deps["repa.eval.errors"] == set()
+    assert eval_deps["repa.eval.stats"] == {"repa.eval.errors"}
+    assert eval_deps["repa.eval.images"] == {"repa.eval.errors"}
+    assert eval_deps["repa.eval.features"] == {"repa.eval.errors", "repa.eval.images", "repa.eval.stats"}
+    assert "repa.eval.metrics" not in eval_deps["repa.eval.refstats"]
