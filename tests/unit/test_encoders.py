@@ -28,11 +28,17 @@ from repa.weights import WeightsError
 from tests.golden import meta, state_dict, tensor
 
 RESOLUTION = meta("prep_resolution")
+GRID = meta("enc_pos_grid")  # patch grid after REPA's pos-embed resampling: 16 * (resolution // 256)
+PATCH = meta("enc_patch_size")
 
 
 def tiny_dinov2_kwargs() -> dict:
     """timm overrides that turn ``dinov2-vit-*`` into the golden file's tiny DINOv2."""
-    assert meta("enc_patch_size") == 14 and meta("enc_num_register_tokens") == 0
+    if PATCH != 14 or meta("enc_num_register_tokens") != 0:
+        pytest.skip(
+            f"golden DINOv2 patch {PATCH}, {meta('enc_num_register_tokens')} registers: "
+            "repa's dinov2-vit-* entries are patch-14 without registers"
+        )
     return dict(
         embed_dim=meta("enc_embed_dim"),
         depth=meta("enc_depth"),
@@ -75,7 +81,7 @@ def test_preprocessing_antialias_or_bilinear_would_be_caught_by_tolerance():
     std = torch.tensor(DINOV2_PREPROCESSING.std).view(1, 3, 1, 1)
     normed = (raw / 255.0 - mean) / std
     for kwargs in (dict(mode="bicubic", antialias=True), dict(mode="bilinear")):
-        wrong = F.interpolate(normed, size=224, **kwargs)
+        wrong = F.interpolate(normed, size=tensor("prep.dinov2_input").shape[-1], **kwargs)
         assert (wrong - tensor("prep.dinov2_input")).abs().max() > 3e-4
 
 
@@ -83,15 +89,16 @@ def test_golden_encoder_preprocess_equals_reference_function(golden_encoder):
     torch.testing.assert_close(
         golden_encoder.preprocess(tensor("prep.raw")), tensor("prep.dinov2_input"), atol=3e-4, rtol=0
     )
-    assert golden_encoder.input_size == 224 * (RESOLUTION // 256)
+    assert golden_encoder.input_size == 224 * (RESOLUTION // 256) == tensor("prep.dinov2_input").shape[-1]
 
 
 def test_pos_embed_is_resampled_once_at_load_like_reference(golden_encoder):
-    assert tuple(state_dict("enc.sd.")["pos_embed"].shape[1:]) == (1 + 37 * 37, meta("enc_embed_dim"))
+    side = meta("enc_img_size") // PATCH  # the hub checkpoint's grid (37 for img_size 518)
+    assert tuple(state_dict("enc.sd.")["pos_embed"].shape[1:]) == (1 + side * side, meta("enc_embed_dim"))
     torch.testing.assert_close(
         golden_encoder.model.pos_embed, tensor("enc.pos_embed_resampled"), atol=1e-6, rtol=0
     )
-    assert golden_encoder.num_tokens == meta("enc_pos_grid") ** 2
+    assert golden_encoder.num_tokens == GRID**2
 
 
 def test_patch_tokens_match_reference_on_stored_input(golden_encoder):
@@ -109,7 +116,7 @@ def test_patch_tokens_match_reference_from_uint8_images(golden_encoder):
 def test_cls_token_matches_reference(golden_encoder):
     with torch.no_grad():
         tokens = golden_encoder.model.forward_features(tensor("prep.dinov2_input"))
-    assert golden_encoder.num_prefix_tokens == 1
+    assert golden_encoder.num_prefix_tokens == 1 + meta("enc_num_register_tokens")
     torch.testing.assert_close(tokens[:, 0], tensor("enc.x_norm_clstoken"), atol=1e-4, rtol=0)
 
 
@@ -153,13 +160,13 @@ def test_register_variant_drops_cls_and_registers_like_dinov2(tmp_path):
     enc = build_encoder(
         "dinov2-vit-b-reg", weights_url=str(path), resolution=RESOLUTION, model_kwargs=tiny_dinov2_kwargs()
     )
-    assert enc.num_prefix_tokens == 5 and enc.num_tokens == 256
+    assert enc.num_prefix_tokens == 5 and enc.num_tokens == GRID**2
 
     # DINOv2's forward with the pos-embed pre-resampled as REPA does (1 prefix token, bicubic+antialias).
     x = tensor("prep.dinov2_input")
-    pos = resample_abs_pos_embed(fb["pos_embed"], [16, 16])  # (1, 1 + 256, D)
+    pos = resample_abs_pos_embed(fb["pos_embed"], [GRID, GRID])  # (1, 1 + GRID**2, D)
     h = (
-        F.conv2d(x, fb["patch_embed.proj.weight"], fb["patch_embed.proj.bias"], stride=14)
+        F.conv2d(x, fb["patch_embed.proj.weight"], fb["patch_embed.proj.bias"], stride=PATCH)
         .flatten(2)
         .transpose(1, 2)
     )
@@ -184,7 +191,7 @@ def test_random_init_warns_and_is_frozen(caplog):
     assert not enc.training and not enc.model.training
     images = torch.randint(0, 256, (2, 3, RESOLUTION, RESOLUTION), dtype=torch.uint8)
     out = enc(images)
-    assert out.shape == (2, 256, meta("enc_embed_dim")) and out.grad_fn is None
+    assert out.shape == (2, GRID**2, meta("enc_embed_dim")) and out.grad_fn is None
     assert enc.describe()["weights_url"] is None and enc.weights_sha256 is None
 
 
@@ -276,16 +283,18 @@ def test_unloadable_weights_file_names_the_url(tmp_path):
 
 
 def test_state_dict_mismatch_names_missing_and_unexpected_keys(fb_weights_path):
-    kwargs = {**tiny_dinov2_kwargs(), "depth": 1}
-    with pytest.raises(WeightsError, match=r"unexpected keys: blocks\.1\.") as err:
+    depth, dim, heads = meta("enc_depth"), meta("enc_embed_dim"), meta("enc_num_heads")
+    kwargs = {**tiny_dinov2_kwargs(), "depth": depth - 1}
+    with pytest.raises(WeightsError, match=rf"unexpected keys: blocks\.{depth - 1}\.") as err:
         build_encoder("dinov2-vit-b", weights_url=fb_weights_path, resolution=RESOLUTION, model_kwargs=kwargs)
     assert fb_weights_path in str(err.value)
-    kwargs = {**tiny_dinov2_kwargs(), "depth": 3}
-    with pytest.raises(WeightsError, match=r"missing keys: blocks\.2\."):
+    kwargs = {**tiny_dinov2_kwargs(), "depth": depth + 1}
+    with pytest.raises(WeightsError, match=rf"missing keys: blocks\.{depth}\."):
         build_encoder("dinov2-vit-b", weights_url=fb_weights_path, resolution=RESOLUTION, model_kwargs=kwargs)
-    kwargs = {**tiny_dinov2_kwargs(), "embed_dim": 24}
+    small = dim // 2 if (dim // 2) % heads == 0 else dim - heads  # another width the heads divide
+    kwargs = {**tiny_dinov2_kwargs(), "embed_dim": small}
     with pytest.raises(
-        WeightsError, match=r"shape mismatch.*cls_token: file \(1, 1, 48\) vs model \(1, 1, 24\)"
+        WeightsError, match=rf"shape mismatch.*cls_token: file \(1, 1, {dim}\) vs model \(1, 1, {small}\)"
     ):
         build_encoder("dinov2-vit-b", weights_url=fb_weights_path, resolution=RESOLUTION, model_kwargs=kwargs)
 
@@ -296,8 +305,9 @@ def test_bad_images_are_rejected_with_the_expected_layout(golden_encoder):
         golden_encoder(good.float())
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         golden_encoder(good[:, :1])
-    with pytest.raises(ValueError, match=r"256x256 .* got 128x128"):
-        golden_encoder(good[..., :128, :128])
+    half = RESOLUTION // 2
+    with pytest.raises(ValueError, match=rf"{RESOLUTION}x{RESOLUTION} .* got {half}x{half}"):
+        golden_encoder(good[..., :half, :half])
     with pytest.raises(ValueError, match=r"torch\.Tensor"):
         golden_encoder(good.numpy())
 

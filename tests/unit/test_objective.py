@@ -9,19 +9,25 @@ import torch
 import torch.nn.functional as F
 
 from repa.models import SiT
-from repa.objective import REPALoss, interpolant, negative_cosine, sample_time
-from tests.golden import keys, meta, sit_model, tensor
+from repa.objective import PATH_TYPES, TIME_SAMPLINGS, REPALoss, interpolant, negative_cosine, sample_time
+from tests.golden import interpolate, meta, per_projector, sit_model, tensor
 
 golden_model = sit_model  # eval mode: the golden run never drops labels
 
 
 def golden_inputs():
-    return tensor("loss.x"), tensor("loss.y"), [tensor(k) for k in keys("loss.zs.")]
+    return tensor("loss.x"), tensor("loss.y"), [tensor(k) for k in per_projector("loss.zs.")]
 
 
 def golden_loss() -> REPALoss:
-    assert meta("weighting") == "uniform" and meta("prediction") == "v"
-    return REPALoss(path_type=meta("path_type"), time_sampling="uniform", proj_coeff=meta("proj_coeff"))
+    """REPALoss with the golden SILoss settings (the reference's ``--weighting`` is repa's time_sampling)."""
+    if meta("prediction") != "v":
+        pytest.skip(f"golden prediction={meta('prediction')!r}: REPALoss (like SILoss) predicts v only")
+    if meta("path_type") not in PATH_TYPES or meta("weighting") not in TIME_SAMPLINGS:
+        pytest.skip(f"golden path_type={meta('path_type')!r}, weighting={meta('weighting')!r}: not in repa")
+    return REPALoss(
+        path_type=meta("path_type"), time_sampling=meta("weighting"), proj_coeff=meta("proj_coeff")
+    )
 
 
 def global_grad_norm(model: torch.nn.Module) -> torch.Tensor:
@@ -56,7 +62,7 @@ def tiny_batch(model: SiT, batch: int = 3):
 def check_golden(out, model):
     torch.testing.assert_close(out.x_t, tensor("loss.x_t"), atol=2e-6, rtol=0)
     torch.testing.assert_close(out.v_pred, tensor("loss.model_output"), atol=1e-5, rtol=0)
-    for i, key in enumerate(keys("loss.zs_tilde.")):
+    for i, key in enumerate(per_projector("loss.zs_tilde.")):
         torch.testing.assert_close(out.zs_proj[i], tensor(key), atol=1e-5, rtol=0)
     per_sample = tensor("loss.denoising_per_sample")
     torch.testing.assert_close(out.denoising_per_sample, per_sample, atol=1e-5, rtol=0)
@@ -66,13 +72,23 @@ def check_golden(out, model):
     torch.testing.assert_close(global_grad_norm(model), tensor("loss.grad_norm"), rtol=1e-5, atol=0)
 
 
-def test_loss_draws_t_then_noise_like_the_reference_and_matches_golden():
+def drawn_golden_loss():
+    """The golden loss with t and noise drawn from the global RNG after ``manual_seed(meta_loss_seed)``."""
     model, (x, y, zs) = golden_model(), golden_inputs()
     torch.manual_seed(meta("loss_seed"))
-    out = golden_loss()(model, x, y, zs)
+    return model, golden_loss()(model, x, y, zs)
+
+
+def check_draws(out):
+    """t then noise were drawn as the reference drew them: ``loss.t``, and ``loss.noise`` in x_t
+    (built with the interpolant of meta_path_type)."""
     assert torch.equal(out.t, tensor("loss.t"))
-    t = out.t.view(-1, 1, 1, 1)
-    assert torch.equal(out.x_t, (1 - t) * x + t * tensor("loss.noise"))  # the noise drawn is loss.noise
+    assert torch.equal(out.x_t, interpolate(tensor("loss.x"), out.t, tensor("loss.noise")))
+
+
+def test_loss_draws_t_then_noise_like_the_reference_and_matches_golden():
+    model, out = drawn_golden_loss()
+    check_draws(out)
     check_golden(out, model)
 
 

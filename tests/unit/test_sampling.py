@@ -18,7 +18,7 @@ from repa.sampling import (
     sample,
     sde_time_grid,
 )
-from tests.golden import meta, sit_model, tensor
+from tests.golden import golden, guidance, guided_steps, meta, sit_model, tensor, time_grid
 from tests.tiny_runs import perturb
 
 ATOL = 1e-5  # golden README: sample.ode_*, sample.sde_* (float32 model, float64 state)
@@ -29,11 +29,7 @@ def N() -> int:
 
 
 def cfg_settings() -> dict:
-    return dict(
-        cfg_scale=meta("sample_cfg_scale"),
-        guidance_low=meta("sample_guidance_low"),
-        guidance_high=meta("sample_guidance_high"),
-    )
+    return guidance()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -112,7 +108,7 @@ def test_ode_matches_reference_samples_nfe_and_guidance(model, zy, run):
     torch.testing.assert_close(out, tensor(key), atol=ATOL, rtol=0)
     assert trace.nfe == tensor(key + "_nfe").item()
     assert torch.equal(trace.t_steps, tensor("sample.ode_t_steps"))
-    if key + "_guided" in _golden_keys():
+    if key + "_guided" in golden():
         assert trace.guided == tensor(key + "_guided").bool().tolist()
 
 
@@ -201,7 +197,9 @@ def test_sample_defaults_to_reference_step_counts(zy):
 
 def test_guidance_interval_includes_both_bounds(model, zy):
     z, y = zy
-    grid = ode_time_grid(N()).tolist()
+    if N() < 4:
+        pytest.skip(f"meta_sample_num_steps={N()}: needs 4 steps for interior bounds with steps outside")
+    grid = time_grid("ode")
     low, high = grid[N() - 2], grid[2]  # exact grid values: inclusive bounds must guide these steps
     trace = SamplerTrace()
     euler_sampler(model, z, y, N(), cfg_scale=1.5, guidance_low=low, guidance_high=high, trace=trace)
@@ -209,18 +207,33 @@ def test_guidance_interval_includes_both_bounds(model, zy):
     assert trace.guided[2] and trace.guided[N() - 2] and not trace.guided[1] and not trace.guided[N() - 1]
 
 
-def test_exclusive_upper_bound_would_be_caught_by_the_golden(model, zy):
-    # The golden's guidance_high is a grid point: an exclusive bound (t < high) skips guidance there and
-    # moves the sample by far more than ATOL, so the parity test above detects that mistake.
+@pytest.mark.parametrize("sampler", ["ode", "sde"])
+def test_exclusive_upper_bound_would_be_caught_by_the_golden(model, zy, sampler):
+    # Where the golden's guidance_high is a point of a sampler's grid, an exclusive bound (t < high) skips
+    # guidance at that step and moves the sample by far more than ATOL, so the parity tests above detect
+    # that mistake. A grid without that point does not exercise the bound.
     z, y = zy
     settings = cfg_settings()
-    high = settings["guidance_high"]
-    assert high in ode_time_grid(N()).tolist()
+    high, grid = settings["guidance_high"], time_grid(sampler)
+    if settings["cfg_scale"] <= 1:
+        pytest.skip(f"meta_sample_cfg_scale={settings['cfg_scale']}: the golden runs use no guidance")
+    if high not in grid[:-1]:
+        pytest.skip(f"meta_sample_guidance_high={high} is not a step of the golden {sampler} grid {grid}")
+    step = grid.index(high)
+    assert guided_steps(sampler)[step]  # the inclusive interval guides it (low <= high)
+    key = f"sample.ode_euler_{N()}_cfg" if sampler == "ode" else f"sample.sde_{N()}_cfg"
+    assert tensor(key + "_guided").bool().tolist()[step]
     settings["guidance_high"] = math.nextafter(high, 0.0)
     trace = SamplerTrace()
-    out = euler_sampler(model, z, y, N(), trace=trace, **settings)
-    assert trace.guided != tensor(f"sample.ode_euler_{N()}_cfg_guided").bool().tolist()
-    assert (out - tensor(f"sample.ode_euler_{N()}_cfg")).abs().max() > 10 * ATOL
+    if sampler == "ode":
+        out = euler_sampler(model, z, y, N(), trace=trace, **settings)
+    else:
+        noise = tensor("sample.sde_noise")
+        out = euler_maruyama_sampler(
+            model, z, y, N(), path_type=meta("path_type"), noise=noise, trace=trace, **settings
+        )
+    assert not trace.guided[step]  # so the trace differs from the stored one there
+    assert (out - tensor(key)).abs().max() > 10 * ATOL
 
 
 def test_guided_steps_double_the_batch_with_the_null_label_and_unguided_steps_do_not(model, zy):
@@ -241,19 +254,24 @@ def test_guided_steps_double_the_batch_with_the_null_label_and_unguided_steps_do
 def test_heun_second_evaluation_reuses_the_guidance_decision_of_t_cur(model, zy):
     z, y = zy
     settings = cfg_settings()
-    grid = ode_time_grid(N()).tolist()
-    # The last unguided step ends exactly at guidance_high: its second call (at t_next) must stay unguided.
-    i = next(k for k in range(N()) if grid[k] > settings["guidance_high"] >= grid[k + 1])
-    assert grid[i + 1] == settings["guidance_high"]
+    low, high = settings["guidance_low"], settings["guidance_high"]
+    grid = time_grid("ode")
+    # The last unguided step crosses into the interval (t_cur > high >= t_next >= low): its second call
+    # (at t_next) must stay unguided, although t_next's own decision would guide it.
+    crossing = [k for k in range(N() - 1) if grid[k] > high >= grid[k + 1] >= low]
+    if settings["cfg_scale"] <= 1 or not crossing:
+        pytest.skip(f"golden cfg {settings} on the ode grid {grid}: no Heun step enters the interval")
+    i = crossing[0]
     rec = Recorder(model)
     trace = SamplerTrace()
     euler_sampler(rec, z, y, N(), heun=True, trace=trace, **settings)
     assert trace.nfe == len(rec.calls) == 2 * N() - 1
+    assert trace.guided == guided_steps("ode")
     doubled = [labels.shape[0] == 2 * z.shape[0] for _, _, labels in rec.calls]
     # Calls come in (t_cur, t_next) pairs, except the single call of the last step.
     assert [doubled[2 * k] for k in range(N() - 1)] + [doubled[-1]] == trace.guided
     assert all(doubled[2 * k] == doubled[2 * k + 1] for k in range(N() - 1))
-    assert rec.calls[2 * i + 1][1][0].item() == pytest.approx(settings["guidance_high"])
+    assert rec.calls[2 * i + 1][1][0].item() == pytest.approx(grid[i + 1])
     assert not doubled[2 * i + 1] and doubled[2 * i + 2]
 
 
@@ -374,9 +392,3 @@ def test_cfg_without_any_null_class_is_a_value_error(zy):
     z, y = zy
     with pytest.raises(ValueError, match="null_class"):
         euler_sampler(lambda x, t, y: (x, []), z, y, 2, cfg_scale=2.0)
-
-
-def _golden_keys() -> set[str]:
-    from tests.golden import golden
-
-    return set(golden())

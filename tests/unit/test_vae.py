@@ -57,8 +57,8 @@ def images(b: int = 2, side: int = 16, seed: int = 0) -> torch.Tensor:
 
 
 def test_default_latent_scale_and_bias_are_the_reference_values():
-    assert default_latents_scale("sd-vae-ft-mse") == meta("latents_scale") == 0.18215
-    assert default_latents_bias("sd-vae-ft-mse") == meta("latents_bias") == 0.0
+    assert default_latents_scale("sd-vae-ft-mse") == meta("latents_scale")
+    assert default_latents_bias("sd-vae-ft-mse") == meta("latents_bias")
     assert default_latents_scale("sd-vae-ft-ema") == 0.18215
     assert default_latents_scale("none") == 1.0
 
@@ -66,8 +66,9 @@ def test_default_latent_scale_and_bias_are_the_reference_values():
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_posterior_sample_matches_reference_latents(per_channel):
     scale, bias = meta("latents_scale"), meta("latents_bias")
-    if per_channel:  # train.py's layout: tensor([0.18215] * 4).view(1, 4, 1, 1)
-        scale, bias = torch.tensor([scale] * 4).view(1, 4, 1, 1), torch.zeros(1, 4, 1, 1)
+    if per_channel:  # train.py's layout: tensor([0.18215] * 4).view(1, 4, 1, 1), one value per channel
+        c = meta("in_channels")
+        scale, bias = torch.tensor([scale] * c).view(1, c, 1, 1), torch.tensor([bias] * c).view(1, c, 1, 1)
     z = sample_posterior(tensor("prep.moments"), scale, bias, noise=tensor("prep.posterior_noise"))
     torch.testing.assert_close(z, tensor("prep.latents"), atol=2e-6, rtol=0)
 
