@@ -186,7 +186,8 @@ def test_sigterm_commits_a_checkpoint_before_exit(local_data, tmp_path):
         def trained_a_few_steps() -> bool:
             line = proc.stdout.readline()
             lines.append(line)
-            return line.startswith("step") and int(line.split()[1]) >= 3
+            words = line.split(" step ", 1)[-1].split() if " step " in line else []
+            return bool(words) and words[0].isdigit() and int(words[0]) >= 3
 
         _wait_for(trained_a_few_steps, 120, "three training steps", proc)
         proc.send_signal(signal.SIGTERM)
@@ -247,3 +248,91 @@ def test_elastic_torchrun_survives_a_killed_worker_with_data_and_run_on_s3(s3_bu
     assert state["reader"]["samples_consumed"] == 16 * 4
     steps = [s for s, _ in read_scalars(f"{run_url}/tensorboard")["train/loss"]]
     assert steps == sorted(set(steps)) and steps[-1] == 16
+
+
+# ----------------------------------------------------------------------------------------------
+# Storage options in the config only; data-order settings fixed for a run
+# ----------------------------------------------------------------------------------------------
+
+# SD-VAE layout (4 levels = 8x downsampling, 4 latent channels) at toy width: 32 px -> 4x4 latents.
+TINY_SD_VAE = dict(
+    block_out_channels=[4, 4, 4, 4],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    layers_per_block=1,
+    norm_num_groups=2,
+    sample_size=32,
+)
+ENCODER_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
+def _upload_folder(local: Path, url: str) -> None:
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            storage.write_bytes_atomic(f"{url}/{path.relative_to(local)}", path.read_bytes())
+
+
+def test_s3_endpoint_given_only_in_the_config_reaches_data_weights_and_checkpoints(
+    s3_server, s3_bucket, tmp_path, monkeypatch
+):
+    """MinIO/Ceph style: the endpoint lives in storage_options, no AWS_ENDPOINT_URL_S3. The encoder and
+    VAE weights (checked before the run, then loaded) must be read through the same options."""
+    import s3fs
+    import timm
+
+    from repa.vae import build_vae
+
+    torch.manual_seed(0)
+    vae_dir = tmp_path / "vae"
+    vae = build_vae("sd-vae-ft-mse", config_overrides=TINY_SD_VAE)
+    vae.save_pretrained(str(vae_dir))
+    encoder = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **ENCODER_KWARGS)
+    encoder_file = tmp_path / "encoder.pt"
+    torch.save(encoder.state_dict(), encoder_file)
+    tree = make_imagenet_tree(tmp_path, per_class=4, corrupt=0)
+    data_url = f"file://{tmp_path}/shards"
+    prepare_images(str(tree.root), data_url, resolution=32, samples_per_shard=4)
+    prepare_latents(data_url, vae="sd-vae-ft-mse", vae_weights_url=str(vae_dir), batch_size=8)
+    # Everything the run reads or writes lives in the bucket; uploaded while the env endpoint is set.
+    _upload_folder(tmp_path / "shards", f"{s3_bucket}/shards")
+    _upload_folder(vae_dir, f"{s3_bucket}/weights/vae")
+    storage.write_bytes_atomic(f"{s3_bucket}/weights/encoder.pt", encoder_file.read_bytes())
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    monkeypatch.setenv("REPA_CACHE_DIR", str(tmp_path / "cache"))
+    s3fs.S3FileSystem.clear_instance_cache()
+    options = f"{{client_kwargs: {{endpoint_url: '{s3_server}'}}}}"
+    run_url = f"{s3_bucket}/run"
+    sets = [
+        *("model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=1"),
+        *("model.encoder_depth=1", "model.projector_dim=64", "model.num_classes=10"),
+        f"encoder.model_kwargs=[{ENCODER_KWARGS}]".replace("'", ""),
+        f"encoder.weights_urls=[{s3_bucket}/weights/encoder.pt]",
+        *("vae.name=sd-vae-ft-mse", f"vae.weights_url={s3_bucket}/weights/vae", "vae.latents_scale=0.18215"),
+        *(f"data.url={s3_bucket}/shards", "data.resolution=32", f"data.storage_options={options}"),
+        *(f"storage.run_url={run_url}", f"storage.storage_options={options}"),
+        *("train.global_batch_size=4", "train.max_steps=2", "log.every_steps=1"),
+        *("log.sample_every_steps=2", "log.sample_num_images=1", "log.sample_num_steps=1"),
+        *("checkpoint.every_steps=2", "data.chunk_size=2", "data.shards_in_flight=2"),
+    ]
+    argv = ["train", "--config", "toy-cpu", *[a for s in sets for a in ("--set", s)]]
+    assert repa_main(argv) == 0
+    with_options = {"client_kwargs": {"endpoint_url": s3_server}}
+    ref = ckpt.latest_checkpoint(run_url, with_options)
+    assert ref is not None and ref.step == 2
+    state = ckpt.load_checkpoint_state(ref, with_options)
+    assert state["config"]["encoder"]["weights_urls"] == [f"{s3_bucket}/weights/encoder.pt"]
+    assert "train/loss" in read_scalars(f"{run_url}/tensorboard", with_options)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("data.chunk_size", 1), ("data.shards_in_flight", 2), ("data.seed", 5)]
+)
+def test_resume_with_another_data_order_is_refused_naming_the_key(local_data, tmp_path, capsys, key, value):
+    run_url = f"file://{tmp_path}/run"
+    assert _train(local_data, run_url, "train.max_steps=4") == 0
+    capsys.readouterr()
+    assert _train(local_data, run_url, "train.max_steps=8", f"{key}={value}") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and key in err and "Traceback" not in err, err
+    assert [r.step for r in ckpt.list_checkpoints(run_url)[0]] == [4]  # nothing trained past the stop
