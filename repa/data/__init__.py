@@ -1,7 +1,9 @@
 """Prepared datasets: WebDataset shards + manifest.json (``format``), written by ``repa prepare``.
 
 Only the pure format API is re-exported here (importing it pulls in neither fsspec nor torch);
-``repa.data.prepare`` holds the `repa prepare` stages. See docs/data.md.
+``repa.data.order`` is the streaming reader's sample order (pure, numpy only), ``repa.data.reader``
+the reader itself (fsspec, torch DataLoader) and ``repa.data.prepare`` the `repa prepare` stages.
+See docs/data.md.
 """
 
 from repa.data.format import (

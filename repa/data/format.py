@@ -10,15 +10,17 @@ A prepared dataset is a folder (any fsspec URL) holding::
 Per sample (WebDataset convention: members of one sample are consecutive and share the key, the
 part of the name before the first dot):
 
-- ``{key}.png``: RGB uint8 ``resolution x resolution`` after the ADM center crop (REPA.md §4).
+- ``{key}.png``: RGB uint8 ``resolution x resolution`` after the ADM center crop (``adm_center_crop``).
 - ``{key}.cls``: the class index as ASCII digits = index of the synset in the sorted synset list.
 - ``{key}.moments.npy`` (after ``repa prepare latents``): ``cat([mean, std])`` of the VAE posterior,
   shape (2C, h, w), e.g. (8, 32, 32), as a NumPy ``.npy`` (float16 by default, see docs/data.md).
 
 Keys are the zero-padded global index in the prepared order (``sample_key(i)``), so they are unique,
 deterministic and sort like the order. Images and latents are joined **by key**, never by position:
-the reference pairs two sorted file lists by position, and one missing file silently shifts every
-later pair (REPA.md §14). ``iter_shard`` reports a sample with a missing or corrupt member instead.
+the reference (REPA ``dataset.py``, ``CustomDataset``) pairs two sorted file lists by position, and
+one missing file silently shifts every later pair. ``SampleDecoder`` reports a sample with a missing
+or corrupt member instead; ``iter_shard`` (streaming) and ``IndexedShard`` (a shard held in memory,
+the streaming reader's) both decode with it. See docs/data.md.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import io
 import json
 import re
 import tarfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any, TypedDict
 
 import numpy as np
@@ -44,9 +46,12 @@ __all__ = [
     "MOMENTS",
     "MOMENTS_DTYPES",
     "PNG",
+    "IndexedShard",
     "Manifest",
     "ManifestError",
     "Sample",
+    "SampleDecoder",
+    "SampleError",
     "ShardError",
     "ShardInfo",
     "SkippedFile",
@@ -58,12 +63,14 @@ __all__ = [
     "encode_png",
     "iter_shard",
     "moments_float16_error",
+    "parse_label",
     "parse_shard_index",
     "read_manifest",
     "sample_key",
     "sha256_hex",
     "shard_name",
     "sidecar_name",
+    "split_member_name",
     "write_shard",
 ]
 
@@ -92,8 +99,16 @@ class ShardError(ValueError):
     """A shard is corrupt or disagrees with the manifest; the message names the shard (and the key)."""
 
 
+class SampleError(ValueError):
+    """One sample's member is missing or corrupt; the message names the member (callers add the shard)."""
+
+
 class Sample(TypedDict):
-    """One decoded-from-tar sample: PNG bytes (decode with ``decode_png``), label, optional moments."""
+    """One decoded-from-tar sample: PNG bytes (decode with ``decode_png``), label, optional moments.
+
+    Moments decoded by ``SampleDecoder`` may be a read-only view of the member's bytes: copy (or
+    ``astype``) before writing to them.
+    """
 
     key: str
     png: bytes
@@ -575,6 +590,83 @@ def moments_float16_error(
 
 
 # ----------------------------------------------------------------------------------------------
+# Samples: the one decoder of a sample's members
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_label(data: bytes) -> int:
+    """``.cls`` bytes -> the class index; ValueError unless they are ASCII digits (whitespace stripped)."""
+    try:
+        text = data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ValueError("not ASCII") from None
+    if not text.isdigit():
+        raise ValueError(text)
+    return int(text)
+
+
+class SampleDecoder:
+    """A sample's members (suffix -> bytes) -> ``Sample``, or SampleError naming the bad member.
+
+    ``.png`` and ``.cls`` (and ``.moments.npy`` if ``require_moments``) must be present; the PNG must
+    carry its signature (its pixels are decoded later, by ``decode_png``, only when needed); the
+    label must parse; moments, when present, must be a valid ``.npy``. ``iter_shard`` and the
+    streaming reader (via ``IndexedShard``) both decode with this class.
+
+    ``.npy`` headers are parsed once per distinct header, then the data is a ``frombuffer`` view:
+    numpy's own parser (``np.load``) evaluates the header text (~0.3 ms, a third of a 256px PNG
+    decode), and every moments member of a dataset has the same header. Whether a member decodes
+    does not depend on what was decoded before (the data length is checked on both paths).
+    """
+
+    _NPY_MAGIC = b"\x93NUMPY"
+
+    def __init__(self, *, require_moments: bool = False) -> None:
+        self.require_moments = require_moments
+        self._npy_headers: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
+
+    def __call__(self, key: str, members: Mapping[str, bytes]) -> Sample:
+        for suffix in (PNG, CLS) + ((MOMENTS,) if self.require_moments else ()):
+            if suffix not in members:
+                raise SampleError(f"missing member '{key}.{suffix}'")
+        png = members[PNG]
+        if not png.startswith(_PNG_SIGNATURE):
+            raise SampleError(f"corrupt member '{key}.{PNG}' (not a PNG)")
+        try:
+            label = parse_label(members[CLS])
+        except ValueError:
+            raise SampleError(
+                f"corrupt member '{key}.{CLS}' (expected a non-negative integer as ASCII)"
+            ) from None
+        moments = None
+        if MOMENTS in members:
+            try:
+                moments = self.moments(members[MOMENTS])
+            except (ValueError, OSError, EOFError) as e:
+                raise SampleError(f"corrupt member '{key}.{MOMENTS}' ({e})") from None
+        return Sample(key=key, png=png, label=label, moments=moments)
+
+    def moments(self, data: bytes) -> np.ndarray:
+        """``.npy`` bytes -> array (never unpickles); ValueError if corrupt or of the wrong length."""
+        if data[:6] != self._NPY_MAGIC or len(data) < 12 or data[6] not in (1, 2, 3):
+            return decode_moments(data)
+        start = 10 if data[6] == 1 else 12
+        end = start + int.from_bytes(data[8:start], "little")
+        hit = self._npy_headers.get(data[:end])
+        if hit is None:
+            array = decode_moments(data)
+            if len(data) != end + array.nbytes:
+                raise ValueError(f"npy data is {len(data) - end} bytes, header says {array.nbytes}")
+            if array.flags.c_contiguous and not array.dtype.hasobject:
+                self._npy_headers[data[:end]] = (array.dtype, array.shape, array.size)
+            return array
+        dtype, shape, count = hit
+        if len(data) != end + count * dtype.itemsize:
+            raise ValueError(f"npy data is {len(data) - end} bytes, header says {count * dtype.itemsize}")
+        return np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------
 # Shards
 # ----------------------------------------------------------------------------------------------
 
@@ -641,8 +733,8 @@ def check_shard_bytes(data: bytes, info: ShardInfo) -> None:
         )
 
 
-def _split_member(name: str) -> tuple[str, str]:
-    """WebDataset: key = path up to the first dot of the basename; suffix = the rest."""
+def split_member_name(name: str) -> tuple[str, str]:
+    """``(key, suffix)`` of a tar member (WebDataset): key = path up to the first dot of the basename."""
     slash = name.rfind("/")
     dot = name.find(".", slash + 1)
     if dot < 0:
@@ -678,6 +770,7 @@ def iter_shard(
     position = {k: i for i, k in enumerate(expected)} if expected is not None else {}
     next_expected = 0
     seen: set[str] = set()
+    decode = SampleDecoder(require_moments=require_moments)
 
     def build(key: str, members: dict[str, bytes]) -> Sample | None:
         nonlocal next_expected
@@ -693,30 +786,11 @@ def iter_shard(
             for missing in expected[next_expected:pos]:
                 report(missing, "missing from the shard (whole sample absent)")
             next_expected = pos + 1
-        for suffix in (PNG, CLS) + ((MOMENTS,) if require_moments else ()):
-            if suffix not in members:
-                report(key, f"missing member '{key}.{suffix}'")
-                return None
-        png = members[PNG]
-        if not png.startswith(_PNG_SIGNATURE):
-            report(key, f"corrupt member '{key}.{PNG}' (not a PNG)")
-            return None
         try:
-            text = members[CLS].decode("ascii").strip()
-            label = int(text)
-            if label < 0 or not text.isdigit():
-                raise ValueError(text)
-        except (UnicodeDecodeError, ValueError):
-            report(key, f"corrupt member '{key}.{CLS}' (expected a non-negative integer as ASCII)")
+            return decode(key, members)
+        except SampleError as e:
+            report(key, str(e))
             return None
-        moments = None
-        if MOMENTS in members:
-            try:
-                moments = decode_moments(members[MOMENTS])
-            except (ValueError, OSError, EOFError) as e:
-                report(key, f"corrupt member '{key}.{MOMENTS}' ({e})")
-                return None
-        return Sample(key=key, png=png, label=label, moments=moments)
 
     try:
         tar = tarfile.open(fileobj=fileobj, mode="r|")  # noqa: SIM115 (closed by the `with tar` below)
@@ -729,7 +803,7 @@ def iter_shard(
             for member in tar:
                 if not member.isfile():
                     continue
-                key, suffix = _split_member(member.name)
+                key, suffix = split_member_name(member.name)
                 if key != current:
                     if current is not None:
                         sample = build(current, members)
@@ -752,3 +826,68 @@ def iter_shard(
     if expected is not None:
         for missing in expected[next_expected:]:
             report(missing, "missing from the shard (whole sample absent)")
+
+
+class IndexedShard:
+    """A whole shard in memory, indexed in place: a sample's members are sliced out when it is used.
+
+    ``iter_shard`` streams (it must work on non-seekable object-store streams) and decodes every
+    member up front; a reader that holds the whole shard anyway lists its members once (tarfile's
+    random-access mode), checks the key set against ``keys`` (the manifest's ``ShardInfo.keys()``)
+    and decodes a sample only when it is used (``sample``). ShardError naming ``name`` if the tar is
+    unreadable or truncated or the key sets differ. ``problems`` maps a sample's index to why it is
+    unusable: duplicate members are found here, users add what they find when decoding.
+    """
+
+    def __init__(self, name: str, data: bytes, keys: list[str]) -> None:
+        self.name, self.data, self.keys = name, data, keys
+        self.members: list[dict[str, tuple[int, int]]] = [{} for _ in keys]  # suffix -> (offset, size)
+        self.problems: dict[int, str] = {}
+        position = {k: i for i, k in enumerate(keys)}
+        present: set[str] = set()
+        extra: set[str] = set()
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+                infos = tar.getmembers()
+        except tarfile.TarError as e:
+            raise ShardError(f"{name}: not a readable tar ({e})") from e
+        for info in infos:
+            if not info.isfile():
+                continue
+            key, suffix = split_member_name(info.name)
+            i = position.get(key)
+            if i is None:
+                extra.add(key)
+                continue
+            present.add(key)
+            if info.offset_data + info.size > len(data):
+                raise ShardError(f"{name}: truncated member {info.name!r}")
+            if suffix in self.members[i]:
+                self.problems[i] = f"{name}: sample {key}: duplicate member {info.name!r}"
+            self.members[i][suffix] = (info.offset_data, info.size)
+        if extra or len(present) != len(keys):
+            missing = sorted(set(keys) - present)
+            raise ShardError(
+                f"{name}: holds {len(present) + len(extra)} samples but manifest.json lists {len(keys)} "
+                f"(missing {missing[:5]}, unexpected {sorted(extra)[:5]}); the shard and manifest "
+                "disagree (re-run `repa prepare`)"
+            )
+
+    def member(self, index: int, suffix: str) -> bytes | None:
+        """The bytes of member ``{key}.{suffix}`` of sample ``index``, None if it has none."""
+        where = self.members[index].get(suffix)
+        if where is None:
+            return None
+        offset, size = where
+        return self.data[offset : offset + size]
+
+    def sample(
+        self, index: int, decode: SampleDecoder, suffixes: Sequence[str] = (PNG, CLS, MOMENTS)
+    ) -> Sample:
+        """Sample ``index`` decoded by ``decode`` from its members among ``suffixes``; SampleError if bad."""
+        members = {}
+        for suffix in suffixes:
+            data = self.member(index, suffix)
+            if data is not None:
+                members[suffix] = data
+        return decode(self.keys[index], members)

@@ -18,6 +18,8 @@ import pytest
 from repa import storage
 from repa.data import format as fmt
 from repa.data import prepare
+from repa.data.prepare import images as images_stage
+from repa.data.prepare import latents as latents_stage
 from tests.datasets import ImageNetTree, make_imagenet_tar, make_imagenet_tree
 
 RES = 16
@@ -174,17 +176,17 @@ def test_restart_after_crash_completes_without_rewriting_finished_shards(
     _prepare(imagenet_tree.root, f"file://{clean}")
 
     # Crash while committing shard 1's sidecar: shard 0 is done, shard 1's tar exists without a sidecar.
-    real = prepare._write_sidecar
+    real = images_stage.write_sidecar
 
     def crash_on_second(url, shard, sidecar, options):
         if shard == 1:
             raise KeyboardInterrupt("simulated kill")
         real(url, shard, sidecar, options)
 
-    monkeypatch.setattr(prepare, "_write_sidecar", crash_on_second)
+    monkeypatch.setattr(images_stage, "write_sidecar", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         _prepare(imagenet_tree.root, f"file://{out}")
-    monkeypatch.setattr(prepare, "_write_sidecar", real)
+    monkeypatch.setattr(images_stage, "write_sidecar", real)
     assert (out / "shard-000001.tar").exists() and not (out / "shard-000001.json").exists()
     leftover = out / f".tmp-{'0' * 32}-shard-000002.tar"  # as a kill during write_bytes_atomic leaves
     leftover.write_bytes(b"partial")
@@ -286,11 +288,15 @@ def test_dropped_moments_member_is_reported_by_the_reader_not_misaligned(imagene
 def test_latents_restart_after_crash_between_shard_and_sidecar_commit(imagenet_tree, tmp_path, monkeypatch):
     out = f"file://{tmp_path}/out"
     _prepare(imagenet_tree.root, out)
-    real = prepare._commit_pending
-    monkeypatch.setattr(prepare, "_commit_pending", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    real = latents_stage._commit_pending
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(latents_stage, "_commit_pending", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare_latents(out, vae="none")
-    monkeypatch.setattr(prepare, "_commit_pending", real)
+    monkeypatch.setattr(latents_stage, "_commit_pending", real)
     assert not storage.exists(storage.join(out, fmt.MANIFEST_NAME))  # stale manifest removed up front
     summary = prepare.prepare_latents(out, vae="none")
     assert summary.shards_written == 2 and summary.shards_skipped == 1  # shard 0 only needed its sidecar

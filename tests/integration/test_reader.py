@@ -20,13 +20,8 @@ import torch
 
 from repa import storage
 from repa.data import format as fmt
-from repa.data.reader import (
-    ReaderState,
-    ShardReadError,
-    StreamingDataset,
-    _WorkerStream,
-    make_loader,
-)
+from repa.data.order import ReaderState
+from repa.data.reader import ShardReadError, StreamingDataset, _WorkerStream, make_loader
 
 RES = 8
 MOMENTS_SHAPE = (6, 2, 2)
@@ -264,10 +259,13 @@ def test_loader_state_dict_round_trips_and_resumes(file_url):
     assert keys_of(collect(other, 3)) == full[68 : 68 + 12]
     assert keys_of(collect(other, 2)) == full[80 : 80 + 8]  # a new iterator continues the stream
     assert other.state_dict()["samples_consumed"] == 88
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(ValueError, match=r"^data\.seed: 4 in the checkpoint, 3 now"):
         other.load_state_dict({**state, "seed": 4})
-    with pytest.raises(ValueError, match="chunk_size=4 but this reader has 2"):
+    with pytest.raises(ValueError, match=r"^data\.chunk_size: 4 in the checkpoint, 2 now"):
         other.load_state_dict({**state, "chunk_size": 4})
+    with pytest.raises(ValueError, match=r"^data\.url: 56 samples per epoch in the checkpoint, 60 now"):
+        other.load_state_dict({**state, "epoch_size": 56})
+    assert other.state_dict()["samples_consumed"] == 88  # a refused state changes nothing
 
 
 def test_each_shard_is_fetched_by_one_worker_of_one_rank_when_the_layout_is_aligned(tmp_path, caplog):

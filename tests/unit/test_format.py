@@ -194,6 +194,43 @@ def test_non_contiguous_key_is_reported():
         list(fmt.iter_shard(io.BytesIO(buf.getvalue()), name="s"))
 
 
+def test_indexed_shard_decodes_the_same_samples_as_iter_shard():
+    samples = _samples(5, moments=True)
+    data = fmt.write_shard(samples, moments_dtype="float16")
+    keys = [s["key"] for s in samples]
+    streamed = list(fmt.iter_shard(io.BytesIO(data), name="s", expected_keys=keys, require_moments=True))
+    shard = fmt.IndexedShard("s", data, keys)
+    decode = fmt.SampleDecoder(require_moments=True)
+    for i, ref in enumerate(streamed):
+        got = shard.sample(i, decode)  # from the second sample on, the cached .npy header is used
+        assert (got["key"], got["png"], got["label"]) == (ref["key"], ref["png"], ref["label"])
+        assert got["moments"].dtype == ref["moments"].dtype and np.array_equal(got["moments"], ref["moments"])
+    bad = _rewrite(data, replace={"00000002.cls": b"-1"})
+    with pytest.raises(fmt.SampleError, match=r"^corrupt member '00000002\.cls'"):
+        fmt.IndexedShard("s", bad, keys).sample(2, decode)
+    with pytest.raises(fmt.ShardError, match=r"^s: holds 5 samples but manifest\.json lists 4"):
+        fmt.IndexedShard("s", data, keys[:4])
+
+
+def test_sample_decoder_refuses_npy_of_the_wrong_length_whatever_it_decoded_before():
+    good = fmt.encode_moments(np.zeros((2, 2, 2), np.float32), "float16")
+    members = {fmt.PNG: _png(0), fmt.CLS: b"1"}
+    for warm in (False, True):  # the answer must not depend on the header cache
+        decode = fmt.SampleDecoder()
+        if warm:
+            decode("00000000", {**members, fmt.MOMENTS: good})
+        for bad in (good + b"\0\0", good[:-2]):
+            with pytest.raises(fmt.SampleError, match=r"corrupt member '00000001\.moments\.npy'"):
+                decode("00000001", {**members, fmt.MOMENTS: bad})
+    with pytest.raises(fmt.SampleError, match=r"^missing member '00000001\.moments\.npy'"):
+        fmt.SampleDecoder(require_moments=True)("00000001", members)
+    assert fmt.SampleDecoder()("00000001", members)["moments"] is None
+    assert fmt.parse_label(b" 417\n") == 417
+    for text in (b"", b"-1", b"+1", b"4.0", b"\xff"):
+        with pytest.raises(ValueError):
+            fmt.parse_label(text)
+
+
 def test_check_shard_bytes_names_the_shard_on_size_or_checksum_mismatch():
     data = fmt.write_shard(_samples(2))
     info = fmt.ShardInfo("shard-000004.tar", 0, 2, len(data), fmt.sha256_hex(data))
