@@ -178,7 +178,9 @@ def test_listing_errors_back_off_exponentially_up_to_a_cap(tmp_path, reference, 
     from repa.eval import watch as W
 
     run_url = str(tmp_path / "run")
-    cfg = RunConfig.from_dict(tiny_config(run_url, reference, eval={"watch_poll_seconds": 10}))
+    cfg = RunConfig.from_dict(
+        tiny_config(run_url, reference, eval={"watch_poll_seconds": 10, "feature_extractor": FEATS})
+    )
     calls = []
     real = ckpt.list_checkpoints
 
@@ -190,7 +192,7 @@ def test_listing_errors_back_off_exponentially_up_to_a_cap(tmp_path, reference, 
 
     monkeypatch.setattr(W.ckpt, "list_checkpoints", flaky)
     stop = RecordingStop(stop_after=6)
-    watcher = W.make_watcher(cfg, feature_extractor=FEATS, stop=stop)
+    watcher = W.make_watcher(cfg, stop=stop)
     watcher.max_backoff_seconds = 40
     report = watcher.run()
     assert stop.waits == [10, 20, 40, 40, 10, 10]  # poll * 2^k, capped; back to the poll period after success

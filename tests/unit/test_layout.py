@@ -120,3 +120,39 @@ def test_the_eval_stack_is_layered():
     assert eval_deps["repa.eval.images"] == {"repa.eval.errors"}
     assert eval_deps["repa.eval.features"] == {"repa.eval.errors", "repa.eval.images", "repa.eval.stats"}
     assert "repa.eval.metrics" not in eval_deps["repa.eval.refstats"]
+
+
+def test_train_and_eval_sit_beside_each_other_on_the_shared_floor():
+    """Neither verb's package imports the other; the services both use import neither."""
+    graph = import_graph()
+    for name, deps in graph.items():
+        if name.startswith("repa.eval"):
+            assert not {d for d in deps if d.startswith("repa.train")}, f"{name} imports the trainer"
+        if name.startswith("repa.train"):
+            assert not {d for d in deps if d.startswith("repa.eval")}, f"{name} imports the evaluator"
+    floor = ["repa.storage", "repa.runtime", "repa.checkpoint", "repa.tensorboard", "repa.config"]
+    for name in floor:
+        assert not {d for d in graph[name] if d.startswith(("repa.train", "repa.eval", "repa.data"))}, name
+
+
+def test_loading_validating_and_showing_a_config_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, io, contextlib\n"
+        "from repa.config import load_config\n"
+        "load_config('sit-xl-2-repa', ['encoder.names=[dinov2-vit-l, timm:vit_small_patch14_dinov2]',"
+        " 'encoder.weights_urls=[]'])"
+        ".validate()\n"
+        "from repa.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['config', 'show', '--config', 'sit-xl-2-repa']) == 0\n"
+        "    watch = ['--for', 'watch', '--set', 'storage.run_url=s3://b/r']\n"
+        "    assert main(['config', 'validate', '--config', 'sit-b-2-repa', *watch]) == 0\n"
+        "    assert main(['config', 'schema']) == 0\n"
+        "heavy = sorted(m for m in ('torch', 'timm', 'numpy', 'fsspec', 'diffusers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
