@@ -33,7 +33,7 @@ demo: venv
 
 # REPA vs vanilla vs random-encoder control at laptop scale, 3 seeds (~37 min on 2 cores): docs/convergence.md.
 convergence: venv
-	$(PY) benchmarks/convergence.py --workdir /tmp/repa-convergence
+	$(PY) benchmarks/convergence/run.py --workdir /tmp/repa-convergence
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,6 +1,7 @@
 """`repa demo`: the whole REPA pipeline, offline, on a laptop CPU in a few minutes.
 
-    draw a small ImageNet-style data set   <out>/images/train/<class>/*.JPEG (10 classes of shapes)
+    draw a small ImageNet-style data set   <out>/images/train/<class>/*.JPEG (10 classes of shapes,
+                                           repa.synthetic)
       -> repa prepare images / latents     <out>/data: shards + manifest.json (vae none = pixels)
       -> repa train                        <out>/run: tiny SiT + REPA (toy-cpu preset), TensorBoard,
                                            committed checkpoints
@@ -17,16 +18,16 @@ running the demo again into the same folder reuses what is done (``--fresh`` sta
 
 Weights. repa never downloads anything. Without files the demo says so and uses random weights: a
 random tiny ViT as the REPA target encoder, pixel space instead of the SD-VAE, and a random-weights
-Inception-v3 (written once to ``<out>/weights/``, named RANDOM) so FID's code path runs; its numbers
-are then meaningless. ``--encoder-weights``, ``--vae-weights`` and ``--inception-weights`` (local
-paths or fsspec URLs) put real files into the config keys ``encoder.weights_urls``,
-``vae.weights_url`` and ``eval.inception_weights_url``, and the same command does the real thing.
+Inception-v3 (repa.random_inception, written once to ``<out>/weights/``, named RANDOM) so FID's code
+path runs; its numbers are then meaningless. ``--encoder-weights``, ``--vae-weights`` and
+``--inception-weights`` (local paths or fsspec URLs) put real files into the config keys
+``encoder.weights_urls``, ``vae.weights_url`` and ``eval.inception_weights_url``, and the same command
+does the real thing.
 """
 
 from __future__ import annotations
 
 import argparse
-import colorsys
 import contextlib
 import dataclasses
 import json
@@ -40,19 +41,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from repa.random_inception import make_random_inception_weights
+from repa.synthetic import SHAPES, class_folder, make_shapes_dataset
 
 __all__ = [
-    "SHAPES",
     "DemoError",
     "DemoOptions",
     "DemoResult",
     "add_arguments",
     "choose_threads",
     "demo_overrides",
-    "draw_shape",
-    "make_random_inception_weights",
-    "make_shapes_dataset",
     "run",
     "run_demo",
     "summary_lines",
@@ -65,166 +65,6 @@ DEFAULT_ENCODER = "dinov2-vit-b"  # REPA's target encoder, used when --encoder-w
 
 class DemoError(RuntimeError):
     """A demo stage failed or the options do not fit together; the message says which and why."""
-
-
-# ----------------------------------------------------------------------------------------------
-# A procedural, class-conditional image data set
-# ----------------------------------------------------------------------------------------------
-
-# (class name, base hue): each class is one shape or texture in one colour family, so class
-# conditioning is visible in samples after a few hundred CPU steps (colour is learnt first).
-SHAPES: tuple[tuple[str, float], ...] = (
-    ("disc", 0.00),
-    ("square", 0.08),
-    ("triangle", 0.16),
-    ("ring", 0.30),
-    ("cross", 0.45),
-    ("hstripes", 0.55),
-    ("vstripes", 0.64),
-    ("checker", 0.72),
-    ("diamond", 0.82),
-    ("dots", 0.92),
-)
-
-
-def _rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
-    r, g, b = colorsys.hsv_to_rgb(h % 1.0, s, v)
-    return int(r * 255), int(g * 255), int(b * 255)
-
-
-def _polygon(cx: float, cy: float, radius: float, sides: int, angle: float) -> list[tuple[float, float]]:
-    return [
-        (
-            cx + radius * math.cos(angle + 2 * math.pi * k / sides),
-            cy + radius * math.sin(angle + 2 * math.pi * k / sides),
-        )
-        for k in range(sides)
-    ]
-
-
-def draw_shape(kind: str, hue: float, size: int, rng: np.random.Generator) -> Image.Image:
-    """One RGB ``size x size`` image of class ``kind``: jittered colour, position, scale and rotation."""
-    fg = _rgb(hue + rng.uniform(-0.03, 0.03), rng.uniform(0.65, 1.0), rng.uniform(0.75, 1.0))
-    bg = _rgb(rng.uniform(0, 1), rng.uniform(0.0, 0.3), rng.uniform(0.08, 0.35))
-    img = Image.new("RGB", (size, size), bg)
-    d = ImageDraw.Draw(img)
-    cx, cy = size * (0.5 + rng.uniform(-0.12, 0.12)), size * (0.5 + rng.uniform(-0.12, 0.12))
-    r = size * rng.uniform(0.2, 0.32)
-    angle = rng.uniform(0, 2 * math.pi)
-    period = size * rng.uniform(0.12, 0.22)
-    phase = rng.uniform(0, period)
-    if kind == "disc":
-        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fg)
-    elif kind == "square":
-        d.polygon(_polygon(cx, cy, r * 1.2, 4, angle), fill=fg)
-    elif kind == "triangle":
-        d.polygon(_polygon(cx, cy, r * 1.3, 3, angle), fill=fg)
-    elif kind == "ring":
-        d.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fg, width=max(1, int(r * 0.35)))
-    elif kind == "cross":
-        w = r * 0.35
-        d.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fg)
-        d.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fg)
-    elif kind == "diamond":
-        d.polygon(_polygon(cx, cy, r * 1.3, 4, 0.0), fill=fg)
-    elif kind in ("hstripes", "vstripes", "checker"):
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-        h_on = ((yy + phase) // (period / 2)) % 2 == 0
-        v_on = ((xx + phase) // (period / 2)) % 2 == 0
-        on = {"hstripes": h_on, "vstripes": v_on, "checker": h_on ^ v_on}[kind]
-        arr = np.where(on[..., None], np.array(fg, np.uint8), np.array(bg, np.uint8))
-        img = Image.fromarray(arr.astype(np.uint8), "RGB")
-    elif kind == "dots":
-        step = max(2.0, period)
-        dot = step * 0.3
-        for y in np.arange(phase % step, size, step):
-            for x in np.arange((phase * 0.7) % step, size, step):
-                d.ellipse((x - dot, y - dot, x + dot, y + dot), fill=fg)
-    else:
-        raise DemoError(f"unknown shape {kind!r}; known: {', '.join(n for n, _ in SHAPES)}")
-    noise = rng.normal(0.0, 6.0, (size, size, 3))  # a little texture, so no two pixels are equal
-    return Image.fromarray(np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8), "RGB")
-
-
-def class_folder(label: int) -> str:
-    """``00_disc``: the numeric prefix makes sorted folder order (= repa's label order) the table order."""
-    return f"{label:02d}_{SHAPES[label][0]}"
-
-
-def make_shapes_dataset(
-    root: str | os.PathLike, *, num_classes: int = 10, per_class: int = 40, size: int = 64, seed: int = 0
-) -> Path:
-    """Write ``root/train/<NN_shape>/<NN_shape>_<i>.JPEG`` (ImageNet layout); returns ``root``.
-
-    Image ``i`` of class ``c`` depends only on ``(seed, c, i)``. A ``dataset.json`` written last
-    records the parameters; if it matches, nothing is redrawn.
-    """
-    if not 1 <= num_classes <= len(SHAPES):
-        raise DemoError(f"--classes: {num_classes}; the demo draws 1 to {len(SHAPES)} classes")
-    if per_class < 1:
-        raise DemoError(f"--images-per-class: {per_class}; need at least 1")
-    root = Path(root)
-    spec = {"num_classes": num_classes, "per_class": per_class, "size": size, "seed": seed, "format": "JPEG"}
-    marker = root / "dataset.json"
-    if marker.exists() and json.loads(marker.read_text()).get("spec") == spec:
-        return root
-    if root.exists():
-        shutil.rmtree(root)
-    for label in range(num_classes):
-        folder = root / "train" / class_folder(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        kind, hue = SHAPES[label]
-        for i in range(per_class):
-            rng = np.random.default_rng([seed, label, i])
-            image = draw_shape(kind, hue, size, rng)
-            image.save(folder / f"{class_folder(label)}_{i:04d}.JPEG", format="JPEG", quality=95)
-    classes = [class_folder(c) for c in range(num_classes)]
-    marker.write_text(json.dumps({"spec": spec, "classes": classes}, indent=1) + "\n")
-    return root
-
-
-# ----------------------------------------------------------------------------------------------
-# Random-weights Inception-v3 (FID's code path without the 91 MB download)
-# ----------------------------------------------------------------------------------------------
-
-
-def make_random_inception_weights(path: str | os.PathLike, seed: int = 0) -> str:
-    """Write a state dict for torch-fidelity's InceptionV3 with random weights to ``path``.
-
-    FID values computed with it are meaningless (comparable only with the same file), but every line
-    of the real evaluation runs. Convolutions get He (fan-in, ReLU gain) init: with PyTorch's default
-    init the activations shrink through the ~95 conv layers and the pool features vanish (FID ~
-    1e-13). BatchNorm stays the identity. The classifier gets std 10/sqrt(2048), so the Inception
-    Score differs measurably from 1. Deterministic for a seed.
-    """
-    import torch
-    from torch import nn
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    from repa.eval.metrics import INCEPTION_NAME
-
-    class _Unloaded(FeatureExtractorInceptionV3):
-        # The constructor always loads (or downloads) weights: give it an empty file, skip the load.
-        def load_state_dict(self, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
-            return None
-
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save({}, tmp)
-    net = _Unloaded(INCEPTION_NAME, ["2048"], feature_extractor_weights_path=tmp)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, nn.Conv2d):
-                fan_in = module.in_channels // module.groups * math.prod(module.kernel_size)
-                module.weight.normal_(0.0, math.sqrt(2.0 / fan_in), generator=gen)
-            elif isinstance(module, nn.Linear):
-                module.weight.normal_(0.0, 10.0 / math.sqrt(module.in_features), generator=gen)
-                module.bias.zero_()
-    torch.save(net.state_dict(), tmp)
-    os.replace(tmp, path)  # atomic: an interrupted demo never leaves half a weights file
-    return path
 
 
 # ----------------------------------------------------------------------------------------------

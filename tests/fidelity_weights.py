@@ -1,4 +1,5 @@
-"""A random-weights file for torch-fidelity's InceptionV3, so FID/IS tests run offline (built by repa.demo).
+"""A random-weights file for torch-fidelity's InceptionV3, so FID/IS tests run offline (built by
+repa.random_inception).
 
 The real TF-ported weights (~91 MiB) are a download, which tests must not need. A file with the same
 architecture and random weights exercises the exact code path; FID values are meaningless but
@@ -19,8 +20,8 @@ import shutil
 import tempfile
 from functools import cache
 
-# One maker for the demo and the tests (the demo ships it because users without the real file need it).
-from repa.demo import make_random_inception_weights
+# One maker for the demo and the tests (the product ships it: demo users without the real file need it).
+from repa.random_inception import make_random_inception_weights
 
 
 @cache

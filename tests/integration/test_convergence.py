@@ -1,4 +1,4 @@
-"""REPA at toy scale, the short version of benchmarks/convergence.py (docs/convergence.md).
+"""REPA at toy scale, the short version of benchmarks/convergence/run.py (docs/convergence.md).
 
 A tiny SiT is trained through `repa train` on procedural shapes (`repa prepare`, vae 'none'),
 aligned with a small timm ViT that was trained on the same shapes and is loaded through the encoder
@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from repa import toy
+from benchmarks.convergence import toy
+from repa import synthetic
 from repa.cli import main as repa_main
 from repa.data.prepare import prepare_images, prepare_latents
 from repa.tensorboard import read_scalars
@@ -66,7 +67,7 @@ def assets(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("convergence")
     train = toy.make_shapes(100, 16, seed=0)
     val = toy.make_shapes(10, 16, seed=1)
-    tree = toy.write_image_tree(root / "images", *train)
+    tree = synthetic.write_image_tree(root / "images", *train[:2])
     data_url = f"file://{root}/shards"
     prepare_images(str(tree), data_url, resolution=16, samples_per_shard=250)
     prepare_latents(data_url, vae="none", batch_size=250)
@@ -108,16 +109,10 @@ def test_random_encoder_target_is_pixel_linear_and_trained_target_is_not(assets)
         name: toy.measure_encoder_targets(f"timm:{ENCODER}", url, ENCODER_KWARGS, images)
         for name, url in (("trained", assets["encoder_url"]), ("random", None))
     }
-    assert stats["random"]["pixel_r2"] > 0.9, stats
+    # measured on repa.synthetic's shapes: 0.89-0.92 over image and init seeds (0.93-0.95 on the
+    # earlier toy painter's); the trained encoder's 0.44
+    assert stats["random"]["pixel_r2"] > 0.85, stats
     assert stats["random"]["pixel_r2"] > stats["trained"]["pixel_r2"] + 0.3, stats
-
-
-def test_toy_shapes_are_deterministic_and_class_balanced():
-    a, la = toy.make_shapes(3, 16, seed=5)
-    b, lb = toy.make_shapes(3, 16, seed=5)
-    assert a.shape == (30, 16, 16, 3) and a.dtype.name == "uint8"
-    assert (a == b).all() and (la == lb).all()
-    assert sorted(set(la.tolist())) == list(range(10))
 
 
 def test_classifier_extractor_needs_its_weights_url(monkeypatch, tmp_path: Path):

@@ -1,5 +1,6 @@
-"""The laptop-scale REPA toy (repa/toy.py): data with masks, the segmentation-trained encoder, and the
-token statistics docs/convergence.md uses to explain what a REPA target holds."""
+"""The convergence experiment's toy networks (benchmarks/convergence/toy.py): the segmentation targets
+and encoder, and the token statistics docs/convergence.md uses to explain what a REPA target holds.
+The shape painter itself is tested in tests/unit/test_synthetic.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from repa import toy
+from benchmarks.convergence import toy
+from repa import synthetic
 from repa.encoders.frozen import build_encoder
 
 ENCODER = "vit_tiny_patch16_224"
@@ -25,28 +27,12 @@ KWARGS = {
 }
 
 
-def test_images_are_the_masks_composited_with_the_palette():
-    images, labels, masks = toy.make_shapes_and_masks(2, 16, seed=3, palette="mono")
-    assert images.shape == (20, 16, 16, 3) and masks.shape == (20, 16, 16) and masks.dtype == np.float32
-    assert masks.min() >= 0.0 and masks.max() <= 1.0
-    assert (masks.reshape(20, -1).max(1) > 0.5).all()  # every image has a visible shape
-    expected = np.rint(masks * 255).astype(np.uint8)
-    assert all((images[..., c] == expected).all() for c in range(3))  # white on black
-    coloured, labels2, _ = toy.make_shapes_and_masks(2, 16, seed=3)  # random palette
-    assert (labels2 == labels).all() and coloured.std(axis=(0, 1, 2)).min() > 10
-    assert (toy.make_shapes(2, 16, seed=3, palette="mono")[0] == images).all()
-
-
-def test_unknown_palette_is_named():
-    with pytest.raises(ValueError, match=r"palette.*'sepia'"):
-        toy.make_shapes(1, 16, palette="sepia")
-
-
-def test_image_tree_takes_other_class_names(tmp_path: Path):
-    images, labels = toy.make_shapes(1, 16, seed=0)
-    toy.write_image_tree(tmp_path, images, np.zeros_like(labels), ["shapes"])
-    assert [p.name for p in tmp_path.iterdir()] == ["shapes"]
-    assert len(list((tmp_path / "shapes").glob("*.png"))) == 10
+def test_experiment_shapes_are_the_product_painter_anti_aliased_and_noise_free():
+    images, labels, masks = toy.make_shapes(2, 16, seed=3, palette="mono")
+    assert images.shape == (20, 16, 16, 3) and labels.tolist() == sorted(labels.tolist())
+    assert all((images[..., c] == np.rint(masks * 255)).all() for c in range(3))  # exactly white on black
+    painted = synthetic.make_shapes(2, 16, seed=3, palette="mono", supersample=toy.SUPERSAMPLE, noise=0)
+    assert all((x == y).all() for x, y in zip(painted, (images, labels, masks)))
 
 
 def test_patch_targets_are_the_class_where_a_patch_is_at_least_half_shape():
@@ -60,8 +46,8 @@ def test_patch_targets_are_the_class_where_a_patch_is_at_least_half_shape():
 
 def test_segment_encoder_trains_saves_and_loads_through_the_registry(tmp_path: Path):
     torch.manual_seed(0)
-    train = toy.make_shapes_and_masks(6, 16, seed=0, palette="mono")
-    val = toy.make_shapes_and_masks(2, 16, seed=1, palette="mono")
+    train = toy.make_shapes(6, 16, seed=0, palette="mono")
+    val = toy.make_shapes(2, 16, seed=1, palette="mono")
     with pytest.raises(ValueError, match="masks"):
         toy.train_vit_encoder(ENCODER, KWARGS, train[:2], val[:2], str(tmp_path / "x"), objective="segment")
     with pytest.raises(ValueError, match=r"objective.*'mae'"):

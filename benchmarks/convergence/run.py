@@ -2,25 +2,25 @@
 
 One command, end to end through the product (docs/convergence.md):
 
-    .venv/bin/python benchmarks/convergence.py --workdir /tmp/repa-convergence
+    .venv/bin/python benchmarks/convergence/run.py --workdir /tmp/repa-convergence
 
 1. data: 10 classes of procedural shapes/textures at 16 px, white on black by default
-   (``repa.toy.make_shapes_and_masks``), written as an ImageNet-style tree (one folder when
-   ``--conditioning unconditional``, the default), then ``repa prepare`` (images -> shards,
-   ``vae none`` -> pixel "latents");
+   (``toy.make_shapes``: the product's painter, ``repa.synthetic``), written as an ImageNet-style
+   tree (``repa.synthetic.write_image_tree``; one folder when ``--conditioning unconditional``, the
+   default), then ``repa prepare`` (images -> shards, ``vae none`` -> pixel "latents");
 2. a frozen encoder for alignment: a small timm ViT (16 px, patch 2 -> 64 patch tokens = SiT's 64)
    trained on the true labels (``--encoder-objective classify`` or ``segment``), saved as a state dict
    and loaded by ``repa train`` through the normal registry (``timm:vit_tiny_patch16_224`` +
    ``encoder.weights_urls`` + ``model_kwargs``); what its tokens hold is logged
-   (``repa.toy.encoder_token_stats``);
+   (``toy.encoder_token_stats``);
 3. an evaluation network that is not that encoder: a small CNN classifier; reference statistics of
    the training set (``repa.eval.evaluate.compute_dataset_reference_stats``) and ``FD_toy-shapes-cnn``;
 4. runs with the same tiny SiT, data order and steps, one per variant and ``--train-seeds`` seed:
    ``vanilla`` (``encoder.names=[]``), ``repa`` (lambda 0.5, tap at block depth * 8/28),
    ``repa-random`` (same encoder, random weights) and optionally ``repa-half`` (alignment only for the
    first half); each is ``repa train`` followed by ``repa watch --once --feature-extractor
-   repa.toy:classifier_extractor`` over its committed checkpoints (EMA weights, Euler ODE, no guidance,
-   the same noises for every run);
+   benchmarks.convergence.toy:classifier_extractor`` over its committed checkpoints (EMA weights,
+   Euler ODE, no guidance, the same noises for every run);
 5. tables (mean +- std over seeds), ``results.json``, a plot of FD vs step and a grid of samples; the
    speed-up is (last evaluated step) / (first evaluated step at which a variant's mean FD reaches
    vanilla's final mean FD).
@@ -47,10 +47,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from repa import toy  # noqa: E402
+from benchmarks.convergence import toy  # noqa: E402
+from repa import synthetic  # noqa: E402
 from repa.config import load_config  # noqa: E402
 
 log = logging.getLogger("convergence")
@@ -83,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--projector-dim", type=int, default=256)
     p.add_argument("--per-class", type=int, default=400, help="training images per class")
     p.add_argument("--resolution", type=int, default=16)
-    p.add_argument("--palette", default="mono", choices=toy.PALETTES, help="colours of the toy shapes")
+    p.add_argument("--palette", default="mono", choices=synthetic.PALETTES, help="colours of the toy shapes")
     p.add_argument("--encoder-steps", type=int, default=500, help="ViT encoder training steps")
     p.add_argument(
         "--conditioning",
@@ -144,16 +145,16 @@ def prepare_assets(args: argparse.Namespace, work: Path) -> dict:
     if info_path.exists():
         return json.loads(info_path.read_text())
     t0 = time.perf_counter()
-    train = toy.make_shapes_and_masks(args.per_class, args.resolution, seed=args.seed, palette=args.palette)
-    val = toy.make_shapes_and_masks(
+    train = toy.make_shapes(args.per_class, args.resolution, seed=args.seed, palette=args.palette)
+    val = toy.make_shapes(
         max(20, args.per_class // 5), args.resolution, seed=args.seed + 1000, palette=args.palette
     )
     # --conditioning unconditional: one class folder, so the SiT gets no label (the encoder and the
     # FD network still learn from the true labels)
     if args.conditioning == "unconditional":
-        tree = toy.write_image_tree(work / "images", train[0], np.zeros_like(train[1]), ["shapes"])
+        tree = synthetic.write_image_tree(work / "images", train[0], np.zeros_like(train[1]), ["shapes"])
     else:
-        tree = toy.write_image_tree(work / "images", *train[:2])
+        tree = synthetic.write_image_tree(work / "images", *train[:2])
     data_url = f"file://{work}/shards"
     prepare_images(str(tree), data_url, resolution=args.resolution, samples_per_shard=500, seed=args.seed)
     prepare_latents(data_url, vae="none", batch_size=256)
@@ -297,7 +298,7 @@ def run_variant(name: str, config: Path, work: Path, classifier_url: str) -> dic
                     str(config),
                     "--once",
                     "--feature-extractor",
-                    "repa.toy:classifier_extractor",
+                    "benchmarks.convergence.toy:classifier_extractor",
                     "--delete-samples",
                     "--no-progress",
                     "--chunk-size",

@@ -1,41 +1,41 @@
-"""Laptop-scale REPA: a procedural class-conditional image set, a toy encoder and a toy FD network.
+"""The convergence experiment's toy networks: a frozen ViT encoder to align with and a CNN for the FD.
 
-REPA's claim (Yu et al., ICLR 2025) is that aligning an early SiT block with a *pretrained* frozen
-encoder speeds up diffusion training. To test the claim end to end on a CPU we need three things
-that no package ships at 16-32 px (docs/convergence.md):
+REPA's claim (Yu et al., ICLR 2025, arXiv 2410.06940) is that aligning an early SiT block with a
+*pretrained* frozen encoder speeds up diffusion training. To test the claim end to end on a CPU
+(benchmarks/convergence/run.py, docs/convergence.md) we need three things that no package ships at
+16-32 px:
 
-- data: :func:`make_shapes` draws 10 classes of coloured shapes and textures (disk, ring, square,
-  outline, triangle, plus, X, horizontal / vertical stripes, checkerboard) with random colours,
-  size, position and rotation; :func:`write_image_tree` writes them as ``<class>/<i>.png``, the
-  ImageNet-style tree ``repa prepare`` reads;
+- data: :func:`make_shapes` is the product's shape painter (:mod:`repa.synthetic`: 10 classes of
+  shapes and textures with random size, position and rotation), anti-aliased and noise-free, with
+  each image's foreground mask; :func:`repa.synthetic.write_image_tree` writes them as
+  ``<class>/<i>.png``, the ImageNet-style tree ``repa prepare`` reads;
 - a meaningful frozen encoder for alignment: :func:`train_vit_encoder` trains a small timm ViT
   (supervised classification, mean-pooled patch tokens, so every patch token carries the class
   signal) and saves a timm state dict that the normal registry loads (``timm:<name>`` +
   ``encoder.weights_urls`` + ``encoder.model_kwargs``);
 - an evaluation network that is *not* the alignment encoder: :class:`ToyClassifier`, a small CNN
   whose pooled penultimate features give ``FD_toy-shapes-cnn`` through ``repa eval``/``repa watch``
-  (``--feature-extractor repa.toy:classifier_extractor``, weights from ``$REPA_TOY_CLASSIFIER``).
+  (``--feature-extractor benchmarks.convergence.toy:classifier_extractor``, weights from
+  ``$REPA_TOY_CLASSIFIER``; the repository root must be on ``PYTHONPATH``).
 
-Randomness is explicit (``seed=`` arguments); nothing here downloads anything.
+Experiment code, not part of the ``repa`` package (nothing under ``repa/`` imports it). Randomness is
+explicit (``seed=`` arguments); nothing here downloads anything.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from torch import nn
 
-from repa import storage
+from repa import storage, synthetic
 
 logger = logging.getLogger(__name__)
 
@@ -43,158 +43,49 @@ __all__ = [
     "CLASSIFIER_ENV",
     "CLASSIFIER_NAME",
     "ENCODER_OBJECTIVES",
-    "PALETTES",
-    "SHAPE_CLASSES",
+    "SUPERSAMPLE",
     "ToyClassifier",
     "classifier_extractor",
     "encoder_token_stats",
     "load_classifier",
     "make_shapes",
-    "make_shapes_and_masks",
     "measure_encoder_targets",
     "train_classifier",
     "train_vit_encoder",
-    "write_image_tree",
 ]
 
-SHAPE_CLASSES = (
-    "00-disk",
-    "01-ring",
-    "02-square",
-    "03-outline",
-    "04-triangle",
-    "05-plus",
-    "06-cross",
-    "07-hstripes",
-    "08-vstripes",
-    "09-checker",
-)
 CLASSIFIER_NAME = "toy-shapes-cnn"
 """Name of the evaluation network: its Fréchet distance is reported as ``FD_toy-shapes-cnn``."""
 CLASSIFIER_ENV = "REPA_TOY_CLASSIFIER"
 """Environment variable holding the classifier's weights URL for :func:`classifier_extractor`."""
 
-_SUPERSAMPLE = 4  # draw at 4x the resolution, then box-filter down (anti-aliased edges)
-
-
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
 
-
-def _colours(rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Background and foreground RGB with a luma difference >= 90 (so every shape is visible)."""
-    luma = np.array([0.299, 0.587, 0.114])
-    while True:
-        bg, fg = rng.integers(0, 256, size=(2, 3))
-        if abs(float(luma @ bg) - float(luma @ fg)) >= 90:
-            return tuple(int(v) for v in bg), tuple(int(v) for v in fg)
-
-
-def _polygon(cx: float, cy: float, r: float, n: int, angle: float) -> list[tuple[float, float]]:
-    return [
-        (cx + r * math.cos(angle + 2 * math.pi * k / n), cy + r * math.sin(angle + 2 * math.pi * k / n))
-        for k in range(n)
-    ]
-
-
-PALETTES = ("random", "mono")
-"""``random``: random background/foreground colours per image; ``mono``: white on black."""
-
-
-def _draw_mask(label: int, size: int, rng: np.random.Generator) -> Image.Image:
-    """Foreground mask ("L", 255 = shape) of one image of class ``label``, at ``size * _SUPERSAMPLE`` px."""
-    s = size * _SUPERSAMPLE
-    img = Image.new("L", (s, s), 0)
-    d = ImageDraw.Draw(img)
-    fg = 255  # the shape's value in the mask: the fill of every primitive below
-    cx, cy = (s / 2 + rng.uniform(-0.12, 0.12) * s for _ in range(2))
-    r = rng.uniform(0.22, 0.34) * s
-    angle = rng.uniform(0, 2 * math.pi)
-    w = max(2.0, rng.uniform(0.08, 0.13) * s)  # stroke width
-    name = SHAPE_CLASSES[label][3:]
-    if name == "disk":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
-    elif name == "ring":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fg, width=int(w))
-    elif name == "square":
-        d.polygon(_polygon(cx, cy, r * 1.2, 4, angle), fill=fg)
-    elif name == "outline":
-        d.line([*_polygon(cx, cy, r * 1.2, 4, angle)] * 2, fill=fg, width=int(w), joint="curve")
-    elif name == "triangle":
-        d.polygon(_polygon(cx, cy, r * 1.3, 3, angle), fill=fg)
-    elif name in ("plus", "cross"):
-        base = (0.0 if name == "plus" else math.pi / 4) + rng.uniform(-0.2, 0.2)
-        for k in range(2):
-            a = base + k * math.pi / 2
-            dx, dy = r * 1.2 * math.cos(a), r * 1.2 * math.sin(a)
-            d.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=fg, width=int(w))
-    elif name in ("hstripes", "vstripes"):
-        period = rng.uniform(0.22, 0.34) * s
-        phase = rng.uniform(0, period)
-        for k in range(-1, int(s / period) + 2):
-            a = phase + k * period
-            box = [0, a, s, a + period / 2] if name == "hstripes" else [a, 0, a + period / 2, s]
-            d.rectangle(box, fill=fg)
-    elif name == "checker":
-        cell = rng.uniform(0.22, 0.3) * s
-        ox, oy = rng.uniform(0, 2 * cell, size=2)
-        for i in range(-2, int(s / cell) + 2):
-            for j in range(-2, int(s / cell) + 2):
-                if (i + j) % 2 == 0:
-                    x0, y0 = i * cell - ox, j * cell - oy
-                    d.rectangle([x0, y0, x0 + cell, y0 + cell], fill=fg)
-    else:  # pragma: no cover - SHAPE_CLASSES and this function change together
-        raise AssertionError(name)
-    return img
-
-
-def make_shapes_and_masks(
-    per_class: int, resolution: int = 16, seed: int = 0, num_classes: int = 10, palette: str = "random"
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(images uint8 (N, H, W, 3), labels int64 (N,), masks float32 (N, H, W))``, ``per_class`` images
-    of each class, in class order. ``masks`` is each image's foreground coverage in [0, 1] (the
-    anti-aliased shape), so an image is exactly ``bg + mask * (fg - bg)`` before rounding.
-    Deterministic in ``seed``; a different seed gives a disjoint-looking held-out set. ``palette`` is
-    one of :data:`PALETTES`."""
-    if palette not in PALETTES:
-        raise ValueError(f"palette: expected one of {', '.join(PALETTES)}, got {palette!r}")
-    if not 1 <= num_classes <= len(SHAPE_CLASSES):
-        raise ValueError(f"num_classes: expected 1..{len(SHAPE_CLASSES)}, got {num_classes}")
-    if per_class < 1 or resolution < 4:
-        raise ValueError(f"need per_class >= 1 and resolution >= 4, got {per_class}, {resolution}")
-    rng = np.random.default_rng(seed)
-    n = num_classes * per_class
-    images = np.empty((n, resolution, resolution, 3), np.uint8)
-    masks = np.empty((n, resolution, resolution), np.float32)
-    labels = np.repeat(np.arange(num_classes, dtype=np.int64), per_class)
-    for i, label in enumerate(labels):
-        bg, fg = _colours(rng) if palette == "random" else ((0, 0, 0), (255, 255, 255))
-        big = _draw_mask(int(label), resolution, rng)
-        masks[i] = np.asarray(big.resize((resolution, resolution), Image.BOX), np.float32) / 255.0
-        colour = np.asarray(bg, np.float32) + masks[i][..., None] * (np.asarray(fg, np.float32) - bg)
-        images[i] = np.clip(np.rint(colour), 0, 255).astype(np.uint8)
-    return images, labels, masks
+SUPERSAMPLE = 4
+"""The experiment's shapes are drawn at 4x the resolution and box-filtered down (anti-aliased edges)."""
 
 
 def make_shapes(
     per_class: int, resolution: int = 16, seed: int = 0, num_classes: int = 10, palette: str = "random"
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(images, labels)`` of :func:`make_shapes_and_masks`."""
-    images, labels, _ = make_shapes_and_masks(per_class, resolution, seed, num_classes, palette)
-    return images, labels
-
-
-def write_image_tree(
-    root: str | Path, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str] = SHAPE_CLASSES
-) -> Path:
-    """``root/<class name>/<index>.png`` for every image (the layout ``repa prepare images`` reads)."""
-    root = Path(root)
-    for i, (img, label) in enumerate(zip(images, labels)):
-        folder = root / class_names[int(label)]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(folder / f"{i:06d}.png")
-    return root
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(images uint8 (N, H, W, 3), labels int64 (N,), masks float32 (N, H, W))``: ``per_class`` images
+    of each class, in class order, from :func:`repa.synthetic.make_shapes` drawn at :data:`SUPERSAMPLE`x
+    without noise, so an image is exactly ``rint(bg + mask * (fg - bg))`` (``mono``: ``rint(mask * 255)``).
+    ``masks`` is each image's foreground coverage in [0, 1]. Deterministic in ``seed``; a different seed
+    gives a held-out set. ``palette`` is one of :data:`repa.synthetic.PALETTES`."""
+    if resolution < 4:
+        raise ValueError(f"resolution: expected >= 4, got {resolution}")
+    return synthetic.make_shapes(
+        per_class,
+        resolution,
+        seed=seed,
+        num_classes=num_classes,
+        palette=palette,
+        supersample=SUPERSAMPLE,
+        noise=0.0,
+    )
 
 
 def _to_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -281,7 +172,7 @@ def train_vit_encoder(
     """Train ``timm:<name>`` with ``model_kwargs`` on ``train``; save its state dict to ``out_url``.
 
     ``train``/``val`` are ``(images, labels)`` for ``objective="classify"`` and ``(images, labels,
-    masks)`` (:func:`make_shapes_and_masks`) for ``"segment"``. The input is exactly what
+    masks)`` (:func:`make_shapes`) for ``"segment"``. The input is exactly what
     :class:`repa.encoders.FrozenEncoder` feeds it (the registry's preprocessing for ``timm:`` entries),
     so the saved weights see the same distribution at alignment time. Use ``global_pool='avg',
     class_token=False, fc_norm=False`` in ``model_kwargs``: the classifier then reads the final-LayerNorm
@@ -487,7 +378,8 @@ def load_classifier(url: str, num_classes: int = 10) -> ToyClassifier:
 
 
 def classifier_extractor() -> ToyClassifier:
-    """``--feature-extractor repa.toy:classifier_extractor``: the classifier at ``$REPA_TOY_CLASSIFIER``.
+    """``--feature-extractor benchmarks.convergence.toy:classifier_extractor``: the classifier at
+    ``$REPA_TOY_CLASSIFIER``.
 
     The factory takes no arguments (the eval CLI's contract), so the weights URL comes from the
     environment; the sha256 of the file is recorded with every result and checked against the
