@@ -18,7 +18,7 @@ running the demo again into the same folder reuses what is done (``--fresh`` sta
 
 Weights. repa never downloads anything. Without files the demo says so and uses random weights: a
 random tiny ViT as the REPA target encoder, pixel space instead of the SD-VAE, and a random-weights
-Inception-v3 (repa.random_inception, written once to ``<out>/weights/``, named RANDOM) so FID's code
+Inception-v3 (repa.eval.random_inception, written once to ``<out>/weights/``, named RANDOM) so FID's code
 path runs; its numbers are then meaningless. ``--encoder-weights``, ``--vae-weights`` and
 ``--inception-weights`` (local paths or fsspec URLs) put real files into the config keys
 ``encoder.weights_urls``, ``vae.weights_url`` and ``eval.inception_weights_url``, and the same command
@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from repa.random_inception import make_random_inception_weights
+from repa.eval.random_inception import make_random_inception_weights
 from repa.synthetic import SHAPES, class_folder, make_shapes_dataset
 
 __all__ = [
@@ -411,7 +411,7 @@ def _reference_stats(cfg: Any, out_url: str, max_images: int, progress: bool) ->
     from repa.eval.refstats import compute_reference_stats, save_reference_stats
     from repa.runtime import resolve_device
 
-    extractor = build_extractor(cfg, None, resolve_device(cfg.train.device))
+    extractor = build_extractor(cfg, resolve_device(cfg.train.device))
     bar = tqdm(total=max_images, unit="img", desc="reference", disable=not progress, file=sys.stderr)
 
     def batches() -> Iterator[Any]:
@@ -461,7 +461,7 @@ def run_demo(opts: DemoOptions) -> DemoResult:
 def _run_demo(opts: DemoOptions, threads: int) -> DemoResult:
     from repa import checkpoint as ckpt
     from repa.config import load_config
-    from repa.eval.sample import SampleSet
+    from repa.eval.sample_set import SampleSet
 
     out = Path(opts.out).resolve()
     stages = _Stages(7)

@@ -1,5 +1,5 @@
 """A random-weights file for torch-fidelity's InceptionV3, so FID/IS tests run offline (built by
-repa.random_inception).
+repa.eval.random_inception).
 
 The real TF-ported weights (~91 MiB) are a download, which tests must not need. A file with the same
 architecture and random weights exercises the exact code path; FID values are meaningless but
@@ -21,7 +21,7 @@ import tempfile
 from functools import cache
 
 # One maker for the demo and the tests (the product ships it: demo users without the real file need it).
-from repa.random_inception import make_random_inception_weights
+from repa.eval.random_inception import make_random_inception_weights
 
 
 @cache

@@ -295,7 +295,7 @@ def _save(state: dict[str, torch.Tensor], url: str) -> None:
 class ToyClassifier(nn.Module):
     """Small CNN: 3 conv stages (16 -> 8 -> 4 px) -> global average pool (``width`` features) -> logits.
 
-    As a :class:`repa.eval.metrics.FeatureExtractor` it maps uint8 images (B, 3, H, W) to the pooled
+    As a :class:`repa.eval.features.FeatureExtractor` it maps uint8 images (B, 3, H, W) to the pooled
     features (B, width), the analogue of Inception's pool_3 for FID. A different architecture and
     training run from the alignment encoder, so an FD gain is not the encoder grading itself.
     """

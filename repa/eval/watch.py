@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-import repa.eval.evaluate as E  # (`from repa.eval import evaluate` is metrics.evaluate, a function)
+import repa.eval.evaluate as E
 from repa import checkpoint as ckpt
 from repa import storage
 from repa.config import ConfigError, RunConfig

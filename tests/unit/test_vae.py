@@ -189,7 +189,7 @@ def test_full_sd_vae_config_builds_the_reference_architecture(caplog):
         vae = build_vae("sd-vae-ft-mse")
     assert any("RANDOM" in r.message and "weights_url" in r.message for r in caplog.records)
     assert (vae.latent_channels, vae.downsample) == (4, 8)
-    assert sum(p.numel() for p in vae.parameters()) == 83_653_863  # ENVIRONMENT.md: 83.65 M
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863  # SD-VAE (AutoencoderKL): 83.65 M
     assert SD_VAE_CONFIG["block_out_channels"] == [128, 256, 512, 512]
 
 
