@@ -308,7 +308,7 @@ class DataConfig(_Section):
 
     def location(self) -> Any:
         """``url`` bound to ``storage_options`` (a ``repa.storage.Location``)."""
-        from repa.storage import Location  # lazy: fsspec
+        from repa.storage import Location
 
         return Location(self.url or "", dict(self.storage_options))
 
@@ -546,7 +546,7 @@ class StorageConfig(_Section):
 
     def locate(self, url: str | None) -> Any:
         """``url`` bound to ``storage_options`` (a ``repa.storage.Location``), or None for no URL."""
-        from repa.storage import Location  # lazy: fsspec
+        from repa.storage import Location
 
         return None if url is None else Location(url, dict(self.storage_options))
 
@@ -748,15 +748,15 @@ def load_config(source: str | Path | None = None, overrides: Sequence[str] = ())
 
 
 def _read_source(source: str | Path) -> tuple[str, str]:
-    src = str(source)
-    if "://" in src and not src.startswith("file://"):
-        from repa import storage  # lazy: fsspec
+    from repa import storage  # fsspec itself loads only for a remote URL
 
+    src = str(source)
+    if not storage.is_local(src):
         try:
             return storage.read_bytes(src).decode("utf-8"), src
         except Exception as e:  # StorageError, FileNotFoundError, auth errors...
             raise ConfigError("", f"cannot read config {src!r}: {e}") from None
-    path = Path(src.removeprefix("file://")).expanduser()
+    path = Path(storage.local_path(src) or src)
     if path.is_file():
         return path.read_text(encoding="utf-8"), str(path)
     preset = PRESETS_DIR / f"{src.removesuffix('.yaml')}.yaml"

@@ -21,14 +21,6 @@ from repa import storage
 log = logging.getLogger(__name__)
 
 
-def _local_path(url: str) -> str | None:
-    if url.startswith("file://"):
-        return url[len("file://") :]
-    if "://" not in url:
-        return url
-    return None
-
-
 class TensorBoardLogger:
     """Scalars and images for one process (rank 0 of training, or one evaluator).
 
@@ -42,7 +34,7 @@ class TensorBoardLogger:
 
         self.log_url = log_url
         self.storage_options = storage_options
-        local = _local_path(log_url)
+        local = storage.local_path(log_url)
         self._staging = None if local is not None else tempfile.mkdtemp(prefix="repa-tb-")
         self.local_dir = local if local is not None else self._staging
         os.makedirs(self.local_dir, exist_ok=True)
@@ -83,7 +75,7 @@ def read_scalars(log_url: str, storage_options: dict | None = None) -> dict[str,
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    local = _local_path(log_url)
+    local = storage.local_path(log_url)
     tmp = None
     if local is None:
         tmp = tempfile.mkdtemp(prefix="repa-tb-read-")

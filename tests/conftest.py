@@ -105,3 +105,40 @@ def feats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = write_feature_module(tmp_path / "feats")
     monkeypatch.syspath_prepend(str(folder))
     return folder
+
+
+# ---- evaluation tests (tests/unit/test_{stats,images,features,refstats,metrics}.py)
+
+
+@pytest.fixture(scope="module")
+def eval_single_thread() -> Iterator[None]:
+    """One thread for torch and BLAS/LAPACK while a module runs (``tests.eval_helpers``);
+    ``pytestmark = pytest.mark.usefixtures("eval_single_thread")``."""
+    from tests.eval_helpers import one_thread_everywhere
+
+    with one_thread_everywhere():
+        yield
+
+
+@pytest.fixture(scope="module")
+def weights_path() -> str:
+    """Random-weights Inception file for torch-fidelity, built once per test process (~91 MiB)."""
+    from tests.fidelity_weights import random_inception_weights_path
+
+    return random_inception_weights_path()
+
+
+@pytest.fixture(scope="module")
+def inception(weights_path: str):
+    """torch-fidelity's Inception feature extractor with ``weights_path``, on CPU."""
+    from repa.eval import build_inception
+
+    return build_inception(weights_path, device="cpu")
+
+
+@pytest.fixture()
+def toy():
+    """A tiny deterministic feature extractor (``tests.eval_helpers.ToyClassifier``)."""
+    from tests.eval_helpers import ToyClassifier
+
+    return ToyClassifier()

@@ -55,13 +55,8 @@ def _load_shard(
     retry_attempts: int,
 ) -> fmt.IndexedShard:
     """GET the whole shard (one request, retried), check it against the manifest, index it."""
-    fs, path = storage.filesystem(url, storage_options)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    # s3fs splits objects > 50 MB into concurrent ranged GETs plus a HEAD and reassembles them in
-    # a bytearray: twice the CPU of one streamed GET (measured on moto, benchmarks/loader.py).
-    kwargs = {"max_concurrency": 1} if "s3" in protocols else {}
     try:
-        data = storage.retry(lambda: fs.cat_file(path, **kwargs), what=url, attempts=retry_attempts)
+        data = storage.read_bytes(url, storage_options, attempts=retry_attempts)
     except FileNotFoundError:
         raise ShardReadError(
             f"{url}: not found, but manifest.json lists it (data.url points at the wrong folder?)"

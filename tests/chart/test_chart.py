@@ -180,7 +180,7 @@ def pytorchjob_validator() -> jsonschema.Draft7Validator:
 
 
 def webhook_errors(job: dict) -> list[str]:
-    """The Training Operator v1.9 validating webhook's rules (kubeflow/training-operator release-1.9), as messages."""
+    """The validating webhook's rules (kubeflow/training-operator release-1.9), as messages."""
     errors = []
     name = job["metadata"]["name"]
     if not (DNS1035_LABEL.match(name) and len(name) <= 63):

@@ -5,9 +5,10 @@ the kubelet and the eval launcher, and of nothing else. From `helm template` of 
 (a tiny CPU run on a moto S3 server):
 
 - the operator: one process per Worker replica, running the `pytorch` container's command + args with the
-  environment the operator injects in elastic mode (docs/kubernetes.md): PYTHONUNBUFFERED=1, PET_NPROC_PER_NODE
-  from spec.nprocPerNode, PET_NNODES=min:max, PET_RDZV_BACKEND, PET_RDZV_ENDPOINT (in a cluster
-  `<job>-worker-0:23456`; here 127.0.0.1 and a free port), PET_MAX_RESTARTS, PET_RDZV_ID, PET_RDZV_CONF;
+  environment the operator injects in elastic mode (docs/kubernetes.md): PYTHONUNBUFFERED=1,
+  PET_NPROC_PER_NODE from spec.nprocPerNode, PET_NNODES=min:max, PET_RDZV_BACKEND, PET_RDZV_ENDPOINT (in a
+  cluster `<job>-worker-0:23456`; here 127.0.0.1 and a free port), PET_MAX_RESTARTS, PET_RDZV_ID,
+  PET_RDZV_CONF;
 - the kubelet: the container's `envFrom` Secrets (the "cluster" holds the moto credentials), `env` with
   `fieldRef`s resolved and `$(VAR)` expanded as Kubernetes does, the volumes materialised in a per-pod
   folder (the ConfigMaps' files, empty dirs), and mount paths in args/env mapped into that folder;
@@ -169,7 +170,7 @@ def to_local(value: str, mounts: dict[str, Path], root: Path) -> str:
 
 
 def operator_env(job: dict) -> dict[str, str]:
-    """Exactly what the operator adds to every container of an elastic PyTorchJob (Training Operator v1.9, docs/kubernetes.md)."""
+    """Exactly what the operator (v1.9) adds to every container of an elastic PyTorchJob."""
     spec = job["spec"]
     assert "Master" not in spec["pytorchReplicaSpecs"], "the chart's job is Workers only"
     policy = spec["elasticPolicy"]

@@ -13,26 +13,9 @@ import torch
 
 from repa import storage
 from repa.eval import INCEPTION_WEIGHTS_FILENAME, MetricsError, build_inception
-from tests.eval_helpers import ToyClassifier, one_thread_everywhere
-from tests.fidelity_weights import random_inception_weights_path
+from tests.eval_helpers import ToyClassifier
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One thread for torch and BLAS/LAPACK while this module runs (see one_thread_everywhere)."""
-    with one_thread_everywhere():
-        yield
-
-
-@pytest.fixture(scope="module")
-def weights_path() -> str:
-    """Built once per test process (cached), ~91 MiB in a temporary folder."""
-    return random_inception_weights_path()
-
-
-@pytest.fixture(scope="module")
-def inception(weights_path):
-    return build_inception(weights_path, device="cpu")
+pytestmark = pytest.mark.usefixtures("eval_single_thread")
 
 
 def test_inception_weights_load_from_an_fsspec_url_through_a_local_copy(

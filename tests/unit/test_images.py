@@ -10,19 +10,9 @@ import torch
 
 from repa import storage
 from repa.eval import MetricsError, compute_feature_stats, iter_image_batches
-from tests.eval_helpers import ToyClassifier, one_thread_everywhere, smooth_images
+from tests.eval_helpers import smooth_images
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One thread for torch and BLAS/LAPACK while this module runs (see one_thread_everywhere)."""
-    with one_thread_everywhere():
-        yield
-
-
-@pytest.fixture()
-def toy() -> ToyClassifier:
-    return ToyClassifier()
+pytestmark = pytest.mark.usefixtures("eval_single_thread")
 
 
 def test_all_image_sources_give_the_same_statistics(toy, tmp_path):

@@ -24,7 +24,6 @@ from repa.eval import (
     EvalResult,
     MetricsError,
     ReferenceStats,
-    build_inception,
     compute_feature_stats,
     compute_reference_stats,
     evaluate_features,
@@ -38,35 +37,17 @@ from repa.eval.metrics import evaluate
 from tests.eval_helpers import (
     SIZE,
     FeaturesOnly,
-    ToyClassifier,
     adm_frechet_distance,
     exact_fid_from_features,
     mixed_images,
-    one_thread_everywhere,
     rel,
     smooth_images,
 )
-from tests.fidelity_weights import random_inception_weights_path
 
 N_IMAGES = 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One thread for torch and BLAS/LAPACK while this module runs (see one_thread_everywhere)."""
-    with one_thread_everywhere():
-        yield
-
-
-@pytest.fixture(scope="module")
-def weights_path() -> str:
-    """Built once per test process (cached), ~91 MiB in a temporary folder."""
-    return random_inception_weights_path()
-
-
-@pytest.fixture(scope="module")
-def inception(weights_path):
-    return build_inception(weights_path, device="cpu")
+pytestmark = pytest.mark.usefixtures("eval_single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +96,6 @@ def generated_features(inception, generated_images):
 @pytest.fixture(scope="module")
 def our_result(generated_features, own_reference, inception) -> EvalResult:
     return evaluate_features(generated_features, own_reference, inception)
-
-
-@pytest.fixture()
-def toy() -> ToyClassifier:
-    return ToyClassifier()
 
 
 # ----------------------------------------------------------------------------------------------------------

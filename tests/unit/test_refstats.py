@@ -17,19 +17,9 @@ from repa.eval import (
     load_reference_stats,
     save_reference_stats,
 )
-from tests.eval_helpers import ToyClassifier, one_thread_everywhere, smooth_images
+from tests.eval_helpers import smooth_images
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One thread for torch and BLAS/LAPACK while this module runs (see one_thread_everywhere)."""
-    with one_thread_everywhere():
-        yield
-
-
-@pytest.fixture()
-def toy() -> ToyClassifier:
-    return ToyClassifier()
+pytestmark = pytest.mark.usefixtures("eval_single_thread")
 
 
 def test_reference_stats_roundtrip_through_storage_with_sha256(toy, tmp_path, monkeypatch):

@@ -9,14 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from repa.eval import MetricsError, RunningFeatureStats, frechet_distance, inception_score, precision_recall
-from tests.eval_helpers import adm_frechet_distance, exact_fid_from_features, one_thread_everywhere, rel
+from tests.eval_helpers import adm_frechet_distance, exact_fid_from_features, rel
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One thread for torch and BLAS/LAPACK while this module runs (see one_thread_everywhere)."""
-    with one_thread_everywhere():
-        yield
+pytestmark = pytest.mark.usefixtures("eval_single_thread")
 
 
 # ----------------------------------------------------------------------------------------------------------
