@@ -275,7 +275,9 @@ class ObjectiveConfig(_Section):
     proj_coeff: float = setting(0.5, ge=0.0)
     """lambda, the weight of the projection (negative cosine similarity) loss; paper Table 5: 0.5."""
     align_until_step: int | None = setting(None, ge=0)
-    """Stop the alignment loss after this many steps (null = align for the whole run, as the paper)."""
+    """Number of optimiser updates that use the alignment loss; later ones train on the denoising loss
+    alone (null = align for the whole run, as the paper; 0 = never). Steps skipped by the health guard
+    are not updates and do not count."""
 
 
 @dataclass(kw_only=True)
