@@ -332,6 +332,18 @@ def _recorded_args(obj: Any) -> dict[str, Any] | None:
     return args if isinstance(args, dict) else None
 
 
+def first_nonfinite(state_dict: dict[str, Any]) -> str | None:
+    """Name of the first floating-point tensor holding a NaN or Inf, else None.
+
+    A run that went NaN keeps writing checkpoints whose samples are noise; its FID must never be
+    reported as a result (docs/training-health.md).
+    """
+    for name, tensor in state_dict.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
 def load_model(
     cfg: RunConfig,
     source: CheckpointSource,
@@ -372,6 +384,12 @@ def load_model(
         obj = load_torch_file(source.url, storage_options)
         sd = load_reference_state_dict(obj, weights)
         recorded = _recorded_args(obj)
+    bad = first_nonfinite(sd)
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {source.url}: the {weights} weights hold non-finite values (first: {bad}); "
+            "refusing to sample or evaluate it (see docs/training-health.md)"
+        )
     inferred = infer_model_args(sd)
     expected = model_kwargs(cfg, inferred["z_dims"])
     if recorded:
