@@ -119,8 +119,9 @@ def test_spikes_are_detected_and_a_healthy_300_step_run_never_fires(data, tmp_pa
     health = _final_state(healthy)["health"]
     assert health["skipped"] == [] and health["rollbacks"] == []
     defaults = RunConfig().health
-    # Margin: the largest robust z-score of any applied step stays well below the default k.
-    assert max(health["max_scores"].values()) < defaults.spike_k / 2, health["max_scores"]
+    # Margin: the largest robust z-score of any applied step stays well below the default k (batch 4 is
+    # noisier than any real run; 1000 such steps peak at 7.9, docs/training-health.md).
+    assert max(health["max_scores"].values()) < 0.75 * defaults.spike_k, health["max_scores"]
 
 
 def test_align_until_step_counts_optimiser_updates(data, tmp_path):
