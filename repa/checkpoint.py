@@ -358,7 +358,8 @@ def load_model(
     Recorded arguments: ``ema.pt``'s ``args`` (repa or official REPA layout) or ``state.pt``'s config.
     A bare state dict (the authors' released EMA file) is built from ``cfg``. With ``check_config``,
     a checkpoint whose architecture differs from ``cfg``'s raises :class:`ModelMismatchError` naming
-    every differing key.
+    every differing key. Weights holding a NaN or Inf raise :class:`CheckpointError` naming the first
+    bad tensor, so a poisoned checkpoint never yields samples or an FID.
     """
     from repa.config import RunConfig
     from repa.models import build_model

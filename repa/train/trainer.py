@@ -16,6 +16,10 @@ Design choices that make restarts exact and elastic:
   and offsets for any world size, and a resume whose order settings changed is refused.
 - Every process resumes from the newest *committed* checkpoint found at start (rank 0 looks,
   all ranks load the same one), so a torchrun restart after a member died simply continues.
+- Before every update the health guard (``repa.train.health``, docs/training-health.md) judges the
+  step from the same all-reduced loss and grad norm on every rank: a non-finite or spiking step is
+  skipped (no AdamW, no EMA), repeated ones roll back to the checkpoint before them past the bad data,
+  and too many rollbacks stop the run with exit code 3. ``self.step`` counts applied updates.
 - All ranks stop at the same step (they run in lock-step), so the elastic PyTorchJob, which
   succeeds as soon as ANY worker exits 0, only succeeds when the run is really finished. A
   preempted run (SIGTERM) commits a checkpoint and exits 143, never 0.

@@ -57,21 +57,28 @@ def _warnings(caplog, text: str) -> list[str]:
 
 def test_a_nan_step_is_skipped_and_equals_a_run_that_skipped_those_samples(data, tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    nan, skip = f"file://{tmp_path}/nan", f"file://{tmp_path}/skip"
-    assert _train(data, nan, "train.max_steps=8", "health.inject_sample_ranges=[[21, 22]]") == 0
-    assert _train(data, skip, "train.max_steps=8", "health.skip_sample_ranges=[[20, 24]]") == 0
+    nan, skip, resumed = (f"file://{tmp_path}/{name}" for name in ("nan", "skip", "resumed"))
+    inject = "health.inject_sample_ranges=[[9, 10]]"  # one sample of step 2's batch [8, 12)
+    assert _train(data, nan, "train.max_steps=8", inject) == 0
+    assert _train(data, skip, "train.max_steps=8", "health.skip_sample_ranges=[[8, 12]]") == 0
     state = _final_state(nan)
     _assert_finite(state)
     _assert_states_identical(state, _final_state(skip))  # model, EMA, AdamW state, data position
     assert state["step"] == 8 and state["reader"]["samples_consumed"] == 9 * 4
     (bad,) = state["health"]["skipped"]
-    assert (bad["step"], bad["start"], bad["end"]) == (5, 20, 24)
+    assert (bad["step"], bad["start"], bad["end"]) == (2, 8, 12)
     assert bad["checks"] == ["loss_nonfinite", "grad_nonfinite"]
     assert len(bad["keys"]) == 4 and state["health"]["rollbacks"] == []
     (line,) = _warnings(caplog, "health: skipped")
-    assert "step 5: loss_nonfinite+grad_nonfinite" in line and "[20, 24)" in line and bad["keys"][1] in line
+    assert "step 2: loss_nonfinite+grad_nonfinite" in line and "[8, 12)" in line and bad["keys"][1] in line
     scalars = read_scalars(f"{nan}/tensorboard")
     assert scalars["health/skipped_steps"][-1] == (8, 1.0) and scalars["health/rollbacks"][-1] == (8, 0.0)
+    # The checkpoint carries the guard: stopped after the skip and resumed, the run is the same run.
+    assert _train(data, resumed, "train.max_steps=4", inject) == 0
+    assert _train(data, resumed, "train.max_steps=8", inject) == 0
+    again = _final_state(resumed)
+    _assert_states_identical(state, again)
+    assert repr(again["health"]) == repr(state["health"])  # repr: the recorded NaN loss != itself
 
 
 def test_repeated_nans_roll_back_once_and_skip_the_window(data, tmp_path, caplog):
