@@ -378,7 +378,7 @@ class Trainer:
         return moments
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         from repa.vae import sample_posterior
 
         cfg = self.cfg
