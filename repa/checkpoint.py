@@ -332,6 +332,18 @@ def _recorded_args(obj: Any) -> dict[str, Any] | None:
     return args if isinstance(args, dict) else None
 
 
+def first_nonfinite(state_dict: dict[str, Any]) -> str | None:
+    """Name of the first floating-point tensor holding a NaN or Inf, else None.
+
+    A run that went NaN keeps writing checkpoints whose samples are noise; its FID must never be
+    reported as a result (docs/training-health.md).
+    """
+    for name, tensor in state_dict.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
 def load_model(
     cfg: RunConfig,
     source: CheckpointSource,
@@ -346,7 +358,8 @@ def load_model(
     Recorded arguments: ``ema.pt``'s ``args`` (repa or official REPA layout) or ``state.pt``'s config.
     A bare state dict (the authors' released EMA file) is built from ``cfg``. With ``check_config``,
     a checkpoint whose architecture differs from ``cfg``'s raises :class:`ModelMismatchError` naming
-    every differing key.
+    every differing key. Weights holding a NaN or Inf raise :class:`CheckpointError` naming the first
+    bad tensor, so a poisoned checkpoint never yields samples or an FID.
     """
     from repa.config import RunConfig
     from repa.models import build_model
@@ -372,6 +385,12 @@ def load_model(
         obj = load_torch_file(source.url, storage_options)
         sd = load_reference_state_dict(obj, weights)
         recorded = _recorded_args(obj)
+    bad = first_nonfinite(sd)
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {source.url}: the {weights} weights hold non-finite values (first: {bad}); "
+            "refusing to sample or evaluate it (see docs/training-health.md)"
+        )
     inferred = infer_model_args(sd)
     expected = model_kwargs(cfg, inferred["z_dims"])
     if recorded:

@@ -4,7 +4,7 @@ Flow: ``YAML (preset or file) -> --set a.b=c -> RunConfig (validated) -> Trainer
 sampler / watcher``. The resolved tree is saved beside the run (``{run_url}/config.yaml``), in every
 checkpoint and in TensorBoard, so a run can always be re-created from its own output.
 
-- Sections: ``model encoder vae objective data train checkpoint log sample eval storage``.
+- Sections: ``model encoder vae objective data train checkpoint health log sample eval storage``.
 - Defaults are the paper's SiT-XL/2 + REPA values (REPA Table 7, the reference ``train.py``); a field
   whose default differs from the reference code says so in its ``reference`` metadata (shown in the docs).
 - The docstring under each field is its documentation: :func:`markdown_docs` renders
@@ -50,6 +50,7 @@ __all__ = [
     "DataConfig",
     "EncoderConfig",
     "EvalConfig",
+    "HealthConfig",
     "LogConfig",
     "ModelConfig",
     "ObjectiveConfig",
@@ -275,7 +276,9 @@ class ObjectiveConfig(_Section):
     proj_coeff: float = setting(0.5, ge=0.0)
     """lambda, the weight of the projection (negative cosine similarity) loss; paper Table 5: 0.5."""
     align_until_step: int | None = setting(None, ge=0)
-    """Stop the alignment loss after this many steps (null = align for the whole run, as the paper)."""
+    """Number of optimiser updates that use the alignment loss; later ones train on the denoising loss
+    alone (null = align for the whole run, as the paper; 0 = never). Steps skipped by the health guard
+    are not updates and do not count."""
 
 
 @dataclass(kw_only=True)
@@ -413,6 +416,52 @@ class CheckpointConfig(_Section):
                 "checkpoint.keep_every_steps",
                 f"{self.keep_every_steps} is not a multiple of checkpoint.every_steps={self.every_steps}",
             )
+
+
+@dataclass(kw_only=True)
+class HealthConfig(_Section):
+    """The training health guard (``repa.train.health``): skip non-finite or spiking steps, roll back
+    after repeated ones, stop when rolling back does not help (docs/training-health.md)."""
+
+    SECTION: ClassVar[str] = "health"
+
+    enabled: bool = True
+    """Check every step before the optimiser update: loss and gradient norm finite, and no spike. A bad
+    step is skipped (no AdamW and no EMA update; the data position moves on). Off: every step is applied,
+    as in the reference ``train.py``."""
+    window_steps: int = setting(100, ge=2)
+    """W: the spike statistic is the median and MAD of the loss and of the gradient norm over the last W
+    applied steps; spike checks start once W steps have been applied (finite checks from step 0)."""
+    spike_k: float = setting(12.0, ge=0.0)
+    """k: a step spikes when its loss or gradient norm exceeds median + k x 1.4826 x MAD of the window
+    (k robust standard deviations; the MAD is floored at 1 % of the median). 0 = no spike checks."""
+    max_bad_steps: int = setting(3, ge=1)
+    """M: after M bad steps within ``bad_step_window`` optimiser steps, roll back to the newest committed
+    checkpoint written before the first of them and skip the data from the first to the last bad batch."""
+    bad_step_window: int = setting(100, ge=1)
+    """Optimiser steps over which bad steps are counted towards ``max_bad_steps``."""
+    max_rollbacks: int = setting(3, ge=0)
+    """R: rollbacks allowed within ``rollback_horizon_steps``; a further one stops the run with exit code 3
+    (it needs a human: a lower ``train.lr``, another ``train.precision``, or a look at the data)."""
+    rollback_horizon_steps: int = setting(10_000, ge=1)
+    """Optimiser steps over which rollbacks are counted towards ``max_rollbacks``."""
+    skip_sample_ranges: list[list[int]] = field(default_factory=list)
+    """Stream positions ``[start, end)`` (global sample counts, as ``samples_consumed``) never trained on:
+    the reader jumps over them. For data known to be bad; the guard adds the windows it skips to the
+    checkpoint itself."""
+    inject_sample_ranges: list[list[int]] = field(default_factory=list)
+    """For tests (fault injection): stream positions ``[start, end)`` whose samples are corrupted as
+    ``inject_fault`` says before the forward pass, on the rank that reads them. Leave empty."""
+    inject_fault: Literal["nan", "spike"] = "nan"
+    """For tests: ``nan`` sets the injected samples' moments to NaN, ``spike`` multiplies them by 1000."""
+
+    def check(self) -> None:
+        for key in ("skip_sample_ranges", "inject_sample_ranges"):
+            for i, pair in enumerate(getattr(self, key)):
+                if len(pair) != 2 or not 0 <= pair[0] < pair[1]:
+                    raise ConfigError(
+                        f"health.{key}[{i}]", f"{pair}: expected [start, end) with 0 <= start < end"
+                    )
 
 
 @dataclass(kw_only=True)
@@ -578,6 +627,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     log: LogConfig = field(default_factory=LogConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -717,6 +767,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "data": DataConfig,
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
+    "health": HealthConfig,
     "log": LogConfig,
     "sample": SampleConfig,
     "eval": EvalConfig,

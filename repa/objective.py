@@ -115,8 +115,10 @@ class LossOutput:
 class REPALoss:
     """Flow-matching loss with REPA's projection term.
 
-    ``proj_coeff`` is lambda (paper: 0.5). ``align_until_step``: alignment is applied while
-    ``step <= align_until_step`` and dropped afterwards (its value is still reported, without gradient).
+    ``proj_coeff`` is lambda (paper: 0.5). ``align_until_step`` = N: the first N optimiser updates use
+    the alignment loss, the rest do not (its value is still reported, without gradient). ``step`` is the
+    0-based index of the update being computed (the number of updates already applied), so alignment is
+    active while ``step < N``; N = 0 never aligns.
     ``time_sampling`` is the reference's ``--weighting`` (a misnomer: it changes sampling, not weights).
     """
 
@@ -141,14 +143,14 @@ class REPALoss:
         self.align_until_step = align_until_step
 
     def alignment_active(self, step: int | None) -> bool:
-        """Whether the projection term enters ``total`` at this optimiser step."""
+        """Whether the projection term enters ``total`` for update ``step`` (0-based: updates done so far)."""
         if self.proj_coeff == 0:
             return False
         if self.align_until_step is None:
             return True
         if step is None:
             raise ValueError("REPALoss: align_until_step is set, so pass step= (the optimiser step)")
-        return step <= self.align_until_step
+        return step < self.align_until_step
 
     def __call__(
         self,

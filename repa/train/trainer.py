@@ -16,6 +16,10 @@ Design choices that make restarts exact and elastic:
   and offsets for any world size, and a resume whose order settings changed is refused.
 - Every process resumes from the newest *committed* checkpoint found at start (rank 0 looks,
   all ranks load the same one), so a torchrun restart after a member died simply continues.
+- Before every update the health guard (``repa.train.health``, docs/training-health.md) judges the
+  step from the same all-reduced loss and grad norm on every rank: a non-finite or spiking step is
+  skipped (no AdamW, no EMA), repeated ones roll back to the checkpoint before them past the bad data,
+  and too many rollbacks stop the run with exit code 3. ``self.step`` counts applied updates.
 - All ranks stop at the same step (they run in lock-step), so the elastic PyTorchJob, which
   succeeds as soon as ANY worker exits 0, only succeeds when the run is really finished. A
   preempted run (SIGTERM) commits a checkpoint and exits 143, never 0.
@@ -46,6 +50,7 @@ from repa.config import ConfigError, RunConfig, TrainConfig, add_config_argument
 from repa.data.format import Manifest
 from repa.tensorboard import TensorBoardLogger
 from repa.train.ema import make_ema, update_ema
+from repa.train.health import HEALTH_EXIT_CODE, BadStep, HealthGuard
 from repa.train.throughput import Throughput, gpu_memory_gib
 
 log = logging.getLogger(__name__)
@@ -151,6 +156,7 @@ class Trainer:
         self.samples_consumed = 0
         self.resumed_reader_state: dict[str, Any] | None = None
         self.preemption = _Preemption()
+        self.health = HealthGuard(cfg.health)
 
     # ------------------------------------------------------------------ set-up
     def check_run_url_writable(self) -> None:
@@ -267,6 +273,7 @@ class Trainer:
         self.raw_model.load_state_dict(state["model"], strict=True)
         self.ema.load_state_dict(state["ema"], strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
+        self.health.load_state_dict(state.get("health"))
         self.step = int(state["step"])
         self.samples_consumed = int(state["reader"]["samples_consumed"])
         self.resumed_reader_state = dict(state["reader"])
@@ -281,6 +288,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 # position + the settings that define the data order (checked on resume)
                 "reader": self.loader.state_dict(),
+                "health": self.health.state_dict(),  # running statistics, counters, skipped samples
                 # RNG is reseeded from (train.seed, step, rank, micro-batch) every micro-batch, so the
                 # step is the whole RNG state; recorded here so a reader of the file knows.
                 "rng": {"scheme": "per-micro-batch reseed", "seed": self.cfg.train.seed},
@@ -338,22 +346,49 @@ class Trainer:
         return loader
 
     def make_batches(self) -> Iterator[list[dict[str, torch.Tensor]]]:
-        """Per-step lists of ``accumulation`` micro-batches from ``self.loader``."""
-        iterator = iter(self.loader)
+        """Per-step lists of ``accumulation`` micro-batches from ``self.loader``.
+
+        Each step starts at ``self.samples_consumed`` moved past the stream ranges never trained on
+        (those the health guard skipped, and ``health.skip_sample_ranges``); when that is not where the
+        loader stands (a skipped range, or a rollback reset the position), the loader restarts there.
+        """
+        iterator = None
         while True:
+            position = self.health.next_position(self.samples_consumed, self.cfg.health.skip_sample_ranges)
+            if position != self.loader.samples_consumed():
+                self.loader.load_state_dict({"samples_consumed": position})
+                iterator = None
+            self.samples_consumed = position
+            if iterator is None:
+                iterator = iter(self.loader)
             yield [next(iterator) for _ in range(self.geometry.accumulation)]
 
+    def _inject_fault(self, batch: dict[str, Any]) -> torch.Tensor:
+        """``health.inject_sample_ranges`` (for tests): corrupt the moments of the samples at those stream
+        positions, as a poisoned sample would (``health.inject_fault``)."""
+        moments = batch["moments"]
+        position = batch["position"]
+        hit = torch.zeros_like(position, dtype=torch.bool)
+        for start, end in self.cfg.health.inject_sample_ranges:
+            hit |= (position >= start) & (position < end)
+        if not hit.any():
+            return moments
+        moments = moments.clone()
+        moments[hit] = float("nan") if self.cfg.health.inject_fault == "nan" else moments[hit] * 1000.0
+        return moments
+
     # ------------------------------------------------------------------ one step
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         from repa.vae import sample_posterior
 
         cfg = self.cfg
         self.model.train()
-        sums = torch.zeros(4, device=self.device)
+        sums = torch.zeros(5, device=self.device)  # total, denoising, projection, alignment, non-finite
         for i, batch in enumerate(micro_batches):
             torch.manual_seed(step_seed(cfg.train.seed, self.step, self.info.rank, i))
             image = batch["image"].to(self.device, non_blocking=True)
-            moments = batch["moments"].to(self.device, non_blocking=True)
+            moments = self._inject_fault(batch) if cfg.health.inject_sample_ranges else batch["moments"]
+            moments = moments.to(self.device, non_blocking=True)
             y = batch["label"].to(self.device, non_blocking=True)
             with torch.no_grad():
                 x = sample_posterior(moments, cfg.vae.latents_scale, cfg.vae.latents_bias)
@@ -365,21 +400,32 @@ class Trainer:
                 with self.autocast():
                     out = self.loss_fn(self.model, x, y, zs, step=self.step)
                 (out.total / len(micro_batches)).backward()
+            total = out.total.detach()
+            nonfinite = (~torch.isfinite(total)).to(total.dtype)
             sums += torch.stack(
-                [out.total.detach(), out.denoising.detach(), out.projection.detach(), out.alignment.detach()]
+                [total, out.denoising.detach(), out.projection.detach(), out.alignment.detach(), nonfinite]
             ).float()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.train.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        update_ema(self.ema, self.raw_model, cfg.train.ema_decay)
+        # The global (pre-clip) norm; max_grad_norm 0 = no clipping, but the guard still needs the norm.
+        max_norm = cfg.train.max_grad_norm or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        # The step's one collective, before the update: every rank gets the same mean losses, norm and
+        # count of ranks with a non-finite loss, so the guard's verdict is the same everywhere.
         values = D.all_reduce_mean(self.info, torch.cat([sums / len(micro_batches), grad_norm.reshape(1)]))
-        loss, den, proj, align, norm = values.tolist()
+        loss, den, proj, align, nonfinite, norm = values.tolist()
+        failed = self.health.judge(loss, norm, nonfinite)
+        if not failed:
+            self.optimizer.step()
+            update_ema(self.ema, self.raw_model, cfg.train.ema_decay)
+            self.health.accept(loss, norm)
+        self.optimizer.zero_grad(set_to_none=True)
         return {
             "loss": loss,
             "denoising_loss": den,
             "projection_loss": proj,
             "alignment": align,
             "grad_norm": norm,
+            "failed": failed,  # the guard's failed checks: non-empty = skipped (no update, no EMA)
+            "keys": [k for batch in micro_batches for k in batch.get("key", [])] if failed else [],
         }
 
     # ------------------------------------------------------------------ sample grid
@@ -437,8 +483,22 @@ class Trainer:
         try:
             while self.step < cfg.train.max_steps:
                 metrics = self.train_step(next(batches))
-                self.step += 1
+                failed, keys = metrics.pop("failed"), metrics.pop("keys")
                 self.samples_consumed += self.geometry.global_batch_size
+                if failed:  # skipped: the step counter stays (it counts optimiser updates)
+                    verdict = self.on_bad_step(failed, keys, metrics, tb)
+                    if verdict == "stop":
+                        exit_code = HEALTH_EXIT_CODE
+                        break
+                    if verdict == "rolled back" and tb is not None:  # drop the abandoned steps' events
+                        tb.close()
+                        tb = TensorBoardLogger(
+                            storage.join(cfg.storage.run_url, "tensorboard"),
+                            purge_step=self.step + 1,
+                            storage_options=self.storage_options,
+                        )
+                    continue
+                self.step += 1
                 meter.update(self.geometry.global_batch_size, metrics)
                 if D.any_rank(self.info, self.preemption.requested):
                     self.save()
@@ -461,6 +521,79 @@ class Trainer:
                 tb.close()
         return exit_code
 
+    # ------------------------------------------------------------------ health guard
+    def on_bad_step(
+        self, failed: list[str], keys: list[str], metrics: dict[str, float], tb: TensorBoardLogger | None
+    ) -> str:
+        """Record a skipped step (every rank: the guard's state is the same everywhere) and roll back
+        after ``health.max_bad_steps`` of them; ``"skipped"``, ``"rolled back"`` or ``"stop"``."""
+        G = self.geometry.global_batch_size
+        bad = BadStep(
+            self.step,
+            self.samples_consumed - G,
+            self.samples_consumed,
+            failed,
+            metrics["loss"],
+            metrics["grad_norm"],
+            keys,
+        )
+        log.warning("health: skipped %s", bad.describe())
+        verdict = "skipped"
+        if self.health.record_bad(bad):
+            h = self.cfg.health
+            if self.health.may_roll_back(self.step):
+                self.rollback()
+                verdict = "rolled back"
+            else:
+                log.error(
+                    "health: stopping at step %d: %d bad steps within %d steps after %d rollbacks within "
+                    "%d steps (last %s); the run needs a human: lower train.lr, try another "
+                    "train.precision, or check the data (the checkpoints' 'health' entry lists every "
+                    "skipped sample); exit code %d",
+                    self.step,
+                    h.max_bad_steps,
+                    h.bad_step_window,
+                    h.max_rollbacks,
+                    h.rollback_horizon_steps,
+                    "+".join(failed),
+                    HEALTH_EXIT_CODE,
+                )
+                verdict = "stop"
+        if tb is not None and self.info.is_main:
+            tb.scalars(self.health.scalars(), self.step)
+        return verdict
+
+    def rollback(self) -> None:
+        """Reload the newest committed checkpoint written before the episode's first bad step, through
+        :meth:`resume`, and move the data past the episode's window.
+
+        Checkpoints committed after that step belong to the abandoned timeline (their steps are trained
+        again), so they are deleted first, marker first as retention does; the newest committed one is
+        then the target. Without one the state stays and only the window is skipped.
+        """
+        first_step, _, _ = self.health.episode()
+        at_step = self.step
+        if self.info.is_main:
+            committed, _ = ckpt.list_checkpoints(self.cfg.storage.run_url, self.storage_options)
+            for ref in committed:
+                if ref.step > first_step:
+                    log.warning("health: deleting %s (written after the first bad step)", ref.url)
+                    storage.remove(storage.join(ref.url, ckpt.MARKER), storage_options=self.storage_options)
+                    storage.remove(ref.url, recursive=True, storage_options=self.storage_options)
+        D.barrier(self.info)
+        history = self.health.history()
+        ref = self.resume()
+        start, end = self.health.rolled_back(history, at_step, self.step)
+        log.warning(
+            "health: rolled back from step %d to %s (step %d); samples [%d, %d) are skipped (rollback %d)",
+            at_step,
+            ref.url if ref is not None else "the current weights (no checkpoint before the first bad step)",
+            self.step,
+            start,
+            end,
+            len(self.health.rollbacks),
+        )
+
     def _log(self, summary: dict[str, float], tb: TensorBoardLogger | None) -> None:
         if not self.info.is_main:
             return
@@ -470,6 +603,7 @@ class Trainer:
         scalars = {f"train/{k}": v for k, v in summary.items()}
         scalars["train/lr"] = self.optimizer.param_groups[0]["lr"]
         scalars["perf/images_per_second"] = images_per_second
+        scalars.update(self.health.scalars())
         if self.device.type == "cuda":
             scalars["perf/gpu_memory_gib"] = gpu_memory_gib(self.device)
             scalars["perf/mfu"] = mfu(

@@ -214,17 +214,20 @@ def test_proj_coeff_zero_reports_alignment_without_gradient():
 
 
 def test_alignment_stops_after_align_until_step():
+    """align_until_step=N: exactly N updates (0-based steps 0..N-1) align, update N does not."""
     loss_fn = REPALoss(proj_coeff=0.5, align_until_step=100)
+    assert [s for s in range(200) if loss_fn.alignment_active(s)] == list(range(100))
+    assert not any(REPALoss(align_until_step=0).alignment_active(s) for s in range(3))
     model = tiny()
     x, y, zs = tiny_batch(model)
     draws = dict(t=torch.full((3,), 0.3), noise=torch.randn_like(x))
-    on = loss_fn(model, x, y, zs, step=100, **draws)
+    on = loss_fn(model, x, y, zs, step=99, **draws)
     torch.testing.assert_close(on.total, on.denoising + 0.5 * on.projection)
     on.total.backward()
     assert all(g is not None and g.abs().sum() > 0 for g in projector_grads(model))
 
     model.zero_grad(set_to_none=True)
-    off = loss_fn(model, x, y, zs, step=101, **draws)
+    off = loss_fn(model, x, y, zs, step=100, **draws)
     assert torch.equal(off.total, off.denoising)
     torch.testing.assert_close(off.projection, on.projection.detach())  # still reported for logging
     off.total.backward()
