@@ -139,6 +139,7 @@ def chart_like_base_text() -> str:
     base = yaml.safe_load((K8S / "base" / "config.yaml").read_text())
     sets = (
         "fullnameOverride=repa",
+        "trainer.backend=pytorchjob",  # the base's Secret needs envFrom; the trainer is not compared
         "serviceAccount.name=repa",
         "storageAuth.existingSecret=repa-storage",
         f"config.data.url={base['data']['url']}",
