@@ -16,6 +16,8 @@ import functools
 import hashlib
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -586,6 +588,60 @@ def test_config_map_loads_with_repa_config(profile: str, tmp_path: Path) -> None
     if profile == "full":
         assert cfg.train.max_steps == 4_000_000 and cfg.sample.cfg_scale == 1.8
         assert cfg.train.max_grad_norm == 1.0 and cfg.train.adam_eps == 1e-8
+
+
+PRESET_VALUES = {
+    "config": {
+        "preset": "sit-b-2-repa",
+        "data": {"url": "s3://my-bucket/imagenet-256"},
+        "storage": {"run_url": "s3://my-bucket/runs/b2"},
+    }
+}
+
+
+@pytest.mark.parametrize("helm", HELMS)
+def test_a_preset_and_the_two_storage_urls_install_without_repa_on_the_helm_machine(
+    helm: str, tmp_path: Path
+) -> None:
+    """`config.preset` is resolved in the pod: helm needs neither repa nor torch, nor a sed pipeline."""
+    values = tmp_path / "b2.yaml"
+    values.write_text(yaml.safe_dump(PRESET_VALUES))
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    assert shutil.which("repa", path=env["PATH"]) is None and shutil.which("python", path=env["PATH"]) is None
+    # Helm 3.17's `install --dry-run=client` still asks a cluster for its version: `template` there.
+    verb = ["install", "--dry-run=client"] if helm == "helm" else ["template"]
+    cmd = [tool(helm), *verb, "b2", str(CHART), "-n", NAMESPACE, "-f", str(values)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    if helm != "helm":
+        docs = load_yaml_docs(proc.stdout)
+    else:
+        manifest = proc.stdout[proc.stdout.index("MANIFEST:") : proc.stdout.index("NOTES:")]
+        docs = load_yaml_docs(manifest.removeprefix("MANIFEST:"))
+        assert "preset sit-b-2-repa" in proc.stdout[proc.stdout.index("NOTES:") :]
+    cm = one(docs, "ConfigMap", "config")
+    assert yaml.safe_load(cm["data"]["config.yaml"]) == PRESET_VALUES["config"]  # preset + overrides
+    assert one(docs, "TrainJob")["spec"]["trainer"]["numNodes"] == 1
+    # ... and the pod's repa resolves it to the preset with the overrides.
+    config = pytest.importorskip("repa.config")
+    path = tmp_path / "config.yaml"
+    path.write_text(cm["data"]["config.yaml"])
+    assert config.load_config(path) == config.load_config(
+        "sit-b-2-repa", ["data.url=s3://my-bucket/imagenet-256", "storage.run_url=s3://my-bucket/runs/b2"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("sets", "field"),
+    [(["config.preset=sit-b-2-rep"], "config.preset"), (["config.train.max_step=10"], "config.train")],
+)
+def test_the_schema_still_checks_the_preset_name_and_the_overrides(
+    sets: list[str], field: str, tmp_path
+) -> None:
+    values = tmp_path / "b2.yaml"
+    values.write_text(yaml.safe_dump(PRESET_VALUES))
+    proc = run(template_cmd(values=(str(values),), sets=tuple(sets)), check=False)
+    assert proc.returncode != 0 and names_field(proc.stderr, field), proc.stderr
 
 
 def test_values_schema_config_part_is_generated_from_repa_config() -> None:

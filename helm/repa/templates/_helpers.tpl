@@ -160,7 +160,8 @@ Cross-field rules that values.schema.json cannot express. Each message names the
 {{- end }}
 {{- if .Values.evaluator.enabled }}
 {{- $refstats := dig "eval" "reference_stats_url" "" .Values.config }}
-{{- if not $refstats }}
+{{- /* With config.preset the resolved config is only known in the pod (`repa` checks it there and NOTES warns). */}}
+{{- if and (not $refstats) (not .Values.config.preset) }}
 {{- fail "evaluator.enabled is true but config.eval.reference_stats_url is empty: `repa eval` needs reference statistics; set it or set evaluator.enabled=false" }}
 {{- end }}
 {{- end }}
