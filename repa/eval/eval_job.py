@@ -1,6 +1,6 @@
 """`repa eval-job`: print the Kubernetes Job that evaluates one checkpoint, for `kubectl apply -f -`.
 
-    repa eval-job --release myrun -n ml --checkpoint s3://b/myrun/checkpoints/step-0400000 | kubectl apply -f -
+    repa eval-job --release myrun -n ml --checkpoint s3://b/r/checkpoints/step-0400000 | kubectl apply -f -
 
 The Job is exactly the one ``repa watch --launch-jobs`` creates for that checkpoint (docs/kubernetes.md
 "Evaluation"): the chart's eval Job template (ConfigMap ``<fullname>-eval-job`` of ``--release``, or
