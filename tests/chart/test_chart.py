@@ -677,11 +677,16 @@ def test_tensorboard_reads_the_run_folder_and_its_service_selects_it(profile: st
     assert svc["spec"]["ports"][0]["targetPort"] == c["ports"][0]["name"]
 
 
-def test_eval_launcher_may_only_create_and_read_jobs_and_is_the_only_pod_with_an_api_token() -> None:
+def test_eval_launcher_may_only_create_read_and_delete_jobs_and_is_the_only_pod_with_an_api_token() -> None:
     docs = render("full")
     (role,) = by_kind(docs, "Role")
     assert role["rules"] == [
-        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch"]}
+        {
+            "apiGroups": ["batch"],
+            "resources": ["jobs"],
+            "verbs": ["create", "get", "list", "watch", "delete"],
+        },
+        {"apiGroups": ["batch"], "resources": ["jobs/status"], "verbs": ["get"]},
     ]
     (binding,) = by_kind(docs, "RoleBinding")
     launcher = one(docs, "Deployment", "eval-launcher")
