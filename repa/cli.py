@@ -43,6 +43,10 @@ COMMANDS: dict[str, Command] = {
         "repa.eval.eval_job",
         "print the Kubernetes Job that evaluates one checkpoint (for kubectl apply -f -)",
     ),
+    "status": Command(
+        "repa.status", "how a Helm release's run is doing: its TrainJob/PyTorchJob and storage"
+    ),
+    "logs": Command("repa.logs", "the trainer's worker logs of a Helm release (-f follows)"),
     "config": Command("repa.config_export", "show, validate, document or export the schema of a run config"),
     "demo": Command(
         "repa.demo",

@@ -10,10 +10,19 @@ ConfigMap ``<fullname>-eval-job``. Clients come from the in-cluster service acco
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["KubeError", "ReleaseNames", "api_client", "api_error", "current_namespace"]
+__all__ = [
+    "KubeError",
+    "ReleaseNames",
+    "api_client",
+    "api_error",
+    "configuration",
+    "current_namespace",
+    "is_not_found",
+]
 
 CHART_NAME = "repa"
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -89,12 +98,28 @@ def api_client() -> Any:
         config.load_incluster_config()
     except config.ConfigException as in_cluster:
         try:
-            config.load_kube_config()
+            # $KUBECONFIG read now: the client reads it once, at import (KUBE_CONFIG_DEFAULT_LOCATION)
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
         except Exception as e:
             raise KubeError(
                 f"no Kubernetes API access: not in a cluster ({in_cluster}) and no usable kubeconfig ({e})"
             ) from None
     return client.ApiClient()
+
+
+def configuration() -> Any:
+    """The ``kubernetes.client.Configuration`` :func:`api_client` loads (what the kubeflow SDKs take)."""
+    from kubernetes import client
+
+    api_client()
+    return client.Configuration.get_default_copy()
+
+
+def is_not_found(e: BaseException) -> bool:
+    """HTTP 404 from the API, also when an SDK wrapped the ApiException (``raise ... from e``)."""
+    while getattr(e, "status", None) is None and e.__cause__ is not None:
+        e = e.__cause__
+    return getattr(e, "status", None) == 404
 
 
 def api_error(e: BaseException, what: str) -> KubeError:
