@@ -936,7 +936,8 @@ def test_notes_print_this_releases_real_names() -> None:
     assert "kubectl get pytorchjob sit-xl-repa -n repa-ci" in notes
     assert "kubectl logs -n repa-ci -f sit-xl-repa-worker-0 -c pytorch" in notes
     assert "port-forward -n repa-ci svc/sit-xl-repa-tensorboard 6006:6006" in notes
-    assert "configmap -n repa-ci sit-xl-repa-eval-job" in notes
+    assert "repa eval-job --release sitxl -n repa-ci --checkpoint s3://repa-ci/runs/" in notes
+    assert "| kubectl apply -f -" in notes
     assert "{{" not in notes
 
 
@@ -965,7 +966,7 @@ def test_notes_of_a_trainjob_release_follow_the_trainjob_and_its_node_pods() -> 
 
 
 def test_notes_manual_eval_command_yields_a_valid_job_for_the_checkpoint() -> None:
-    """The NOTES pipeline `kubectl set env --local ... | kubectl create` works on the stored template."""
+    """Without repa: `kubectl set env --local ... | kubectl create` on the stored template (docs/kubernetes.md)."""
     docs = render("full")
     template = one(docs, "ConfigMap", "eval")["data"]["eval-job.yaml"]
     url = "s3://repa-ci/runs/sit-xl-2-repa-4m/checkpoints/step-0400000"
