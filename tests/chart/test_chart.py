@@ -966,7 +966,7 @@ def test_notes_of_a_trainjob_release_follow_the_trainjob_and_its_node_pods() -> 
 
 
 def test_notes_manual_eval_command_yields_a_valid_job_for_the_checkpoint() -> None:
-    """Without repa: `kubectl set env --local ... | kubectl create` on the stored template (docs/kubernetes.md)."""
+    """Without repa: `kubectl set env --local ... | kubectl create` on the stored template (docs)."""
     docs = render("full")
     template = one(docs, "ConfigMap", "eval")["data"]["eval-job.yaml"]
     url = "s3://repa-ci/runs/sit-xl-2-repa-4m/checkpoints/step-0400000"
