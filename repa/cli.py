@@ -39,6 +39,14 @@ COMMANDS: dict[str, Command] = {
     "sample": Command("repa.eval.sample", "generate images from a checkpoint for FID (chunked, resumable)"),
     "eval": Command("repa.eval.evaluate", "FID / IS / precision-recall of samples vs reference statistics"),
     "watch": Command("repa.eval.watch", "evaluate every new committed checkpoint of a run once"),
+    "eval-job": Command(
+        "repa.eval.eval_job",
+        "print the Kubernetes Job that evaluates one checkpoint (for kubectl apply -f -)",
+    ),
+    "status": Command(
+        "repa.status", "how a Helm release's run is doing: its TrainJob/PyTorchJob and storage"
+    ),
+    "logs": Command("repa.logs", "the trainer's worker logs of a Helm release (-f follows)"),
     "config": Command("repa.config_export", "show, validate, document or export the schema of a run config"),
     "demo": Command(
         "repa.demo",

@@ -64,6 +64,7 @@ __all__ = [
     "config_from_args",
     "list_presets",
     "load_config",
+    "resolve_preset",
 ]
 
 PRESETS_DIR = Path(__file__).parent / "configs"
@@ -756,7 +757,7 @@ class RunConfig:
     @classmethod
     def from_yaml(cls, text: str, overrides: Sequence[str] = ()) -> RunConfig:
         """Parse YAML text, apply ``overrides``, validate."""
-        return cls.from_dict(apply_overrides(_parse_yaml(text, "config"), overrides))
+        return cls.from_dict(apply_overrides(resolve_preset(_parse_yaml(text, "config")), overrides))
 
 
 SECTIONS: dict[str, type[_Section]] = {
@@ -794,8 +795,37 @@ def load_config(source: str | Path | None = None, overrides: Sequence[str] = ())
         tree: dict[str, Any] = {}
     else:
         text, origin = _read_source(source)
-        tree = _parse_yaml(text, origin)
+        tree = resolve_preset(_parse_yaml(text, origin), origin)
     return RunConfig.from_dict(apply_overrides(tree, overrides))
+
+
+PRESET_KEY = "preset"
+
+
+def resolve_preset(tree: Mapping[str, Any], origin: str = "config") -> dict[str, Any]:
+    """A tree with a top-level ``preset: NAME`` key: that bundled preset, with the tree's other keys
+    merged over it (mappings key by key, any other value replaces). The Helm chart's ConfigMap uses it
+    (``config.preset`` plus overrides, resolved in the pod where repa is installed: docs/kubernetes.md)."""
+    tree = dict(tree)
+    if PRESET_KEY not in tree:
+        return tree
+    name = tree.pop(PRESET_KEY)
+    presets = list_presets()
+    if not isinstance(name, str) or name not in presets:
+        hint = _did_you_mean(name, presets) if isinstance(name, str) else ""
+        raise ConfigError(
+            PRESET_KEY, f"{origin}: unknown preset {name!r}{hint}; presets: {', '.join(presets)}"
+        )
+    base = _parse_yaml((PRESETS_DIR / f"{name}.yaml").read_text(encoding="utf-8"), f"preset {name}")
+
+    def merge(low: dict[str, Any], high: Mapping[str, Any]) -> dict[str, Any]:
+        out = copy.deepcopy(low)
+        for k, v in high.items():
+            both = isinstance(v, Mapping) and isinstance(out.get(k), Mapping)
+            out[k] = merge(out[k], v) if both else copy.deepcopy(v)
+        return out
+
+    return merge(base, tree)
 
 
 def _read_source(source: str | Path) -> tuple[str, str]:

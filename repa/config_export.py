@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from repa.config import (
+    PRESET_KEY,
     PRESETS_DIR,
     REQUIRED_FOR,
     SECTIONS,
@@ -123,6 +124,12 @@ def json_schema() -> dict[str, Any]:
             "additionalProperties": False,
             "properties": fields,
         }
+    preset = {
+        "type": "string",
+        "enum": list_presets(),
+        "description": "A bundled preset that the other keys are merged over (repa.config.resolve_preset).",
+    }
+    props = {PRESET_KEY: preset, **props}
     return {
         "$schema": "http://json-schema.org/draft-07/schema#",
         "title": "repa run config",
@@ -173,7 +180,9 @@ def markdown_docs() -> str:
         "One YAML file configures a run. It is read in this order: the file (or a bundled preset), then",
         "every `--set section.key=value` override, then validation of types, choices, ranges and the",
         "rules between keys, before any expensive work starts. The resolved config is saved with the",
-        "run (`{run_url}/config.yaml`, every checkpoint, TensorBoard).",
+        "run (`{run_url}/config.yaml`, every checkpoint, TensorBoard). A file may start from a preset",
+        "with a top-level `preset: NAME` key; its other keys are merged over that preset (the Helm",
+        "chart's `config.preset`).",
         "",
         "```bash",
         "repa config show --config sit-xl-2-repa --set train.global_batch_size=512   # resolved YAML",

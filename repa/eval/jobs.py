@@ -13,8 +13,9 @@ mounts at ``/etc/repa/eval-job.yaml``. For each checkpoint the launcher
 - adds labels ``repa.io/checkpoint-step`` and ``repa.io/eval-digest`` to the Job and its pods,
 
 and creates it with ``BatchV1Api.create_namespaced_job``. HTTP 409 (AlreadyExists) means another
-watcher (or an earlier life of this one) created it: treated as launched. The API object is injected,
-so tests use a stub that records the calls.
+watcher (or an earlier life of this one) created it: treated as launched. ``status`` reads a Job's
+conditions (``Complete`` / ``Failed``, batch/v1 JobStatus) and ``delete`` removes a failed one before a
+retry under the same name. The API object is injected, so tests use a stub that records the calls.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "DEFAULT_TEMPLATE_PATH",
     "JobLaunchError",
     "JobLauncher",
+    "JobStatus",
     "LaunchResult",
     "batch_api",
     "current_namespace",
@@ -159,6 +161,34 @@ class LaunchResult:
     created: bool  # False: it already existed (HTTP 409)
 
 
+class JobStatus:
+    """What ``JobLauncher.status`` reports: the Job's terminal condition, still running, or gone."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    MISSING = "missing"  # never created, deleted, or removed by ttlSecondsAfterFinished
+
+
+def _field(obj: Any, name: str) -> Any:
+    """A field of a kubernetes-client model (snake_case attribute) or of a plain dict (camelCase key)."""
+    if isinstance(obj, dict):
+        camel = re.sub(r"_([a-z])", lambda m: m.group(1).upper(), name)
+        return obj.get(camel, obj.get(name))
+    return getattr(obj, name, None)
+
+
+def job_status(job: Any) -> str:
+    """RUNNING, SUCCEEDED or FAILED from a Job's ``status.conditions`` (``Complete``/``Failed`` = True)."""
+    for condition in _field(_field(job, "status") or {}, "conditions") or []:
+        if str(_field(condition, "status")) == "True":
+            if _field(condition, "type") == "Complete":
+                return JobStatus.SUCCEEDED
+            if _field(condition, "type") == "Failed":
+                return JobStatus.FAILED
+    return JobStatus.RUNNING
+
+
 class JobLauncher:
     """Creates evaluation Jobs from a template through an injected ``BatchV1Api``-like object."""
 
@@ -201,3 +231,28 @@ class JobLauncher:
             raise
         log.info("created job %s/%s for %s", self.namespace, name, checkpoint_url)
         return LaunchResult(name, self.namespace, created=True)
+
+    def status(self, name: str) -> str:
+        """A :class:`JobStatus` value for Job ``name`` (HTTP 404: MISSING)."""
+        try:
+            return job_status(self.api.read_namespaced_job_status(name=name, namespace=self.namespace))
+        except Exception as e:
+            if getattr(e, "status", None) == 404:
+                return JobStatus.MISSING
+            if getattr(e, "status", None) in (401, 403):
+                raise JobLaunchError(
+                    f"not allowed to read job {self.namespace}/{name} (HTTP {e.status}); the watcher's "  # type: ignore[attr-defined]
+                    f"ServiceAccount needs `get` on jobs.batch in namespace {self.namespace}"
+                ) from e
+            raise
+
+    def delete(self, name: str) -> None:
+        """Delete Job ``name`` and (in the background) its pods; already gone is fine."""
+        try:
+            self.api.delete_namespaced_job(
+                name=name, namespace=self.namespace, propagation_policy="Background"
+            )
+        except Exception as e:
+            if getattr(e, "status", None) != 404:
+                raise
+        log.info("deleted failed job %s/%s", self.namespace, name)

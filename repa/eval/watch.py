@@ -5,8 +5,11 @@ committed checkpoint (``COMMITTED`` marker; uncommitted folders are never read) 
 
 - in-process (default): ``repa eval`` of that checkpoint; done = its result JSON exists
   (``{run_url}/eval/step-NNNNNNN/result-<digest>.json``, see ``repa.eval.evaluate``);
-- ``--launch-jobs``: one Kubernetes Job per checkpoint (``repa.eval.jobs``); done = the result JSON or
-  a launch marker ``job-<digest>.json`` beside it (written after the Job was created, or found to exist).
+- ``--launch-jobs``: one Kubernetes Job per checkpoint (``repa.eval.jobs``), followed through a marker
+  ``job-<digest>.json`` beside the result (:class:`JobTracker`): done = the result JSON, or the Job
+  Complete; a Failed Job (or one gone without a result) is deleted and created again after a backoff,
+  at most ``max_attempts`` times, then marked ``failed``; a checkpoint deleted by retention before its
+  Job scored it is marked ``checkpoint-deleted``. Both marks are final (``repa status`` shows them).
 
 State lives only in storage, so the watcher is idempotent and survives restarts: a new pod simply
 resumes (a half-made sample set is reused chunk by chunk). Selection: every checkpoint, or with
@@ -30,6 +33,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,13 +45,15 @@ from repa import checkpoint as ckpt
 from repa import storage
 from repa.config import ConfigError, RunConfig
 from repa.eval import sample as S
+from repa.eval.jobs import JobStatus
 from repa.runtime import DistInfo, resolve_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WatchReport", "Watcher", "add_arguments", "launch_marker_url", "run"]
+__all__ = ["JobProgress", "JobTracker", "WatchReport", "Watcher", "add_arguments", "launch_marker_url", "run"]
 
 DEFAULT_MAX_BACKOFF_SECONDS = 600.0
+DEFAULT_JOB_RETRY_SECONDS = 60.0  # first wait before re-creating a failed eval Job; doubles per attempt
 ONCE_LIST_ATTEMPTS = 5  # --once: listing attempts before giving up with exit code 1
 
 
@@ -66,6 +72,18 @@ class WatchReport:
     skipped: list[int] = field(default_factory=list)  # vanished (retention) while being handled
     polls: int = 0
     stopped: bool = False
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """What Job mode did with one checkpoint on this poll (:class:`JobTracker`)."""
+
+    action: str  # launched, relaunched, running, waiting, succeeded, failed, checkpoint-deleted
+    job: str = ""
+
+    @property
+    def final(self) -> bool:
+        return self.action in ("succeeded", "failed", "checkpoint-deleted")
 
 
 class Watcher:
@@ -145,7 +163,7 @@ class Watcher:
             assert step is not None
             log.info("handling checkpoint step %d (%s)", step, source.url)
             try:
-                self.process(source, plan)
+                outcome = self.process(source, plan)
             except S.SamplingInterrupted:
                 log.info("stop requested: abandoned checkpoint step %d without writing a result", step)
                 report.stopped = True
@@ -171,6 +189,16 @@ class Watcher:
                 if left <= 0:
                     self.finished.add(step)
                     report.failed.append(step)
+                continue
+            if isinstance(outcome, JobProgress):  # Job mode: look again on later polls until final
+                if outcome.action in ("launched", "relaunched"):
+                    report.processed.append(step)
+                elif outcome.action == "failed":
+                    report.failed.append(step)
+                elif outcome.action == "checkpoint-deleted":
+                    report.skipped.append(step)
+                if outcome.final:
+                    self.finished.add(step)
                 continue
             self.finished.add(step)
             report.processed.append(step)
@@ -236,6 +264,7 @@ def make_watcher(
     launcher: Any = None,
     stop: threading.Event | None = None,
     max_attempts: int = 3,
+    job_retry_seconds: float = DEFAULT_JOB_RETRY_SECONDS,
 ) -> Watcher:
     """A Watcher that evaluates in this process, or launches Jobs through ``launcher`` (a JobLauncher)."""
     stop = stop or threading.Event()
@@ -264,24 +293,122 @@ def make_watcher(
             return storage.exists(plan_.result_url, so)
 
     else:
-
-        def process(source: ckpt.CheckpointSource, plan_: E.EvalPlan) -> Any:
-            result = launcher.launch(source.url, source.step, plan_.digest)
-            marker = {
-                "job": result.name,
-                "namespace": result.namespace,
-                "created": result.created,
-                "checkpoint_url": source.url,
-                "result_url": plan_.result_url,
-                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            }
-            storage.write_bytes_atomic(launch_marker_url(plan_), json.dumps(marker, indent=1).encode(), so)
-            return result
-
-        def is_done(plan_: E.EvalPlan) -> bool:
-            return storage.exists(plan_.result_url, so) or storage.exists(launch_marker_url(plan_), so)
+        tracker = JobTracker(launcher, so, max_attempts=max_attempts, retry_seconds=job_retry_seconds)
+        process, is_done = tracker.process, tracker.is_done
 
     return Watcher(cfg, process, is_done, plan=plan, stop=stop, max_attempts=max_attempts)
+
+
+class JobTracker:
+    """Job mode: one eval Job per checkpoint, followed through its marker and the Job's status.
+
+    The marker (``job-<digest>.json``: job, namespace, created, checkpoint_url, result_url, time, attempts,
+    state, retry_at) is the state, so a restarted watcher carries on. A Failed Job, or one gone (TTL)
+    without a result, is retried ``retry_seconds · 2^(attempts-1)`` (capped) after the failure was seen:
+    deleted, then created again under the same name (``repa eval-job`` stays idempotent). After
+    ``max_attempts`` it is marked ``failed``; a checkpoint deleted by retention before its Job scored it
+    is marked ``checkpoint-deleted`` and not retried (it can never succeed).
+    """
+
+    FINAL = ("failed", "checkpoint-deleted")
+
+    def __init__(
+        self,
+        launcher: Any,
+        storage_options: dict | None,
+        *,
+        max_attempts: int = 3,
+        retry_seconds: float = DEFAULT_JOB_RETRY_SECONDS,
+        max_retry_seconds: float = DEFAULT_MAX_BACKOFF_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.launcher = launcher
+        self.so = storage_options
+        self.max_attempts = max_attempts
+        self.retry_seconds = retry_seconds
+        self.max_retry_seconds = max_retry_seconds
+        self.clock = clock
+
+    def marker(self, plan: E.EvalPlan) -> dict[str, Any] | None:
+        try:
+            return json.loads(storage.read_bytes(launch_marker_url(plan), self.so))
+        except FileNotFoundError:
+            return None
+
+    def _write(self, plan: E.EvalPlan, marker: dict[str, Any]) -> None:
+        storage.write_bytes_atomic(launch_marker_url(plan), json.dumps(marker, indent=1).encode(), self.so)
+
+    def is_done(self, plan: E.EvalPlan) -> bool:
+        if storage.exists(plan.result_url, self.so):
+            return True
+        marker = self.marker(plan)
+        return marker is not None and marker.get("state") in self.FINAL
+
+    def _launch(self, source: ckpt.CheckpointSource, plan: E.EvalPlan, attempts: int) -> dict[str, Any]:
+        result = self.launcher.launch(source.url, source.step, plan.digest)
+        marker = {
+            "job": result.name,
+            "namespace": result.namespace,
+            "created": result.created,
+            "checkpoint_url": source.url,
+            "result_url": plan.result_url,
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "attempts": attempts,
+            "state": "launched",
+        }
+        self._write(plan, marker)
+        return marker
+
+    def process(self, source: ckpt.CheckpointSource, plan: E.EvalPlan) -> JobProgress:
+        marker = self.marker(plan)
+        if marker is None:
+            return JobProgress("launched", self._launch(source, plan, 1)["job"])
+        name, step = marker["job"], source.step
+        status = self.launcher.status(name)
+        if status == JobStatus.SUCCEEDED or storage.exists(plan.result_url, self.so):
+            return JobProgress("succeeded", name)
+        if status == JobStatus.RUNNING:
+            return JobProgress("running", name)
+        # Failed, or gone without a result.
+        if not storage.exists(storage.join(source.url, ckpt.MARKER), self.so):
+            log.info(
+                "checkpoint step %d was deleted (retention) before eval job %s scored it; not retried",
+                step,
+                name,
+            )
+            self._write(plan, {**marker, "state": "checkpoint-deleted"})
+            return JobProgress("checkpoint-deleted", name)
+        attempts = int(marker.get("attempts", 1))
+        if attempts >= self.max_attempts:
+            log.error(
+                "eval job %s for checkpoint step %d %s %d time(s); giving up (kubectl logs -n %s job/%s)",
+                name,
+                step,
+                "failed" if status == JobStatus.FAILED else "vanished without a result",
+                attempts,
+                self.launcher.namespace,
+                name,
+            )
+            self._write(plan, {**marker, "state": "failed"})
+            return JobProgress("failed", name)
+        now = self.clock()
+        if marker.get("retry_at") is None:
+            delay = min(self.max_retry_seconds, self.retry_seconds * 2 ** (attempts - 1))
+            log.warning(
+                "eval job %s for checkpoint step %d %s (attempt %d of %d); retrying in %.0f s",
+                name,
+                step,
+                status,
+                attempts,
+                self.max_attempts,
+                delay,
+            )
+            marker = {**marker, "retry_at": now + delay}
+            self._write(plan, marker)
+        if now < marker["retry_at"]:
+            return JobProgress("waiting", name)
+        self.launcher.delete(name)
+        return JobProgress("relaunched", self._launch(source, plan, attempts + 1)["job"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,7 +442,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-attempts",
         type=int,
         default=3,
-        help="evaluations of one checkpoint before giving up (default 3)",
+        help="evaluations of one checkpoint before giving up (default 3; with --launch-jobs: Jobs created)",
+    )
+    parser.add_argument(
+        "--job-retry-seconds",
+        type=float,
+        default=DEFAULT_JOB_RETRY_SECONDS,
+        help=f"--launch-jobs: wait before re-creating a failed Job, doubled per attempt "
+        f"(default {DEFAULT_JOB_RETRY_SECONDS:.0f})",
     )
 
 
@@ -355,6 +489,7 @@ def run(args: argparse.Namespace) -> int:
             launcher=launcher,
             stop=stop,
             max_attempts=args.max_attempts,
+            job_retry_seconds=args.job_retry_seconds,
         )
         log.info(
             "watching %s (%s, every %d s)",

@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import trainjob_runtime
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "repa"
-PROFILES = ("minimal", "full", "gpu-kueue")
+PROFILES = ("minimal", "full", "gpu-kueue", "trainjob")
 # Oldest and newest Kubernetes the chart supports (kubernetes-validate bundles schemas 1.25-1.37;
 # kubectl v1.33 is the newest client installed).
 KUBE_VERSIONS = ("1.28.0", "1.33.0")
@@ -74,6 +75,8 @@ def template_cmd(
         kube_version,
         "--api-versions",
         "kubeflow.org/v1/PyTorchJob",
+        "--api-versions",
+        "trainer.kubeflow.org/v1alpha1/TrainJob",
     ]
     for v in values:
         cmd += ["-f", v]
@@ -116,6 +119,12 @@ def one(docs: list[dict], kind: str, component: str | None = None) -> dict:
     return found[0]
 
 
+def trainer_job(docs: list[dict]) -> dict:
+    """The training object of a release: its TrainJob or PyTorchJob."""
+    (job,) = [d for d in docs if d["kind"] in ("TrainJob", "PyTorchJob")]
+    return job
+
+
 def has_eval_job_template(docs: list[dict]) -> bool:
     return any(d["kind"] == "ConfigMap" and "eval-job.yaml" in d.get("data", {}) for d in docs)
 
@@ -136,6 +145,11 @@ def pod_templates(docs: list[dict]) -> list[tuple[str, dict]]:
         elif kind == "PyTorchJob":
             for rtype, spec in d["spec"]["pytorchReplicaSpecs"].items():
                 out.append((f"PyTorchJob/{name}/{rtype}", spec["template"]))
+        elif kind == "TrainJob":  # the pod the Trainer controller makes of it (runtime + patches + trainer)
+            out.append((f"TrainJob/{name}/node", trainjob_runtime.resolve(d, docs)[0]))
+        elif kind == "TrainingRuntime":
+            for rjob in d["spec"]["template"]["spec"]["replicatedJobs"]:
+                out.append((f"TrainingRuntime/{name}/{rjob['name']}", rjob["template"]["spec"]["template"]))
         elif kind == "ConfigMap" and "eval-job.yaml" in d.get("data", {}):
             job = yaml.safe_load(d["data"]["eval-job.yaml"])
             out.append((f"ConfigMap/{name}/eval-job.yaml", job["spec"]["template"]))

@@ -3,22 +3,28 @@
 Every profile in helm/repa/ci/ must lint strictly, render at the oldest and newest supported Kubernetes
 version, and every rendered object must be valid: core kinds against Kubernetes' own schemas
 (kubernetes-validate, strict), the PyTorchJob against the vendored Training Operator CRD made strict
-plus the operator webhook's rules, pod templates as core PodTemplates. Bad values must fail with a
+plus the operator webhook's rules, the TrainJob and TrainingRuntime against the vendored Trainer v2.3.0
+CRDs made strict plus their CEL rules, pod templates as core PodTemplates (a TrainJob's as the Trainer
+controller resolves it against its runtime, tests/chart/trainjob_runtime.py). Bad values must fail with a
 message that names the field.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import kubernetes_validate
 import pytest
+import trainjob_runtime
 import yaml
 from chart_helpers import (
     CHART,
@@ -39,9 +45,12 @@ from chart_helpers import (
     run,
     template_cmd,
     tool,
+    trainer_job,
 )
 
 CRD_PATH = Path(__file__).parent / "assets" / "kubeflow.org_pytorchjobs.yaml"
+TRAINER_V2 = Path(__file__).parent / "assets" / "trainer-v2.3.0"
+KUBEFLOW_KINDS = ("PyTorchJob", "TrainJob", "TrainingRuntime")
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
@@ -57,6 +66,14 @@ def profile_values(profile: str) -> dict:
     """values.yaml merged with one ci profile, as Helm merges them."""
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
     return deep_merge(defaults, yaml.safe_load(profile_file(profile).read_text()))
+
+
+def backend_profiles(backend: str) -> list[str]:
+    return [p for p in PROFILES if profile_values(p)["trainer"]["backend"] == backend]
+
+
+PYTORCHJOB_PROFILES = backend_profiles("pytorchjob")
+TRAINJOB_PROFILES = backend_profiles("trainjob")
 
 
 def walk(node: Any, path: str = ""):
@@ -114,7 +131,7 @@ def validate_core(obj: dict, kube_version: str) -> None:
 @pytest.mark.parametrize("profile", PROFILES)
 def test_every_core_object_passes_strict_kubernetes_validation(profile: str, kube_version: str) -> None:
     docs = render(profile, kube_version=kube_version)
-    core = [d for d in docs if d["kind"] != "PyTorchJob"]
+    core = [d for d in docs if d["kind"] not in KUBEFLOW_KINDS]
     kinds = {d["kind"] for d in core}
     assert {"ConfigMap", "ServiceAccount"} <= kinds
     for obj in core:
@@ -202,7 +219,12 @@ def webhook_errors(job: dict) -> list[str]:
     return errors
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+def test_both_backends_are_covered_by_the_profiles() -> None:
+    assert PYTORCHJOB_PROFILES and TRAINJOB_PROFILES
+    assert profile_values("minimal")["trainer"]["backend"] == "trainjob"  # the chart's default
+
+
+@pytest.mark.parametrize("profile", PYTORCHJOB_PROFILES)
 def test_pytorchjob_passes_the_strict_crd_schema_and_webhook_rules(
     profile: str, pytorchjob_validator: jsonschema.Draft7Validator
 ) -> None:
@@ -217,7 +239,7 @@ def test_pytorchjob_passes_the_strict_crd_schema_and_webhook_rules(
 def test_strict_crd_schema_rejects_a_misspelled_elastic_field(
     pytorchjob_validator: jsonschema.Draft7Validator,
 ) -> None:
-    job = one(render("minimal"), "PyTorchJob")
+    job = one(render("full"), "PyTorchJob")
     job["spec"]["elasticPolicy"]["maxReplica"] = 3
     job["spec"]["nprocPerNode"] = 8
     messages = " ".join(e.message for e in pytorchjob_validator.iter_errors(job))
@@ -225,7 +247,7 @@ def test_strict_crd_schema_rejects_a_misspelled_elastic_field(
     assert webhook_errors(job) == ["spec.nprocPerNode must be a string"]
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", PYTORCHJOB_PROFILES)
 def test_pytorchjob_is_elastic_workers_only_running_repa_under_torchrun(profile: str) -> None:
     values = profile_values(profile)
     t = values["trainer"]
@@ -289,6 +311,179 @@ def test_without_kueue_or_gang_the_job_starts_unsuspended_on_the_default_schedul
 
 
 # ------------------------------------------------------------------------------------------------
+# TrainJob (Kubeflow Trainer v2.3.0): vendored CRDs (strict), CEL and webhook rules, runtime resolution
+# ------------------------------------------------------------------------------------------------
+
+# Copied from ../shared/schemas/trainer-v2.3.0/ (kubeflow/trainer v2.3.0, commit 658725bd,
+# manifests/base/crds/ and manifests/base/runtimes/torch_distributed.yaml).
+TRAINER_V2_FILES = {
+    "trainer.kubeflow.org_trainjobs.yaml": "a742cafc5b5582640c7e0b7467c024fc237256fbca5ba0a9f0531dfb66d64416",
+    "trainer.kubeflow.org_trainingruntimes.yaml": (
+        "69b8dbdf60a18e28cddcc2b8dfc4ce72a943e14b531b9389d593118faee4919f"
+    ),
+    "torch_distributed_runtime.yaml": "c4520df54615d481831d402e644dbeaf77a7a521eae87b2e80fd5f789aac5df2",
+}
+
+
+def test_vendored_trainer_files_are_the_v2_3_0_release_files() -> None:
+    for name, digest in TRAINER_V2_FILES.items():
+        assert hashlib.sha256((TRAINER_V2 / name).read_bytes()).hexdigest() == digest, name
+
+
+@functools.cache
+def trainer_v2_validator(kind: str) -> jsonschema.Draft7Validator:
+    plural = {"TrainJob": "trainjobs", "TrainingRuntime": "trainingruntimes"}[kind]
+    crd = yaml.safe_load((TRAINER_V2 / f"trainer.kubeflow.org_{plural}.yaml").read_text())
+    assert crd["spec"]["names"]["kind"] == kind
+    (version,) = crd["spec"]["versions"]
+    assert version["name"] == "v1alpha1"
+    return jsonschema.Draft7Validator(strict(version["schema"]["openAPIV3Schema"]))
+
+
+def crd_errors(obj: dict) -> list[str]:
+    validator = trainer_v2_validator(obj["kind"])
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
+
+
+def trainer_v2_rule_errors(obj: dict) -> list[str]:
+    """The CRDs' CEL rules and the Trainer webhook's checks that the chart can break (v2.3.0)."""
+    errors = []
+    name = obj["metadata"]["name"]
+    if not (DNS1035_LABEL.match(name) and len(name) <= 63):
+        errors.append(f"metadata.name {name!r}: RFC 1035 label of at most 63 characters")
+    if obj["kind"] == "TrainJob":
+        env = obj["spec"].get("trainer", {}).get("env", [])
+        errors += [f"trainer.env sets {e['name']}" for e in env if e["name"] in trainjob_runtime.TORCH_ENV]
+        if obj["spec"]["runtimeRef"].get("apiGroup", "trainer.kubeflow.org") != "trainer.kubeflow.org":
+            errors.append("runtimeRef.apiGroup")
+    else:
+        frameworks = [k for k in ("torch", "mpi", "jax", "xgboost", "flux") if k in obj["spec"]["mlPolicy"]]
+        if len(frameworks) > 1:
+            errors.append(f"mlPolicy: more than one framework {frameworks}")
+        rjobs = obj["spec"]["template"]["spec"]["replicatedJobs"]
+        node = [r for r in rjobs if r["name"] == trainjob_runtime.NODE]
+        labels = node[0]["template"].get("metadata", {}).get("labels", {}) if node else {}
+        if labels.get("trainer.kubeflow.org/trainjob-ancestor-step") != "trainer":
+            errors.append("replicated job `node` lacks the trainjob-ancestor-step: trainer label")
+    return errors
+
+
+@pytest.mark.parametrize("profile", TRAINJOB_PROFILES)
+def test_trainjob_passes_the_strict_crd_schema_and_cel_rules(profile: str) -> None:
+    docs = render(profile)
+    objects = [d for d in docs if d["kind"] in ("TrainJob", "TrainingRuntime")]
+    assert [d["kind"] for d in objects].count("TrainJob") == 1
+    for obj in objects:
+        assert crd_errors(obj) == [], obj["kind"]
+        assert trainer_v2_rule_errors(obj) == [], obj["kind"]
+
+
+def test_strict_trainjob_schema_rejects_fields_the_api_does_not_have() -> None:
+    """Guards the guard, and shows why the image cannot travel in runtimePatches (ContainerPatch)."""
+    job = one(render("minimal"), "TrainJob")
+    job["spec"]["trainer"]["numNode"] = 2
+    patch = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    patch["template"]["spec"]["template"]["spec"]["containers"][0]["image"] = "x"
+    job["spec"]["trainer"]["numProcPerNode"] = "8"
+    messages = " ".join(crd_errors(job))
+    assert "numNode" in messages and "'image' was unexpected" in messages
+    assert "is not of type 'integer'" in messages
+
+
+@pytest.mark.parametrize("profile", TRAINJOB_PROFILES)
+def test_trainjob_runs_repa_under_torchrun_on_a_fixed_node_count(profile: str) -> None:
+    t = profile_values(profile)["trainer"]
+    docs = render(profile)
+    job = one(docs, "TrainJob")
+    trainer = job["spec"]["trainer"]
+    assert trainer["numNodes"] == t["maxReplicas"] == t["minReplicas"]
+    assert trainer["numProcPerNode"] == int(t["nprocPerNode"])
+    assert trainer["command"] == ["torchrun"]
+    assert trainer["args"] == ["-m", "repa", "train", "--config", "/etc/repa/config.yaml"]
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == t["gpus"]
+    pod, nodes = trainjob_runtime.resolve(job, docs)
+    assert nodes == t["maxReplicas"]
+    (node,) = pod["spec"]["containers"]
+    assert node["name"] == "node" and node["image"] == trainer["image"]
+    env = {e["name"]: e.get("value") for e in node["env"]}
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert env["PET_NNODES"] == str(nodes) and env["PET_NPROC_PER_NODE"] == t["nprocPerNode"]
+    assert env["PET_MASTER_ADDR"] == f"{job['metadata']['name']}-node-0-0.{job['metadata']['name']}"
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": t["shmSizeLimit"]}
+    assert pod["spec"]["terminationGracePeriodSeconds"] == t["terminationGracePeriodSeconds"]
+    assert pod["spec"]["serviceAccountName"] == f"{RELEASE}-repa"
+
+
+def comparable(pod: dict) -> dict:
+    """A trainer pod template without what differs by backend only: container name, PET_* env."""
+    pod = copy.deepcopy(pod)
+    for c in pod["spec"]["containers"]:
+        c["name"] = "trainer"
+        c["env"] = [e for e in c["env"] if not e["name"].startswith("PET_")]
+    return pod
+
+
+def test_trainjob_pod_is_the_pytorchjob_pod_from_the_one_pod_template() -> None:
+    """runtimePatches + spec.trainer on the cluster's torch-distributed runtime rebuild the chart's pod:
+    the only losses are fields a TrainJob cannot patch and whose defaults are the chart's anyway."""
+    docs = render("minimal")
+    trainjob_pod, _ = trainjob_runtime.resolve(one(docs, "TrainJob"), docs)
+    pytorchjob = one(render("minimal", sets=("trainer.backend=pytorchjob",)), "PyTorchJob")
+    expected = comparable(pytorchjob["spec"]["pytorchReplicaSpecs"]["Worker"]["template"])
+    # automountServiceAccountToken: false is the ServiceAccount's own setting; IfNotPresent is the default.
+    assert expected["spec"].pop("automountServiceAccountToken") is False
+    accounts = {d["metadata"]["name"]: d for d in by_kind(docs, "ServiceAccount")}
+    assert accounts[trainjob_pod["spec"]["serviceAccountName"]]["automountServiceAccountToken"] is False
+    assert expected["spec"]["containers"][0].pop("imagePullPolicy") == "IfNotPresent"
+    got = comparable(trainjob_pod)
+    got["metadata"].get("labels", {}).pop("trainer.kubeflow.org/trainjob-ancestor-step", None)
+    assert got == expected
+
+
+def test_own_training_runtime_carries_the_whole_pod_template_gang_policy_and_kueue() -> None:
+    docs = render("trainjob")
+    job = one(docs, "TrainJob")
+    runtime = one(docs, "TrainingRuntime")
+    assert job["spec"]["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "TrainingRuntime",
+        "name": runtime["metadata"]["name"],
+    }
+    assert "runtimePatches" not in job["spec"]
+    assert runtime["metadata"]["labels"]["trainer.kubeflow.org/framework"] == "torch"  # the SDK reads it
+    assert runtime["spec"]["mlPolicy"] == {"numNodes": 2, "torch": {}}
+    assert runtime["spec"]["podGroupPolicy"] == {"volcano": {}}
+    assert runtime["spec"]["template"]["spec"]["failurePolicy"] == {"maxRestarts": 5}
+    (rjob,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    pod = rjob["template"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["schedulerName"] == "volcano"
+    assert pod["priorityClassName"] == "training-high"
+    (c,) = pod["containers"]
+    assert (
+        c["envFrom"] == [{"secretRef": {"name": "repa-s3-credentials"}}] and c["imagePullPolicy"] == "Always"
+    )
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-gpu"
+    assert job["spec"]["suspend"] is True
+    assert job["spec"]["activeDeadlineSeconds"] == 2592000
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_network_policy_lets_the_trainer_pods_of_either_backend_reach_each_other(profile: str) -> None:
+    docs = render(profile)
+    policy = next(
+        d
+        for d in by_kind(docs, "NetworkPolicy")
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "trainer"
+    )
+    (pod,) = [t for owner, t in pod_templates(docs) if owner.startswith(trainer_job(docs)["kind"])][:1]
+    labels = pod["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    (peer,) = policy["spec"]["ingress"][0]["from"]
+    assert peer["podSelector"]["matchLabels"].items() <= labels.items()
+
+
+# ------------------------------------------------------------------------------------------------
 # names, numbers, config
 # ------------------------------------------------------------------------------------------------
 
@@ -307,6 +502,10 @@ def test_every_name_is_a_dns_label_with_room_for_operator_suffixes(profile: str,
             # the operator's per-pod Service `<job>-worker-<index>` is a DNS-1035 label too
             assert DNS1035_LABEL.match(d["metadata"]["name"])
             names.append(f"{d['metadata']['name']}-worker-999")
+        if d["kind"] == "TrainJob":
+            # JobSet's Job `<job>-node-0` and pod hostname `<job>-node-0-<index>` (PET_MASTER_ADDR)
+            assert DNS1035_LABEL.match(d["metadata"]["name"])
+            names.append(f"{d['metadata']['name']}-node-0-999")
         if d["kind"] == "Service":
             assert DNS1035_LABEL.match(d["metadata"]["name"])
     if has_eval_job_template(docs):
@@ -391,6 +590,60 @@ def test_config_map_loads_with_repa_config(profile: str, tmp_path: Path) -> None
         assert cfg.train.max_grad_norm == 1.0 and cfg.train.adam_eps == 1e-8
 
 
+PRESET_VALUES = {
+    "config": {
+        "preset": "sit-b-2-repa",
+        "data": {"url": "s3://my-bucket/imagenet-256"},
+        "storage": {"run_url": "s3://my-bucket/runs/b2"},
+    }
+}
+
+
+@pytest.mark.parametrize("helm", HELMS)
+def test_a_preset_and_the_two_storage_urls_install_without_repa_on_the_helm_machine(
+    helm: str, tmp_path: Path
+) -> None:
+    """`config.preset` is resolved in the pod: helm needs neither repa nor torch, nor a sed pipeline."""
+    values = tmp_path / "b2.yaml"
+    values.write_text(yaml.safe_dump(PRESET_VALUES))
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    assert shutil.which("repa", path=env["PATH"]) is None and shutil.which("python", path=env["PATH"]) is None
+    # Helm 3.17's `install --dry-run=client` still asks a cluster for its version: `template` there.
+    verb = ["install", "--dry-run=client"] if helm == "helm" else ["template"]
+    cmd = [tool(helm), *verb, "b2", str(CHART), "-n", NAMESPACE, "-f", str(values)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    if helm != "helm":
+        docs = load_yaml_docs(proc.stdout)
+    else:
+        manifest = proc.stdout[proc.stdout.index("MANIFEST:") : proc.stdout.index("NOTES:")]
+        docs = load_yaml_docs(manifest.removeprefix("MANIFEST:"))
+        assert "preset sit-b-2-repa" in proc.stdout[proc.stdout.index("NOTES:") :]
+    cm = one(docs, "ConfigMap", "config")
+    assert yaml.safe_load(cm["data"]["config.yaml"]) == PRESET_VALUES["config"]  # preset + overrides
+    assert one(docs, "TrainJob")["spec"]["trainer"]["numNodes"] == 1
+    # ... and the pod's repa resolves it to the preset with the overrides.
+    config = pytest.importorskip("repa.config")
+    path = tmp_path / "config.yaml"
+    path.write_text(cm["data"]["config.yaml"])
+    assert config.load_config(path) == config.load_config(
+        "sit-b-2-repa", ["data.url=s3://my-bucket/imagenet-256", "storage.run_url=s3://my-bucket/runs/b2"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("sets", "field"),
+    [(["config.preset=sit-b-2-rep"], "config.preset"), (["config.train.max_step=10"], "config.train")],
+)
+def test_the_schema_still_checks_the_preset_name_and_the_overrides(
+    sets: list[str], field: str, tmp_path
+) -> None:
+    values = tmp_path / "b2.yaml"
+    values.write_text(yaml.safe_dump(PRESET_VALUES))
+    proc = run(template_cmd(values=(str(values),), sets=tuple(sets)), check=False)
+    assert proc.returncode != 0 and names_field(proc.stderr, field), proc.stderr
+
+
 def test_values_schema_config_part_is_generated_from_repa_config() -> None:
     """`definitions.repaRunConfig` must equal repa.config_export.json_schema() (regenerate on drift)."""
     pytest.importorskip("repa.config")
@@ -424,11 +677,16 @@ def test_tensorboard_reads_the_run_folder_and_its_service_selects_it(profile: st
     assert svc["spec"]["ports"][0]["targetPort"] == c["ports"][0]["name"]
 
 
-def test_eval_launcher_may_only_create_and_read_jobs_and_is_the_only_pod_with_an_api_token() -> None:
+def test_eval_launcher_may_only_create_read_and_delete_jobs_and_is_the_only_pod_with_an_api_token() -> None:
     docs = render("full")
     (role,) = by_kind(docs, "Role")
     assert role["rules"] == [
-        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch"]}
+        {
+            "apiGroups": ["batch"],
+            "resources": ["jobs"],
+            "verbs": ["create", "get", "list", "watch", "delete"],
+        },
+        {"apiGroups": ["batch"], "resources": ["jobs/status"], "verbs": ["get"]},
     ]
     (binding,) = by_kind(docs, "RoleBinding")
     launcher = one(docs, "Deployment", "eval-launcher")
@@ -555,6 +813,30 @@ BAD_VALUES = {
     "short_digest": (["image.digest=sha256:abc"], "image.digest"),
     "secret_mount_without_secret": (["storageAuth.mountPath=/var/secrets"], "storageAuth.mountPath"),
     "bad_restart_policy": (["trainer.restartPolicy=Sometimes"], "trainer.restartPolicy"),
+    "unknown_backend": (["trainer.backend=mpijob"], "trainer.backend"),
+    "trainjob_with_elastic_sizes": (
+        ["trainer.minReplicas=1", "trainer.maxReplicas=2"],
+        "trainer.backend=pytorchjob",
+    ),
+    "trainjob_with_replicas_other_than_the_node_count": (
+        ["trainer.minReplicas=2", "trainer.maxReplicas=2", "trainer.replicas=1"],
+        "trainer.replicas",
+    ),
+    "trainjob_with_nproc_gpu": (["trainer.nprocPerNode=gpu"], "trainer.nprocPerNode"),
+    "trainjob_setting_a_torch_plugin_variable": (
+        ["trainer.env[0].name=PET_NNODES", "--set-string trainer.env[0].value=2"],
+        "PET_NNODES",
+    ),
+    "trainjob_secret_without_own_runtime": (
+        ["storageAuth.existingSecret=keys"],
+        "trainer.trainJob.createRuntime",
+    ),
+    "trainjob_gang_without_own_runtime": (["gangScheduling.enabled=true"], "trainer.trainJob.createRuntime"),
+    "trainjob_priority_without_own_runtime": (
+        ["trainer.priorityClassName=high"],
+        "trainer.trainJob.createRuntime",
+    ),
+    "trainjob_bad_runtime_kind": (["trainer.trainJob.runtimeKind=Runtime"], "trainer.trainJob.runtimeKind"),
     "batch_not_divisible_by_an_elastic_world_size": (
         [
             "config.train.global_batch_size=256",
@@ -654,12 +936,37 @@ def test_notes_print_this_releases_real_names() -> None:
     assert "kubectl get pytorchjob sit-xl-repa -n repa-ci" in notes
     assert "kubectl logs -n repa-ci -f sit-xl-repa-worker-0 -c pytorch" in notes
     assert "port-forward -n repa-ci svc/sit-xl-repa-tensorboard 6006:6006" in notes
-    assert "configmap -n repa-ci sit-xl-repa-eval-job" in notes
+    assert "repa eval-job --release sitxl -n repa-ci --checkpoint s3://repa-ci/runs/" in notes
+    assert "| kubectl apply -f -" in notes
     assert "{{" not in notes
 
 
+def test_notes_of_a_trainjob_release_follow_the_trainjob_and_its_node_pods() -> None:
+    out = run(
+        [
+            tool("helm"),
+            "install",
+            "--dry-run=client",
+            "myrun",
+            str(CHART),
+            "-n",
+            NAMESPACE,
+            "-f",
+            str(profile_file("minimal")),
+        ]
+    ).stdout
+    notes = out[out.index("NOTES:") :]
+    assert "kubectl get trainjob myrun-repa -n repa-ci -w" in notes
+    assert (
+        "-l jobset.sigs.k8s.io/jobset-name=myrun-repa,jobset.sigs.k8s.io/replicatedjob-name=node -c node"
+        in notes
+    )
+    assert "ClusterTrainingRuntime torch-distributed" in notes
+    assert "pytorchjob" not in notes and "{{" not in notes
+
+
 def test_notes_manual_eval_command_yields_a_valid_job_for_the_checkpoint() -> None:
-    """The NOTES pipeline `kubectl set env --local ... | kubectl create` works on the stored template."""
+    """Without repa: `kubectl set env --local ... | kubectl create` on the stored template (docs)."""
     docs = render("full")
     template = one(docs, "ConfigMap", "eval")["data"]["eval-job.yaml"]
     url = "s3://repa-ci/runs/sit-xl-2-repa-4m/checkpoints/step-0400000"

@@ -107,6 +107,25 @@ def test_eval_job_is_named_after_the_checkpoint_it_evaluates(target: str) -> Non
     assert job["spec"]["ttlSecondsAfterFinished"] > 0
 
 
+def test_the_checkpoint_is_one_value_and_no_object_of_its_own_is_applied() -> None:
+    """`kubectl apply -k`: the overlay sets only ConfigMap repa-eval-checkpoint's url (local-only, not
+    applied); the Job's name and REPA_CHECKPOINT_URL follow it, by field name, not by list index."""
+    overlay = yaml.safe_load((K8S / "overlays" / "example" / "kustomization.yaml").read_text())
+    assert not [
+        p
+        for p in overlay.get("patches", [])
+        if p["target"]["kind"] == "Job" and "eval" in p["target"].get("name", "")
+    ]
+    (generator,) = [g for g in overlay["configMapGenerator"] if g["name"] == "repa-eval-checkpoint"]
+    (literal,) = generator["literals"]
+    url = literal.removeprefix("url=")
+    docs = kustomize("example")
+    assert not [d for d in docs if d["metadata"]["name"] == "repa-eval-checkpoint"]
+    job = one(docs, "Job", "eval")
+    assert env_value(container(job), "REPA_CHECKPOINT_URL") == url
+    assert job["metadata"]["name"] == "repa-eval-" + url.rsplit("/step-", 1)[1]
+
+
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_prepare_job_is_indexed_with_worker_count_equal_to_completions(target: str) -> None:
     job = one(kustomize(target), "Job", "prepare")
@@ -139,6 +158,7 @@ def chart_like_base_text() -> str:
     base = yaml.safe_load((K8S / "base" / "config.yaml").read_text())
     sets = (
         "fullnameOverride=repa",
+        "trainer.backend=pytorchjob",  # the base's Secret needs envFrom; the trainer is not compared
         "serviceAccount.name=repa",
         "storageAuth.existingSecret=repa-storage",
         f"config.data.url={base['data']['url']}",

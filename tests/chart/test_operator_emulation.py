@@ -1,7 +1,8 @@
-"""The rendered chart RUNS: its PyTorchJob trains and its eval Job evaluates, as the cluster would start them.
+"""The rendered chart RUNS: its PyTorchJob or TrainJob trains and its eval Job evaluates, as a cluster would.
 
-No cluster here, so this test plays the parts of the Kubeflow Training Operator (v1.9, elastic mode),
-the kubelet and the eval launcher, and of nothing else. From `helm template` of helm/repa/ci/emulation.yaml
+No cluster here, so these tests play the parts of the Kubeflow Training Operator (v1.9, elastic mode) or
+the Kubeflow Trainer v2.3.0 controller, the kubelet and the eval launcher, and of nothing else.
+From `helm template` of helm/repa/ci/emulation.yaml
 (a tiny CPU run on a moto S3 server):
 
 - the operator: one process per Worker replica, running the `pytorch` container's command + args with the
@@ -18,6 +19,13 @@ the kubelet and the eval launcher, and of nothing else. From `helm template` of 
 
 Then: both workers exit 0, the committed checkpoint is at train.max_steps and says world_size 2, the
 eval Job's container exits 0 and its result JSON is where the watcher looks for it.
+
+The TrainJob test (backend `trainjob`, the chart's default) renders the same profile as a 2-node TrainJob
+on the cluster's `torch-distributed` runtime: the Trainer controller's part is tests/chart/trainjob_runtime.py
+(runtime pod template + runtimePatches + spec.trainer, then the torch plugin's PET_NNODES,
+PET_NPROC_PER_NODE, PET_NODE_RANK from the Job completion index, PET_MASTER_ADDR/PORT); the JobSet's
+headless Service becomes loopback, and workload identity (no Secret: runtimePatches cannot carry
+envFrom) becomes the moto keys in the pod's environment, as the identity webhook injects them.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from typing import Any
 
 import pytest
 import torch
+import trainjob_runtime
 import yaml
 from chart_helpers import NAMESPACE, load_yaml_docs, one, profile_file, run, template_cmd
 
@@ -92,8 +101,11 @@ def expand(text: str, env: dict[str, str]) -> str:
     return _VAR_REF.sub(sub, text)
 
 
-def resolve_env(container: dict, cluster: Cluster, pod_name: str) -> dict[str, str]:
-    """The container's environment as the kubelet builds it: envFrom in order, then env (which wins)."""
+def resolve_env(
+    container: dict, cluster: Cluster, pod_name: str, fields: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The container's environment as the kubelet builds it: envFrom in order, then env (which wins).
+    ``fields``: more downward-API values (e.g. the Job completion-index annotation)."""
     env: dict[str, str] = {}
     for source in container.get("envFrom") or []:
         prefix = source.get("prefix", "")
@@ -115,6 +127,7 @@ def resolve_env(container: dict, cluster: Cluster, pod_name: str) -> dict[str, s
                 "metadata.name": pod_name,
                 "spec.nodeName": "emulated-node",
                 "status.podIP": "127.0.0.1",
+                **(fields or {}),
             }
             path = ref["fieldRef"]["fieldPath"]
             assert path in fields, f"env {name}: fieldRef {path} is not emulated"
@@ -240,6 +253,7 @@ def start_container(
     cluster: Cluster,
     workdir: Path,
     extra_env: dict[str, str] | None = None,
+    fields: dict[str, str] | None = None,
 ) -> Container:
     root = workdir / pod_name
     mounts = materialize_volumes(pod_spec, cluster, root)
@@ -250,7 +264,8 @@ def start_container(
     env["PATH"] = _search_path()
     # The CI machine's few cores are shared by several "pods": one thread each, as on a 1-CPU node.
     env["OMP_NUM_THREADS"] = "1"
-    env.update({k: to_local(v, mounts, root) for k, v in resolve_env(container, cluster, pod_name).items()})
+    resolved = resolve_env(container, cluster, pod_name, fields)
+    env.update({k: to_local(v, mounts, root) for k, v in resolved.items()})
     env.update(extra_env or {})
     home = Path(env["HOME"])
     home.mkdir(parents=True, exist_ok=True)
@@ -330,8 +345,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _render(tmp_path: Path, s3_server: str, bucket: str) -> list[dict]:
-    overrides = {
+def _render(tmp_path: Path, s3_server: str, bucket: str, **more: Any) -> list[dict]:
+    overrides: dict[str, Any] = {
         "config": {
             "data": {"url": f"{bucket}/shards"},
             "storage": {"run_url": f"{bucket}/run"},
@@ -342,6 +357,8 @@ def _render(tmp_path: Path, s3_server: str, bucket: str) -> list[dict]:
         },
         "storageAuth": {"env": {"AWS_ENDPOINT_URL_S3": s3_server}},
     }
+    for key, value in more.items():
+        overrides[key] = {**overrides.get(key, {}), **value}
     values = tmp_path / "emulation-overrides.yaml"
     values.write_text(yaml.safe_dump(overrides))
     return load_yaml_docs(run(template_cmd(values=(str(profile_file(PROFILE)), str(values)))).stdout)
@@ -496,3 +513,73 @@ def test_operator_env_follows_the_elastic_policy_of_the_rendered_job(tmp_path):
     # PET_STANDALONE="" would crash torchrun (int('')): the chart must never ask for it.
     assert "standalone" not in policy
     assert expand("$(A)/$$(A)/$(B)", {"A": "x"}) == "x/$(A)/$(B)"
+
+
+# ------------------------------------------------------------------------------------------------
+# Backend trainjob: Kubeflow Trainer v2.3.0 (torch plugin, cluster runtime torch-distributed)
+# ------------------------------------------------------------------------------------------------
+
+TRAINJOB_VALUES = {
+    "trainer": {"backend": "trainjob", "minReplicas": 2, "maxReplicas": 2, "replicas": None},
+    "storageAuth": {"existingSecret": ""},  # workload identity: runtimePatches have no envFrom
+    "evaluator": {"enabled": False},  # the PyTorchJob test runs the eval Job
+}
+
+
+@pytest.mark.slow
+def test_rendered_trainjob_trains_on_two_nodes_of_the_torch_distributed_runtime_and_commits(
+    tmp_path, s3_server, s3_bucket, one_thread
+):
+    docs = _render(tmp_path, s3_server, s3_bucket, **TRAINJOB_VALUES)
+    assert not [d for d in docs if d["kind"] in ("PyTorchJob", "TrainingRuntime")]
+    cluster = Cluster(NAMESPACE)
+    cluster.configmaps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    cfg_file = tmp_path / "config.yaml"
+    cfg_file.write_text(one(docs, "ConfigMap", "config")["data"]["config.yaml"])
+    cfg = load_config(str(cfg_file))
+    _prepare_data(tmp_path, cfg.data.url)
+
+    # --- the Trainer controller: runtime + runtimePatches + spec.trainer + the torch plugin's PET_*
+    job = one(docs, "TrainJob")
+    assert job["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    pod, nodes = trainjob_runtime.resolve(job, docs)
+    assert nodes == 2
+    pod_spec = pod["spec"]
+    (container,) = pod_spec["containers"]
+    assert container["name"] == "node" and container["command"] == ["torchrun"]
+    assert CONFIG_PATH in container["args"]
+    name = job["metadata"]["name"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["PET_MASTER_ADDR"]["value"] == f"{name}-node-0-0.{name}"
+    assert env["PET_NNODES"]["value"] == "2" and env["PET_NPROC_PER_NODE"]["value"] == "1"
+    assert env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == trainjob_runtime.COMPLETION_INDEX
+    # No cluster DNS here: the JobSet's headless Service of pod 0 is loopback; the identity is the moto keys.
+    local = {"PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(_free_port())}
+    identity = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    pods = tmp_path / "pods"
+    nodes_started = [
+        start_container(
+            f"{name}-node-0-{index}",
+            pod_spec,
+            cluster,
+            pods,
+            {**identity, **local},
+            fields={trainjob_runtime.COMPLETION_INDEX: str(index)},
+        )
+        for index in range(nodes)
+    ]
+    try:
+        codes = wait_all(nodes_started, TRAIN_TIMEOUT_S)
+    finally:
+        stop_all(nodes_started)
+    logs = "\n".join(f"--- {n.name}:\n{n.output()[-4000:]}" for n in nodes_started)
+    assert set(codes.values()) == {0}, f"exit codes {codes}\n{logs}"
+
+    committed, partial = ckpt.list_checkpoints(cfg.storage.run_url)
+    every = cfg.checkpoint.every_steps
+    assert [r.step for r in committed] == list(range(every, cfg.train.max_steps + 1, every)), logs
+    assert partial == []
+    state = ckpt.load_checkpoint_state(committed[-1])
+    assert state["step"] == cfg.train.max_steps
+    assert state["world_size"] == 2, "both nodes must have joined one process group"
+    assert state["config"] == cfg.to_dict(), "the trainer must run the ConfigMap's config"

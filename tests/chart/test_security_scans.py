@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import trainjob_runtime
 import yaml
 from chart_helpers import (
     NAMESPACE,
@@ -57,6 +58,11 @@ def scan_inputs(out: Path) -> dict[str, str]:
                     md = {**t["metadata"], "name": f"{d['metadata']['name']}-{rtype.lower()}"}
                     md["namespace"] = d["metadata"]["namespace"]
                     extra.append({"apiVersion": "v1", "kind": "Pod", "metadata": md, "spec": t["spec"]})
+            if d["kind"] == "TrainJob":  # nor Trainer v2's: scan the pod its runtime + patches make
+                t, _ = trainjob_runtime.resolve(d, docs)
+                md = {**t["metadata"], "name": f"{d['metadata']['name']}-node"}
+                md["namespace"] = d["metadata"]["namespace"]
+                extra.append({"apiVersion": "v1", "kind": "Pod", "metadata": md, "spec": t["spec"]})
         if has_eval_job_template(docs):
             job = eval_job_template(docs)
             job["metadata"]["name"] = job["metadata"].pop("generateName") + "0400000"
@@ -100,6 +106,7 @@ def checkov_failures(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     scanned = {c["resource"].split(".FROM")[0] for r in reports for c in r["results"]["passed_checks"]}
     expected = (
         f"Pod.{NAMESPACE}.myrun-repa-worker",
+        f"Pod.{NAMESPACE}.myrun-repa-node",
         f"Job.{NAMESPACE}.myrun-repa-eval-0400000",
         "/Dockerfile",
     )

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -284,11 +285,14 @@ class ApiError(Exception):
 
 
 class StubBatchApi:
-    """Records create_namespaced_job calls; answers 409 for names in ``existing``."""
+    """Records create_namespaced_job calls; answers 409 for names in ``existing``. The Jobs run until a
+    test sets ``conditions[name]`` (batch/v1 JobStatus conditions, as the Job controller writes them)."""
 
     def __init__(self, existing=()) -> None:
         self.calls: list[tuple[str, dict]] = []
+        self.deleted: list[str] = []
         self.existing = set(existing)
+        self.conditions: dict[str, list[dict]] = {}
 
     def create_namespaced_job(self, namespace: str, body: dict) -> dict:
         self.calls.append((namespace, body))
@@ -296,6 +300,21 @@ class StubBatchApi:
             raise ApiError(409)
         self.existing.add(body["metadata"]["name"])
         return body
+
+    def read_namespaced_job_status(self, name: str, namespace: str) -> dict:
+        if name not in self.existing:
+            raise ApiError(404)
+        return {"metadata": {"name": name}, "status": {"conditions": self.conditions.get(name, [])}}
+
+    def delete_namespaced_job(self, name: str, namespace: str, propagation_policy: str) -> None:
+        assert propagation_policy == "Background"  # the pods go too
+        self.existing.discard(name)
+        self.conditions.pop(name, None)
+        self.deleted.append(name)
+
+
+FAILED = [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]
+COMPLETE = [{"type": "Complete", "status": "True"}]
 
 
 def test_launch_jobs_creates_one_job_per_checkpoint_and_409_means_done(tmp_path, reference):
@@ -323,8 +342,8 @@ def test_launch_jobs_creates_one_job_per_checkpoint_and_409_means_done(tmp_path,
         assert container["args"][-1] == "$(REPA_CHECKPOINT_URL)"  # expanded by Kubernetes from env
     assert template["metadata"]["name"] == "my-release-eval"  # the template itself is untouched
 
-    # Restart: markers say the Jobs exist; the API is not called again.
-    again = StubBatchApi()
+    # Restart: markers say the Jobs exist (still running): they are read, not created again.
+    again = StubBatchApi(existing={job["metadata"]["name"] for _, job in api.calls})
     assert make_watcher(cfg, launcher=jobs.JobLauncher(again, template)).run(once=True).processed == []
     assert again.calls == []
 
@@ -339,6 +358,92 @@ def test_launch_jobs_creates_one_job_per_checkpoint_and_409_means_done(tmp_path,
     marker = json.loads(storage.read_bytes(launch_marker_url(plan)))
     assert marker["job"] == taken and marker["created"] is False
     assert result_files(run_url) == {}  # in Job mode the watcher itself evaluates nothing
+
+
+def test_a_failed_eval_job_is_retried_after_a_backoff_and_the_retry_succeeds(tmp_path, reference, caplog):
+    from repa.eval import jobs
+    from repa.eval.evaluate import plan_evaluation
+    from repa.eval.watch import JobTracker, Watcher, launch_marker_url
+
+    run_url = str(tmp_path / "run")
+    _, cfg = setup_run(tmp_path, run_url, reference, steps=(100,))
+    (tmp_path / "eval-job.yaml").write_text(JOB_TEMPLATE)
+    api = StubBatchApi()
+    launcher = jobs.JobLauncher(api, jobs.load_job_template(str(tmp_path / "eval-job.yaml")))
+    now = [1000.0]
+    tracker = JobTracker(launcher, None, max_attempts=3, retry_seconds=30, clock=lambda: now[0])
+
+    def poll():  # one poll of a fresh watcher process: all state is in storage and the cluster
+        plan = lambda source: plan_evaluation(cfg, source)  # noqa: E731
+        return Watcher(cfg, tracker.process, tracker.is_done, plan=plan).run(once=True)
+
+    plan = plan_evaluation(cfg, ckpt.resolve_checkpoint(f"{run_url}/checkpoints/step-0000100", None))
+    marker = lambda: json.loads(storage.read_bytes(launch_marker_url(plan)))  # noqa: E731
+    assert poll().processed == [100]
+    (name,) = {body["metadata"]["name"] for _, body in api.calls}
+    assert poll().processed == [] and len(api.calls) == 1  # running: nothing to do
+    api.conditions[name] = FAILED
+    assert poll().processed == [] and api.deleted == []  # failure seen: retry in 30 s
+    assert marker()["retry_at"] == 1030.0 and "retrying in 30 s" in caplog.text
+    now[0] = 1031.0
+    assert poll().processed == [100]  # deleted and created again under the same name
+    assert api.deleted == [name] and [b["metadata"]["name"] for _, b in api.calls] == [name, name]
+    assert marker()["attempts"] == 2 and marker()["state"] == "launched" and "retry_at" not in marker()
+    api.conditions[name] = COMPLETE
+    report = poll()
+    assert report.processed == [] and report.failed == [] and len(api.calls) == 2
+    assert tracker.is_done(plan) is False  # no result yet: the next watcher looks again, launches nothing
+    storage.write_bytes_atomic(plan.result_url, b"{}")
+    assert tracker.is_done(plan)
+
+
+def test_an_eval_job_that_keeps_failing_is_given_up_and_a_deleted_checkpoint_is_not_retried(
+    tmp_path, reference, caplog
+):
+    from repa.eval import jobs
+    from repa.eval.evaluate import plan_evaluation
+    from repa.eval.watch import JobTracker, Watcher, launch_marker_url
+
+    run_url = str(tmp_path / "run")
+    _, cfg = setup_run(tmp_path, run_url, reference, steps=(100, 200))
+    (tmp_path / "eval-job.yaml").write_text(JOB_TEMPLATE)
+    api = StubBatchApi()
+    launcher = jobs.JobLauncher(api, jobs.load_job_template(str(tmp_path / "eval-job.yaml")))
+    tracker = JobTracker(launcher, None, max_attempts=2, retry_seconds=0)
+    watcher = Watcher(cfg, tracker.process, tracker.is_done, plan=lambda s: plan_evaluation(cfg, s))
+    assert watcher.run(once=True).processed == [100, 200]
+    for _, body in api.calls:
+        api.conditions[body["metadata"]["name"]] = FAILED
+    # Retention deletes step 100 before its Job could read it (the Job failed on the missing files).
+    shutil.rmtree(Path(run_url, "checkpoints", "step-0000100"))
+    watcher.run(once=True)  # 200: relaunched (attempt 2); 100 is no longer listed at all
+    for _, body in api.calls[2:]:
+        api.conditions[body["metadata"]["name"]] = FAILED
+    report = watcher.run(once=True)
+    assert report.failed == [200] and "giving up" in caplog.text
+    plan = plan_evaluation(cfg, ckpt.resolve_checkpoint(f"{run_url}/checkpoints/step-0000200", None))
+    assert json.loads(storage.read_bytes(launch_marker_url(plan)))["state"] == "failed"
+    assert tracker.is_done(plan)  # final: a restarted watcher does not start over
+
+
+def test_an_eval_job_whose_checkpoint_vanished_is_reported_as_deleted_not_failed(tmp_path, reference):
+    from repa.eval import jobs
+    from repa.eval.evaluate import plan_evaluation
+    from repa.eval.watch import JobTracker, launch_marker_url
+
+    run_url = str(tmp_path / "run")
+    _, cfg = setup_run(tmp_path, run_url, reference, steps=(100,))
+    (tmp_path / "eval-job.yaml").write_text(JOB_TEMPLATE)
+    api = StubBatchApi()
+    tracker = JobTracker(jobs.JobLauncher(api, jobs.load_job_template(str(tmp_path / "eval-job.yaml"))), None)
+    source = ckpt.resolve_checkpoint(f"{run_url}/checkpoints/step-0000100", None)
+    plan = plan_evaluation(cfg, source)
+    assert tracker.process(source, plan).action == "launched"
+    api.conditions[api.calls[0][1]["metadata"]["name"]] = FAILED
+    Path(run_url, "checkpoints", "step-0000100", ckpt.MARKER).unlink()  # retention removes the marker first
+    assert tracker.process(source, plan).action == "checkpoint-deleted"
+    assert json.loads(storage.read_bytes(launch_marker_url(plan)))["state"] == "checkpoint-deleted"
+    assert tracker.is_done(plan) and len(api.calls) == 1
 
 
 def test_job_names_are_dns_1123_labels_even_for_long_prefixes():

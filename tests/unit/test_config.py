@@ -122,6 +122,37 @@ def test_preset_name_yaml_suffix_and_file_path_load_the_same(tmp_path):
     assert load_config(str(path)) == load_config(f"file://{path}")
 
 
+def test_a_preset_key_is_the_base_the_other_keys_are_merged_over(tmp_path):
+    """The Helm chart's ConfigMap: `preset:` plus overrides, resolved where repa is installed."""
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "preset: sit-b-2-repa\n"
+        "data: {url: s3://b/imagenet-256}\n"
+        "storage: {run_url: s3://b/runs/b2}\n"
+        "train: {max_steps: 1000}\n"
+    )
+    cfg = load_config(path, ["train.lr=2e-4"])
+    expected = load_config(
+        "sit-b-2-repa",
+        [
+            "data.url=s3://b/imagenet-256",
+            "storage.run_url=s3://b/runs/b2",
+            "train.max_steps=1000",
+            "train.lr=2e-4",
+        ],
+    )
+    assert cfg == expected
+    assert cfg.model.encoder_depth == 4 and cfg.train.global_batch_size == 256  # from the preset
+    assert "preset" in json_schema()["properties"]  # so the chart's schema accepts config.preset
+
+
+def test_an_unknown_preset_key_is_one_error_naming_the_key_and_the_closest_preset(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: sit-b-2-rep\n")
+    err = _error(str(path))
+    assert str(err).startswith("preset: ") and "did you mean 'sit-b-2-repa'" in str(err)
+
+
 def test_config_loads_from_an_fsspec_url():
     storage.write_bytes_atomic("memory://repa-test-config/run.yaml", b"train: {max_steps: 123}\n")
     assert load_config("memory://repa-test-config/run.yaml").train.max_steps == 123
@@ -404,7 +435,9 @@ def test_json_schema_accepts_the_defaults_and_rejects_bad_values():
 
 def test_json_schema_describes_every_field_with_type_default_and_description():
     schema = json_schema()
-    assert schema["additionalProperties"] is False and list(schema["properties"]) == list(SECTIONS)
+    assert schema["additionalProperties"] is False
+    assert list(schema["properties"]) == ["preset", *SECTIONS]
+    assert schema["properties"]["preset"]["enum"] == list_presets()
     for name, cls in SECTIONS.items():
         section = schema["properties"][name]
         assert section["additionalProperties"] is False

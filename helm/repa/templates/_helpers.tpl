@@ -150,20 +150,99 @@ Cross-field rules that values.schema.json cannot express. Each message names the
 {{- end }}
 {{- $job := include "repa.jobName" . }}
 {{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $job) }}
-{{- fail (printf "PyTorchJob name %q (from the release name / fullnameOverride) must be a DNS-1035 label: start with a letter, then lowercase letters, digits and '-'" $job) }}
+{{- fail (printf "%s name %q (from the release name / fullnameOverride) must be a DNS-1035 label: start with a letter, then lowercase letters, digits and '-'" (include "repa.trainerKind" .) $job) }}
+{{- end }}
+{{- if eq $t.backend "trainjob" }}
+{{- include "repa.validateTrainJob" . }}
 {{- end }}
 {{- if and .Values.storageAuth.mountPath (not .Values.storageAuth.existingSecret) }}
 {{- fail "storageAuth.mountPath is set but storageAuth.existingSecret is empty: name the Secret to mount" }}
 {{- end }}
 {{- if .Values.evaluator.enabled }}
 {{- $refstats := dig "eval" "reference_stats_url" "" .Values.config }}
-{{- if not $refstats }}
+{{- /* With config.preset the resolved config is only known in the pod (`repa` checks it there and NOTES warns). */}}
+{{- if and (not $refstats) (not .Values.config.preset) }}
 {{- fail "evaluator.enabled is true but config.eval.reference_stats_url is empty: `repa eval` needs reference statistics; set it or set evaluator.enabled=false" }}
 {{- end }}
 {{- end }}
 {{- if and .Values.gangScheduling.queue (not .Values.gangScheduling.enabled) }}
 {{- fail "gangScheduling.queue is set but gangScheduling.enabled is false: enable gang scheduling or clear the queue" }}
 {{- end }}
+{{- end }}
+
+{{/* Kind of the training object: TrainJob (Trainer v2) or PyTorchJob (Training Operator v1.9). */}}
+{{- define "repa.trainerKind" -}}
+{{- ternary "TrainJob" "PyTorchJob" (eq .Values.trainer.backend "trainjob") }}
+{{- end }}
+
+{{/*
+Rules of backend `trainjob` (Kubeflow Trainer v2.3.0): a fixed node count (the ElasticPolicy API was
+removed in v2.2.0), numProcPerNode is "auto" or an integer, PET_* belong to the torch plugin, and what
+runtimePatches cannot carry (envFrom, priorityClassName, schedulerName, imagePullPolicy, podGroupPolicy)
+needs the release's own TrainingRuntime. docs/kubernetes.md "Two backends".
+*/}}
+{{- define "repa.validateTrainJob" -}}
+{{- $t := .Values.trainer }}
+{{- $own := $t.trainJob.createRuntime }}
+{{- if ne (int64 $t.minReplicas) (int64 $t.maxReplicas) }}
+{{- fail (printf "trainer.backend is trainjob but trainer.minReplicas (%d) != trainer.maxReplicas (%d): a TrainJob has a fixed node count (Trainer v2 has no elastic training); set them equal, or set trainer.backend=pytorchjob for an elastic min:max run" (int64 $t.minReplicas) (int64 $t.maxReplicas)) }}
+{{- end }}
+{{- if and (not (kindIs "invalid" $t.replicas)) (ne (int64 $t.replicas) (int64 $t.maxReplicas)) }}
+{{- fail (printf "trainer.backend is trainjob but trainer.replicas (%d) != trainer.maxReplicas (%d): a TrainJob runs a fixed node count; set trainer.replicas=null, or set trainer.backend=pytorchjob" (int64 $t.replicas) (int64 $t.maxReplicas)) }}
+{{- end }}
+{{- if not (regexMatch "^([0-9]+|auto)$" (toString $t.nprocPerNode)) }}
+{{- fail (printf "trainer.nprocPerNode (%s): a TrainJob's numProcPerNode is a count or \"auto\"; set a count, or set trainer.backend=pytorchjob" (toString $t.nprocPerNode)) }}
+{{- end }}
+{{- range $e := concat $.Values.pod.env $t.env }}
+{{- if has $e.name (list "PET_NNODES" "PET_NPROC_PER_NODE" "PET_NODE_RANK" "PET_MASTER_ADDR" "PET_MASTER_PORT") }}
+{{- fail (printf "%s is set in pod.env or trainer.env, but the Trainer torch plugin injects it and rejects a TrainJob that sets it: remove it" $e.name) }}
+{{- end }}
+{{- end }}
+{{- if not $own }}
+{{- $why := "TrainJob runtimePatches cannot set it; set trainer.trainJob.createRuntime=true (the release's own TrainingRuntime)" }}
+{{- if .Values.storageAuth.existingSecret }}
+{{- fail (printf "storageAuth.existingSecret needs envFrom, but %s, or use workload identity (serviceAccount.annotations)" $why) }}
+{{- end }}
+{{- if $t.priorityClassName }}
+{{- fail (printf "trainer.priorityClassName is set, but %s" $why) }}
+{{- end }}
+{{- if .Values.gangScheduling.enabled }}
+{{- fail "gangScheduling.enabled: a TrainJob is gang-scheduled by its runtime's podGroupPolicy, which runtimePatches cannot set; set trainer.trainJob.createRuntime=true (the release's own TrainingRuntime), or reference a runtime with a podGroupPolicy (trainer.trainJob.runtimeName) and keep gangScheduling.enabled=false" }}
+{{- end }}
+{{- if ne .Values.image.pullPolicy "IfNotPresent" }}
+{{- fail (printf "image.pullPolicy is %s, but %s" .Values.image.pullPolicy $why) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The trainer's pod template, for both backends: torchrun runs `repa train`; the Kubeflow controller
+injects the PET_* variables torchrun reads as its flag defaults. The container is `pytorch` (the v1
+operator requires it) or `node` (the container the v2 torch plugin injects into).
+*/}}
+{{- define "repa.trainerPod" -}}
+{{- $t := .Values.trainer }}
+{{- $gang := .Values.gangScheduling }}
+{{- /* torchrun's c10d rendezvous shares its TCPStore with the workers across restart rounds, so a
+       restarted group can read the previous round's process-group keys (stale peer addresses)
+       and hang in init_process_group; a fresh store per round avoids it (tests/integration/test_train.py). */}}
+{{- $env := list (dict "name" "TORCH_NCCL_ASYNC_ERROR_HANDLING" "value" (ternary "1" "0" $t.nccl.asyncErrorHandling)) (dict "name" "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" "value" "1") }}
+{{- with $t.nccl.debug }}
+{{- $env = append $env (dict "name" "NCCL_DEBUG" "value" .) }}
+{{- end }}
+{{- with $t.nccl.socketIfname }}
+{{- $env = append $env (dict "name" "NCCL_SOCKET_IFNAME" "value" .) }}
+{{- end }}
+{{- include "repa.podTemplate" (dict
+      "root" .
+      "component" "trainer"
+      "container" (ternary "node" "pytorch" (eq $t.backend "trainjob"))
+      "command" (list "torchrun")
+      "args" (list "-m" "repa" "train" "--config" (include "repa.configPath" .))
+      "env" $env
+      "w" $t
+      "schedulerName" (ternary $gang.schedulerName "" $gang.enabled)
+      "terminationGracePeriodSeconds" $t.terminationGracePeriodSeconds) }}
 {{- end }}
 
 {{/*

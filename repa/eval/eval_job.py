@@ -1,0 +1,115 @@
+"""`repa eval-job`: print the Kubernetes Job that evaluates one checkpoint, for `kubectl apply -f -`.
+
+    repa eval-job --release myrun -n ml --checkpoint s3://b/r/checkpoints/step-0400000 | kubectl apply -f -
+
+The Job is exactly the one ``repa watch --launch-jobs`` creates for that checkpoint (docs/kubernetes.md
+"Evaluation"): the chart's eval Job template (ConfigMap ``<fullname>-eval-job`` of ``--release``, or
+``--job-template FILE``) rendered by :func:`repa.eval.jobs.render_job` and named
+``<prefix>-step-NNNNNNN-<protocol digest>`` by :func:`repa.eval.jobs.job_name`. The name depends only on
+the run, the step and the evaluation protocol, and the output on nothing else (no timestamps), so a second
+``kubectl apply`` of the same checkpoint is a no-op and a Job the watcher made is not duplicated.
+The run config (for the digest) is the release's ConfigMap ``<fullname>-config`` or ``--config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import Any
+
+import yaml
+
+from repa import checkpoint as ckpt
+from repa import kube, storage
+from repa.config import ConfigError, RunConfig, add_config_arguments, load_config
+from repa.eval import jobs
+
+__all__ = ["add_arguments", "eval_job", "run"]
+
+_STEP = re.compile(r"/checkpoints/step-(\d{7,})/?$")
+
+
+def eval_job(cfg: RunConfig, template: dict[str, Any], checkpoint_url: str, namespace: str | None) -> dict:
+    """The Job manifest for ``checkpoint_url`` (a committed step folder of ``cfg.storage.run_url``)."""
+    from repa.eval.evaluate import plan_evaluation  # torch: only once the inputs are known to be fine
+
+    cfg.require("storage.run_url", purpose="`repa eval-job`")
+    run_url = cfg.storage.run_url.rstrip("/")
+    m = _STEP.search(checkpoint_url)
+    if not m or not checkpoint_url.rstrip("/").startswith(ckpt.checkpoints_url(run_url) + "/"):
+        raise ConfigError(
+            "--checkpoint",
+            f"{checkpoint_url!r} is not a step folder of this run: expected "
+            f"{ckpt.checkpoints_url(run_url)}/step-NNNNNNN (storage.run_url = {run_url})",
+        )
+    step = int(m.group(1))
+    url = storage.join(ckpt.checkpoints_url(run_url), ckpt.step_dir_name(step))  # the watcher's spelling
+    plan = plan_evaluation(cfg, ckpt.CheckpointSource(url, "run", step, run_url))
+    launcher = jobs.JobLauncher(None, template, namespace=namespace)
+    name = jobs.job_name(launcher.name_prefix, step, plan.digest)
+    body = jobs.render_job(template, name=name, checkpoint_url=url, step=step, digest=plan.digest)
+    body["metadata"]["namespace"] = launcher.namespace
+    return body
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--checkpoint", required=True, metavar="URL", help="<run_url>/checkpoints/step-NNNNNNN"
+    )
+    parser.add_argument(
+        "--release", help="Helm release of helm/repa: its run config and eval Job template (Kubernetes API)"
+    )
+    parser.add_argument("--fullname", help="the release's fullnameOverride, if it set one")
+    parser.add_argument("-n", "--namespace", help="namespace (default: the template's, else the context's)")
+    parser.add_argument(
+        "--job-template",
+        default=None,
+        metavar="PATH",
+        help="eval Job template without --release (default: $REPA_EVAL_JOB_TEMPLATE, else "
+        f"{jobs.DEFAULT_TEMPLATE_PATH})",
+    )
+    parser.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
+
+
+def _from_release(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any], str]:
+    from kubernetes import client
+
+    names = kube.ReleaseNames.of(args.release, args.fullname)
+    namespace = args.namespace or kube.current_namespace()
+    core = client.CoreV1Api(kube.api_client())
+    data = {}
+    for cm, key in ((names.config_map, "config.yaml"), (names.eval_job_config_map, "eval-job.yaml")):
+        what = f"configmap {namespace}/{cm}"
+        try:
+            found = core.read_namespaced_config_map(cm, namespace).data or {}
+        except Exception as e:
+            raise kube.api_error(e, what) from None
+        if key not in found:
+            raise kube.KubeError(f"{what} has no {key} (is evaluator.mode `jobs`?)")
+        data[key] = found[key]
+    cfg = RunConfig.from_yaml(data["config.yaml"], list(args.overrides or []))
+    template = yaml.safe_load(data["eval-job.yaml"])
+    return cfg, template, namespace
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.release:
+            cfg, template, namespace = _from_release(args)
+        else:
+            cfg = load_config(args.config, list(args.overrides or []))
+            path = args.job_template or os.environ.get("REPA_EVAL_JOB_TEMPLATE", jobs.DEFAULT_TEMPLATE_PATH)
+            template, namespace = jobs.load_job_template(path), args.namespace
+        body = eval_job(cfg, template, args.checkpoint, namespace)
+    except (kube.KubeError, jobs.JobLaunchError) as e:
+        print(f"repa eval-job: error: {e}", file=sys.stderr)
+        return 2
+    if args.output == "json":
+        sys.stdout.write(json.dumps(body, indent=2, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(yaml.safe_dump(body, sort_keys=False))
+    return 0

@@ -1,0 +1,203 @@
+"""`repa status RELEASE`: one screen that answers "how is my run doing".
+
+From the cluster, through the kubeflow SDKs: the trainer's phase, conditions, pods and restarts, for a
+TrainJob (``kubeflow.trainer.TrainerClient`` + ``kubeflow_trainer_api`` models) or a PyTorchJob
+(``kubeflow.training.TrainingClient``), whichever the release has (docs/kubernetes.md "Two backends").
+From storage (the run config is the release's ConfigMap ``<fullname>-config``): the latest committed
+checkpoint, images/s from the last TensorBoard log, the last FID per checkpoint and the eval Jobs that
+failed or whose checkpoint was deleted (the watcher's ``job-<digest>.json`` markers, repa.eval.watch).
+Errors (not found, no permission, no API access) are one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from repa import kube, storage
+from repa.config import ConfigError, RunConfig
+
+__all__ = ["JobView", "add_arguments", "cluster_view", "run", "storage_view"]
+
+TRAINJOB_POD_SELECTOR = "jobset.sigs.k8s.io/jobset-name={name}"
+PYTORCHJOB_POD_SELECTOR = "training.kubeflow.org/job-name={name}"
+
+
+@dataclass
+class JobView:
+    kind: str  # TrainJob | PyTorchJob
+    name: str
+    namespace: str
+    phase: str
+    conditions: list[tuple[str, str, str]] = field(default_factory=list)  # (type, status, reason)
+    pods: list[tuple[str, str, int]] = field(default_factory=list)  # (name, phase, restarts)
+    detail: str = ""
+    worker_container: str = ""
+
+
+def _pods(core: Any, namespace: str, selector: str) -> list[tuple[str, str, int]]:
+    pods = core.list_namespaced_pod(namespace, label_selector=selector).items
+    out = []
+    for pod in sorted(pods, key=lambda p: p.metadata.name):
+        restarts = sum(c.restart_count or 0 for c in (pod.status.container_statuses or []))
+        out.append((pod.metadata.name, pod.status.phase or "Unknown", restarts))
+    return out
+
+
+def _trainjob(conf: Any, name: str, namespace: str) -> JobView:
+    from kubeflow.common.types import KubernetesBackendConfig
+    from kubeflow.trainer import TrainerClient
+    from kubeflow_trainer_api import models
+    from kubernetes import client
+
+    # The SDK warns when it cannot read the Trainer's version ConfigMap (kubeflow-system); not our concern.
+    logging.getLogger("kubeflow.trainer.backends.kubernetes.backend").setLevel(logging.ERROR)
+    trainer = TrainerClient(KubernetesBackendConfig(namespace=namespace, client_configuration=conf))
+    job = trainer.get_job(name)
+    api = client.ApiClient(conf)
+    raw = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        "trainer.kubeflow.org", "v1alpha1", namespace, "trainjobs", name
+    )
+    cr = models.TrainerV1alpha1TrainJob.from_dict(raw)
+    conditions = [(c.type, c.status, c.reason or "") for c in ((cr.status and cr.status.conditions) or [])]
+    steps = ", ".join(f"{s.name} {s.status}" for s in job.steps) or "none yet"
+    return JobView(
+        "TrainJob",
+        name,
+        namespace,
+        job.status,
+        conditions,
+        _pods(client.CoreV1Api(api), namespace, TRAINJOB_POD_SELECTOR.format(name=name)),
+        f"{job.num_nodes} node(s) on runtime {job.runtime.name}; steps: {steps}",
+        "node",
+    )
+
+
+def _pytorchjob(conf: Any, name: str, namespace: str) -> JobView:
+    from kubeflow.training import TrainingClient
+
+    trainer = TrainingClient(client_configuration=conf, namespace=namespace, job_kind="PyTorchJob")
+    job = trainer.get_job(name)
+    conditions = [(c.type, c.status, c.reason or "") for c in ((job.status and job.status.conditions) or [])]
+    phase = next((t for t, s, _ in reversed(conditions) if s == "True"), "Created")
+    pods = []
+    for pod in sorted(trainer.get_job_pods(name), key=lambda p: p.metadata.name):
+        restarts = sum(c.restart_count or 0 for c in (pod.status.container_statuses or []))
+        pods.append((pod.metadata.name, pod.status.phase or "Unknown", restarts))
+    policy = job.spec.elastic_policy
+    sizes = f"elastic {policy.min_replicas}..{policy.max_replicas} workers" if policy else "workers"
+    return JobView("PyTorchJob", name, namespace, phase, conditions, pods, sizes, "pytorch")
+
+
+def cluster_view(conf: Any, name: str, namespace: str) -> JobView:
+    """The release's TrainJob, else its PyTorchJob; KubeError when neither exists or may be read."""
+    try:
+        return _trainjob(conf, name, namespace)
+    except Exception as e:
+        if not kube.is_not_found(e):
+            raise kube.api_error(e, f"trainjob {namespace}/{name}") from None
+    try:
+        return _pytorchjob(conf, name, namespace)
+    except Exception as e:
+        if kube.is_not_found(e):
+            raise kube.KubeError(
+                f"no trainjob or pytorchjob {namespace}/{name} (is the release name right?)"
+            ) from None
+        raise kube.api_error(e, f"pytorchjob {namespace}/{name}") from None
+
+
+def storage_view(cfg: RunConfig) -> list[str]:
+    """Lines about the run's progress read from ``cfg.storage.run_url``."""
+    from repa import checkpoint as ckpt
+
+    so = cfg.storage.storage_options or None
+    run_url = cfg.storage.run_url.rstrip("/")
+    lines = [f"storage {run_url}"]
+    committed, _ = ckpt.list_checkpoints(run_url, so)
+    if committed:
+        lines.append(f"  latest checkpoint: step {committed[-1].step} ({len(committed)} committed)")
+    else:
+        lines.append("  latest checkpoint: none committed yet")
+    with contextlib.suppress(Exception):  # no events yet, or TensorBoard unreadable: say nothing
+        from repa.tensorboard import read_scalars
+
+        speed = read_scalars(storage.join(run_url, "tensorboard"), so).get("perf/images_per_second")
+        if speed:
+            lines.append(f"  throughput: {speed[-1][1]:.1f} samples/s (step {speed[-1][0]})")
+    fids, failed = [], []
+    eval_url = storage.join(run_url, "eval")
+    folders = storage.listdir(eval_url, so) if storage.exists(eval_url, so) else []
+    for folder in sorted(folders):
+        step_dir = folder.rstrip("/").rsplit("/", 1)[-1]
+        if not step_dir.startswith("step-"):
+            continue
+        step = int(step_dir.removeprefix("step-"))
+        for url in sorted(storage.listdir(storage.join(eval_url, step_dir), so)):
+            leaf = url.rstrip("/").rsplit("/", 1)[-1]
+            data = json.loads(storage.read_bytes(storage.join(eval_url, step_dir, leaf), so))
+            if leaf.startswith("result-") and "fid" in data:
+                fids.append(f"step {step}: {data['fid']:.2f}")
+            elif leaf.startswith("job-") and data.get("state") in ("failed", "checkpoint-deleted"):
+                what = "failed" if data["state"] == "failed" else "checkpoint deleted before it ran"
+                failed.append(f"step {step} {data['job']} ({what}, {data.get('attempts', 1)} attempt(s))")
+    lines.append(f"  FID: {', '.join(fids[-5:]) if fids else 'no results yet'}")
+    if failed:
+        lines.append(f"  eval Jobs not done: {'; '.join(failed)}")
+    return lines
+
+
+def render(view: JobView) -> list[str]:
+    lines = [f"{view.kind} {view.namespace}/{view.name}: {view.phase}", f"  {view.detail}"]
+    if view.conditions:
+        lines.append(
+            "  conditions: " + ", ".join(f"{t}={s}" + (f" ({r})" if r else "") for t, s, r in view.conditions)
+        )
+    restarts = sum(r for _, _, r in view.pods)
+    lines.append(f"  pods: {len(view.pods)}, restarts {restarts}")
+    lines += [f"    {n} {p} restarts={r}" for n, p, r in view.pods]
+    return lines
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("release", help="Helm release of helm/repa")
+    parser.add_argument("-n", "--namespace", help="namespace (default: the kubeconfig context's)")
+    parser.add_argument("--fullname", help="the release's fullnameOverride, if it set one")
+
+
+def release_config(conf: Any, names: kube.ReleaseNames, namespace: str) -> RunConfig:
+    from kubernetes import client
+
+    what = f"configmap {namespace}/{names.config_map}"
+    try:
+        data = (
+            client.CoreV1Api(client.ApiClient(conf))
+            .read_namespaced_config_map(names.config_map, namespace)
+            .data
+        )
+    except Exception as e:
+        raise kube.api_error(e, what) from None
+    return RunConfig.from_yaml((data or {}).get("config.yaml", ""))
+
+
+def run(args: argparse.Namespace) -> int:
+    names = kube.ReleaseNames.of(args.release, args.fullname)
+    namespace = args.namespace or kube.current_namespace()
+    try:
+        conf = kube.configuration()
+        lines = render(cluster_view(conf, names.job, namespace))
+        cfg = release_config(conf, names, namespace)
+        if cfg.storage.run_url:
+            lines += storage_view(cfg)
+    except kube.KubeError as e:
+        print(f"repa status: error: {e}", file=sys.stderr)
+        return 2
+    except (ConfigError, OSError, storage.StorageError) as e:
+        print(f"repa status: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
