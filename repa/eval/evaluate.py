@@ -363,6 +363,7 @@ def evaluate_checkpoint(
         "world_size": info.world_size,
         "device": str(info.device),
         "precision": precision,
+        "allow_tf32": cfg.train.allow_tf32,
         "code": _code_version(),
         "timing_seconds": {"sampling": round(sampling_seconds, 3), "metrics": round(metrics_seconds, 3)},
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
