@@ -39,6 +39,9 @@ COMMANDS: dict[str, Command] = {
     "sample": Command("repa.eval.sample", "generate images from a checkpoint for FID (chunked, resumable)"),
     "eval": Command("repa.eval.evaluate", "FID / IS / precision-recall of samples vs reference statistics"),
     "watch": Command("repa.eval.watch", "evaluate every new committed checkpoint of a run once"),
+    "weights": Command(
+        "repa.hub", "fetch encoder, SD-VAE and Inception weights (Hugging Face Hub) to storage, print --set"
+    ),
     "config": Command("repa.config_export", "show, validate, document or export the schema of a run config"),
     "demo": Command(
         "repa.demo",

@@ -672,6 +672,10 @@ class RunConfig:
         """The autocast precision for sampling: ``sample.precision`` (null = fp32, the paper's protocol)."""
         return self.sample.precision or "fp32"
 
+    def decoder_vae_name(self) -> str:
+        """The VAE that decodes samples: ``sample.vae_name``, else sd-vae-ft-ema for SD-VAE latents."""
+        return self.sample.vae_name or ("none" if self.vae.name == "none" else "sd-vae-ft-ema")
+
     def decoder_vae(self) -> tuple[str, str | None]:
         """``(name, weights_url)`` of the VAE that decodes samples (see ``sample.vae_name``).
 
@@ -679,7 +683,7 @@ class RunConfig:
         no weights, and vae.weights_url has some: decoding real latents with a random VAE is a silent
         FID bug, while random weights everywhere is a toy run (a warning is logged when it is built).
         """
-        name = self.sample.vae_name or ("none" if self.vae.name == "none" else "sd-vae-ft-ema")
+        name = self.decoder_vae_name()
         if name == self.vae.name:
             return name, self.sample.vae_weights_url or self.vae.weights_url
         if self.sample.vae_weights_url is None and self.vae.weights_url is not None:
