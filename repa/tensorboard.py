@@ -9,9 +9,11 @@ covers only S3 and reads its endpoint only at import). TensorBoard itself reads 
 What a run writes (docs/tensorboard.md): the training loop's ``train/*``, ``perf/*`` and
 ``progress/*`` scalars (``progress/step_of_max``, ``progress/eta_hours``), the config as text, a
 custom-scalars layout (:data:`LAYOUT`: loss and FID side by side, then progress, throughput and
-gradient norm) and an HParams session (:func:`run_hparams`: the run's key config values; metrics the
-evaluator's final and best FID in the ``eval`` sub-run), so runs under one parent folder compare in
-the HParams tab. The evaluator adds ``eval/*`` scalars and the grid of the samples it scored.
+gradient norm). The evaluator's ``eval`` sub-run holds the ``eval/*`` scalars, the grid of the
+samples each evaluation scored and an HParams session (:func:`run_hparams`: the run's key config
+values -> its last and best FID), so runs under one parent folder compare in the HParams tab. (The
+session lives in the sub-run that holds the FIDs: the HParams plugin looks a metric up in
+``os.path.join(session, group)``, which for a session at the logdir root is ``./eval``, no run.)
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ LAYOUT: dict[str, dict[str, list[Any]]] = {
         ],
         "FID of each checkpoint (eval/fid, eval/best_fid; *_random_inception: not comparable)": [
             "Multiline",
-            [r"^eval/(best_)?(fid|fd_.*)$"],
+            [r"^eval/(best_)?(fid|fd_)"],
         ],
     },
     "repa: progress": {
@@ -69,13 +71,12 @@ HPARAM_KEYS = (
     "sample.guidance_high",
     "sample.num_samples",
 )
-HPARAM_METRICS = (  # (run relative to the training run, tag)
-    (EVAL_RUN, "eval/fid"),
-    (EVAL_RUN, "eval/best_fid"),
-    (EVAL_RUN, "eval/fid_random_inception"),
-    (EVAL_RUN, "eval/best_fid_random_inception"),
-    ("", "train/loss"),
-    ("", "progress/step_of_max"),
+HPARAM_METRICS = (  # tags of the eval sub-run (the session's own run)
+    "eval/fid",
+    "eval/best_fid",
+    "eval/is",
+    "eval/fid_random_inception",
+    "eval/best_fid_random_inception",
 )
 
 
@@ -93,8 +94,8 @@ def run_hparams(cfg: Any) -> dict[str, str | float | bool]:
 
 
 def _hparams_summaries(hparams: dict[str, Any]) -> list[Any]:
-    """The HParams plugin's experiment + session-start summaries (torch's ``summary.hparams`` with
-    metric groups, so the eval sub-run's FID is this session's metric)."""
+    """The HParams plugin's experiment + session-start summaries (torch's ``summary.hparams``, with
+    :data:`HPARAM_METRICS` declared whether or not a value exists yet)."""
     from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
     from tensorboard.plugins.hparams.api_pb2 import Experiment, MetricInfo, MetricName
     from tensorboard.plugins.hparams.metadata import EXPERIMENT_TAG, PLUGIN_DATA_VERSION, PLUGIN_NAME
@@ -107,7 +108,7 @@ def _hparams_summaries(hparams: dict[str, Any]) -> list[Any]:
     ).experiment.hparam_infos
     experiment = Experiment(
         hparam_infos=hparam_infos,
-        metric_infos=[MetricInfo(name=MetricName(group=g, tag=t), display_name=t) for g, t in HPARAM_METRICS],
+        metric_infos=[MetricInfo(name=MetricName(tag=t), display_name=t) for t in HPARAM_METRICS],
     )
     content = HParamsPluginData(experiment=experiment, version=PLUGIN_DATA_VERSION).SerializeToString()
     meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=content))
@@ -145,9 +146,12 @@ class TensorBoardLogger:
         self.writer.add_text(tag, text, step)
 
     def run_started(self, cfg: Any, step: int) -> None:
-        """A training run's dashboards: its config as text, the custom-scalars layout, its HParams."""
+        """A training run's dashboards: its config as text and the custom-scalars layout."""
         self.text("config", "```\n" + cfg.to_yaml() + "\n```", step)
         self.writer.add_custom_scalars(LAYOUT)
+
+    def hparams(self, cfg: Any, step: int) -> None:
+        """An HParams session of ``cfg``'s key values (:func:`run_hparams`) in this run."""
         for summary in _hparams_summaries(run_hparams(cfg)):
             self.writer.file_writer.add_summary(summary, step)
 

@@ -270,10 +270,12 @@ def write_tensorboard(
     *,
     best_of: str | None = None,
     grid: torch.Tensor | None = None,
+    cfg: RunConfig | None = None,
 ) -> str:
     """One event file in ``{run_url}/tensorboard/eval`` holding ``scalars`` (and the sample ``grid`` as
     ``eval/samples``) at ``step``, flushed once. ``best_of``: a lower-is-better tag (``eval/fid``) whose
-    minimum over the run's evaluations so far is also written, as ``eval/best_fid`` (HParams shows it)."""
+    minimum over the run's evaluations so far is also written, as ``eval/best_fid``; ``cfg``: the
+    HParams session (its key values -> these FIDs, see ``repa.tensorboard.run_hparams``)."""
     from repa.tensorboard import TensorBoardLogger, read_scalars
 
     log_url = storage.join(run_url, "tensorboard", EVAL_LOG_SUBDIR)
@@ -284,6 +286,8 @@ def write_tensorboard(
     tb = TensorBoardLogger(log_url, storage_options=storage_options)
     try:
         tb.scalars(scalars, step)
+        if cfg is not None:
+            tb.hparams(cfg, step)
         if grid is not None:
             tb.image("eval/samples", grid, step)
     finally:
@@ -423,7 +427,8 @@ def evaluate_checkpoint(
     if source.run_url and source.step is not None and cfg.log.tensorboard:
         scalars = metric_tags(result)
         grid = sample_grid(sample_set)  # the images this evaluation scored, at the checkpoint's step
-        write_tensorboard(source.run_url, source.step, scalars, so, best_of=next(iter(scalars)), grid=grid)
+        best_of = next(iter(scalars))
+        write_tensorboard(source.run_url, source.step, scalars, so, best_of=best_of, grid=grid, cfg=cfg)
     from repa.eval.metrics import write_result_json
 
     write_result_json(plan.result_url, result, protocol, so)

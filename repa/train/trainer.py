@@ -429,7 +429,7 @@ class Trainer:
                     purge_step=self.step + 1 if resumed else None,
                     storage_options=self.storage_options,
                 )
-                tb.run_started(cfg, self.step)  # config text, custom-scalars layout, HParams
+                tb.run_started(cfg, self.step)  # config text, custom-scalars layout
         meter = Throughput()
         self.loader = self.make_loader()
         batches = self.make_batches()
