@@ -488,7 +488,7 @@ class Trainer:
         epoch = self.samples_consumed / max(self.manifest.num_samples, 1)
         eta_text = "?" if eta is None else f"{int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"
         log.info(
-            "step %8d/%d %5.1f%% | ETA %s | epoch %6.2f | loss %.4f | den %.4f | proj %.4f | grad %.3f"
+            "step %8d of %d %5.1f%% | ETA %s | epoch %6.2f | loss %.4f | den %.4f | proj %.4f | grad %.3f"
             " | %8.1f img/s",
             self.step,
             max_steps,

@@ -86,7 +86,7 @@ def test_training_run_writes_layout_hparams_and_progress(run, caplog):
     with caplog.at_level(logging.INFO, logger="repa.train.trainer"):
         assert repa_main(["train", "--config", "toy-cpu", *args]) == 0
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step")]
-    assert "step        2/4  50.0% | ETA 0h00m" in lines[0] and "step        4/4 100.0%" in lines[-1]
+    assert "step        2 of 4  50.0% | ETA 0h00m" in lines[0] and "step        4 of 4 100.0%" in lines[-1]
 
     scalars = read_scalars(str(run_dir / "tensorboard"))
     assert scalars["progress/step_of_max"] == [(2, 0.5), (4, 1.0)]
