@@ -47,6 +47,9 @@ COMMANDS: dict[str, Command] = {
         "repa.status", "how a Helm release's run is doing: its TrainJob/PyTorchJob and storage"
     ),
     "logs": Command("repa.logs", "the trainer's worker logs of a Helm release (-f follows)"),
+    "weights": Command(
+        "repa.hub", "fetch encoder, SD-VAE and Inception weights (Hugging Face Hub) to storage, print --set"
+    ),
     "config": Command("repa.config_export", "show, validate, document or export the schema of a run config"),
     "demo": Command(
         "repa.demo",

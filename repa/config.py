@@ -523,21 +523,25 @@ class SampleConfig(_Section):
     ``.pt``; null = the latest committed checkpoint under storage.run_url."""
     checkpoint_weights: Weights = "ema"
     """Weights to sample with: ``ema`` (what the paper evaluates) or the raw ``model``."""
-    vae_name: VAEName | None = field(
-        default=None, metadata={"reference": "sd-vae-ft-ema (generate.py --vae ema)"}
-    )
-    """VAE that decodes samples; null = vae.name. The paper's numbers decode with sd-vae-ft-ema while
-    training on sd-vae-ft-mse latents."""
+    vae_name: VAEName | None = None
+    """VAE that decodes samples; null = the paper's decoder for vae.name's latent space: sd-vae-ft-ema
+    for SD-VAE latents (REPA ``generate.py --vae ema``, while training latents come from sd-vae-ft-mse),
+    the identity for ``none``. ``sd-vae-ft-mse`` decodes with the training VAE instead."""
     vae_weights_url: str | None = None
-    """Weights of the decoding VAE when vae_name differs from vae.name; null = vae.weights_url."""
+    """Weights of the decoding VAE (a diffusers folder; ``repa weights fetch`` stages sd-vae-ft-ema);
+    null = vae.weights_url when the decoder is vae.name. Sampling refuses to decode with a randomly
+    initialised sd-vae-ft-ema while vae.weights_url holds real weights."""
     output_url: str | None = None
     """Where samples go; null = ``{run_url}/samples/step-NNNNNNN-<settings>``."""
     save_npz: bool = False
     """Also write ``samples.npz`` (``arr_0`` uint8 (N, H, W, 3)) for the ADM evaluation suite."""
     chunk_size: int = setting(1000, ge=1)
     """Samples per chunk file: the unit of resumption and of work per rank (``--chunk-size``)."""
-    precision: Precision | None = None
-    """Autocast dtype while sampling (``--precision``); null = train.precision."""
+    precision: Precision | None = field(default="fp32", metadata={"reference": "fp32 + TF32 (generate.py)"})
+    """Autocast dtype of the model while sampling (``--precision``): fp32 is the paper's protocol
+    (``generate.py`` samples in fp32 with TF32 matmuls, see train.allow_tf32); ``auto``/``bf16`` are
+    about twice as fast on GPUs but are not the protocol FIDs are compared under. null (configs
+    written before this default) = fp32."""
 
     def check(self) -> None:
         if self.guidance_low > self.guidance_high:
@@ -611,6 +615,7 @@ REQUIRED_FOR: dict[str, tuple[str, ...]] = {
     "train": ("data.url", "storage.run_url"),
     "watch": ("storage.run_url",),
     "eval": ("eval.reference_stats_url",),
+    "sample": (),
 }
 
 
@@ -715,8 +720,33 @@ class RunConfig:
                 raise ConfigError(key, f"{name!r} at data.resolution={self.data.resolution}: {e}") from None
 
     def sample_precision(self) -> str:
-        """The autocast precision for sampling: ``sample.precision``, else ``train.precision``."""
-        return self.sample.precision or self.train.precision
+        """The autocast precision for sampling: ``sample.precision`` (null = fp32, the paper's protocol)."""
+        return self.sample.precision or "fp32"
+
+    def decoder_vae_name(self) -> str:
+        """The VAE that decodes samples: ``sample.vae_name``, else sd-vae-ft-ema for SD-VAE latents."""
+        return self.sample.vae_name or ("none" if self.vae.name == "none" else "sd-vae-ft-ema")
+
+    def decoder_vae(self) -> tuple[str, str | None]:
+        """``(name, weights_url)`` of the VAE that decodes samples (see ``sample.vae_name``).
+
+        Raises ConfigError naming ``sample.vae_weights_url`` when the decoder differs from vae.name, has
+        no weights, and vae.weights_url has some: decoding real latents with a random VAE is a silent
+        FID bug, while random weights everywhere is a toy run (a warning is logged when it is built).
+        """
+        name = self.decoder_vae_name()
+        if name == self.vae.name:
+            return name, self.sample.vae_weights_url or self.vae.weights_url
+        if self.sample.vae_weights_url is None and self.vae.weights_url is not None:
+            raise ConfigError(
+                "sample.vae_weights_url",
+                f"samples are decoded with {name} (the paper's protocol; sample.vae_name="
+                f"{self.sample.vae_name or 'null'}) but only vae.weights_url ({self.vae.weights_url}, "
+                f"{self.vae.name}) has weights; set sample.vae_weights_url to a {name} folder "
+                f"(`repa weights fetch` stages one) or sample.vae_name={self.vae.name} to decode with "
+                "the training VAE",
+            )
+        return name, self.sample.vae_weights_url
 
     def latent_shape(self) -> tuple[int, int, int]:
         """``(channels, side, side)`` of the latents SiT works on: the VAE's channels at
@@ -733,8 +763,11 @@ class RunConfig:
         return self
 
     def require_for(self, verb: str) -> RunConfig:
-        """Check the keys ``repa <verb>`` needs (``REQUIRED_FOR``)."""
-        return self.require(*REQUIRED_FOR.get(verb, ()), purpose=f"`repa {verb}`")
+        """Check the keys ``repa <verb>`` needs (``REQUIRED_FOR``; sampling verbs: a decoding VAE)."""
+        self.require(*REQUIRED_FOR.get(verb, ()), purpose=f"`repa {verb}`")
+        if verb in ("sample", "eval", "watch"):
+            self.decoder_vae()
+        return self
 
     # ---------------------------------------------------------------- conversion
     def to_dict(self) -> dict[str, Any]:

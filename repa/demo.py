@@ -254,6 +254,7 @@ def demo_overrides(opts: DemoOptions, out: Path, inception_url: str) -> list[str
             "vae.name=sd-vae-ft-mse",
             f"vae.weights_url={json.dumps(opts.vae_weights)}",
             "vae.latents_scale=0.18215",
+            "sample.vae_name=sd-vae-ft-mse",  # one VAE folder given: decode with it too
         ]
     return sets + list(opts.overrides)
 

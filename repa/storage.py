@@ -8,6 +8,7 @@ with the URL to whatever reads it (weights, data, checkpoints) instead of being 
 
 This module alone decides whether a URL is local (:func:`is_local`, :func:`local_path`) and where
 remote files are cached for libraries that only read paths (:func:`cache_dir`, :func:`local_copy`).
+``hf://<org>/<name>/<path>`` URLs are read through the Hugging Face cache (``repa.hf_cache``).
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ def filesystem(
     from fsspec.core import url_to_fs  # here, not at import: config code uses is_local without fsspec
 
     url, storage_options = _split(url, storage_options)
+    if url.startswith("hf://"):  # read through the Hugging Face cache (repa.hf_cache)
+        from repa.hf_cache import cached_hf_path
+
+        return url_to_fs(cached_hf_path(url))
     return url_to_fs(url, **_fs_options(url, storage_options))
 
 
@@ -143,6 +148,8 @@ def local_copy(
     is refreshed, and the copy is written atomically, so concurrent pods never read half a file.
     """
     text, options = _split(url, storage_options)
+    if text.startswith("hf://"):  # already a local file in the Hugging Face cache
+        return filesystem(text)[1]
     path = local_path(text)
     if path is not None:
         if not os.path.exists(path):

@@ -416,9 +416,9 @@ def build_vae(
     if local is not None and not os.path.exists(local) and _looks_like_hub_id(weights_url):
         if not allow_download:
             raise WeightsError(
-                f"vae weights_url {weights_url!r} is not a local folder; downloading it as a Hugging Face "
-                "hub id needs allow_download=True (repa never downloads silently). Or copy the folder to "
-                "storage and pass its path/URL."
+                f"vae weights_url {weights_url!r} is not a local folder; repa never downloads silently: "
+                f"stage it with `repa weights fetch DEST` or name it as hf://{weights_url} (read through the "
+                "Hugging Face cache)"
             )
         logger.info("vae: downloading %s from the Hugging Face hub", weights_url)
         return VAE(

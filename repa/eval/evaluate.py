@@ -7,7 +7,8 @@ Where things go, for a checkpoint ``{run_url}/checkpoints/step-NNNNNNN``:
 
     {run_url}/samples/step-NNNNNNN-<sampling digest>/    the samples (as `repa sample` writes them)
     {run_url}/eval/step-NNNNNNN/result-<eval digest>.json the numbers and the full protocol
-    {run_url}/tensorboard/eval/                          eval/fid, eval/is, eval/precision, eval/recall
+    {run_url}/tensorboard/eval/                          eval/fid, eval/best_fid, eval/is, eval/precision,
+                                                         eval/recall, eval/samples (a grid of the samples)
 
 The result is not written inside the checkpoint folder because checkpoint retention deletes those
 folders recursively; results must outlive them. The digest covers everything that decides the
@@ -31,6 +32,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -44,7 +46,9 @@ from repa import checkpoint as ckpt
 from repa import runtime, storage
 from repa.config import VAE_DOWNSAMPLE, ConfigError, RunConfig
 from repa.eval import sample as S
+from repa.eval.features import INCEPTION_NAME, INCEPTION_WEIGHTS_FILENAME
 from repa.runtime import DistInfo, broadcast_object
+from repa.tensorboard import EVAL_RUN
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +66,10 @@ __all__ = [
     "run",
 ]
 
-EVAL_LOG_SUBDIR = "eval"  # {run_url}/tensorboard/eval
+EVAL_LOG_SUBDIR = EVAL_RUN  # {run_url}/tensorboard/eval
+GRID_IMAGES = 16  # samples shown per evaluation in TensorBoard (eval/samples)
+# torch.hub's convention: the published file's name carries its sha256 prefix (features.py's filename).
+INCEPTION_SHA256_PREFIX = re.search(r"-([0-9a-f]{8})\.pth$", INCEPTION_WEIGHTS_FILENAME).group(1)
 IS_SPLITS = 10  # ADM / torch-fidelity: 10 splits
 PR_K = 3  # ADM's ManifestEstimator k
 
@@ -227,14 +234,62 @@ def _code_version() -> dict[str, Any]:
     }
 
 
-def write_tensorboard(run_url: str, step: int, scalars: dict[str, float | None], storage_options: Any) -> str:
-    """One event file in ``{run_url}/tensorboard/eval`` holding ``scalars`` at ``step``, flushed once."""
-    from repa.tensorboard import TensorBoardLogger
+def metric_tags(result: Any) -> dict[str, float | None]:
+    """The TensorBoard scalars of one result: ``eval/fid`` (``eval/fd_<name>`` for other networks),
+    ``eval/is``, ``eval/precision``, ``eval/recall``. With Inception weights that are not the published
+    file (sha256 not starting with its name's prefix, e.g. the random weights of ``repa demo`` and the
+    tests) every tag ends in ``_random_inception``: such numbers only compare with the same file."""
+    suffix = ""
+    if result.feature_extractor == INCEPTION_NAME and not (result.feature_extractor_sha256 or "").startswith(
+        INCEPTION_SHA256_PREFIX
+    ):
+        suffix = "_random_inception"
+    return {
+        f"eval/{result.metric_name.lower()}{suffix}": result.fid,
+        f"eval/is{suffix}": result.inception_score_mean,
+        f"eval/precision{suffix}": result.precision,
+        f"eval/recall{suffix}": result.recall,
+    }
+
+
+def sample_grid(sample_set: Any, n: int = GRID_IMAGES) -> torch.Tensor:
+    """uint8 (3, H', W') grid of the first ``n`` samples of a set (the first chunk), ``sqrt(n)`` per row."""
+    import math
+
+    from torchvision.utils import make_grid
+
+    images = torch.from_numpy(next(iter(sample_set.iter_images()))[:n]).permute(0, 3, 1, 2)
+    return make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=2)
+
+
+def write_tensorboard(
+    run_url: str,
+    step: int,
+    scalars: dict[str, float | None],
+    storage_options: Any,
+    *,
+    best_of: str | None = None,
+    grid: torch.Tensor | None = None,
+    cfg: RunConfig | None = None,
+) -> str:
+    """One event file in ``{run_url}/tensorboard/eval`` holding ``scalars`` (and the sample ``grid`` as
+    ``eval/samples``) at ``step``, flushed once. ``best_of``: a lower-is-better tag (``eval/fid``) whose
+    minimum over the run's evaluations so far is also written, as ``eval/best_fid``; ``cfg``: the
+    HParams session (its key values -> these FIDs, see ``repa.tensorboard.run_hparams``)."""
+    from repa.tensorboard import TensorBoardLogger, read_scalars
 
     log_url = storage.join(run_url, "tensorboard", EVAL_LOG_SUBDIR)
+    scalars = {k: v for k, v in scalars.items() if v is not None}
+    if best_of in scalars:
+        earlier = [v for s, v in read_scalars(log_url, storage_options).get(best_of, []) if s != step]
+        scalars[best_of.replace("eval/", "eval/best_", 1)] = min([*earlier, scalars[best_of]])
     tb = TensorBoardLogger(log_url, storage_options=storage_options)
     try:
-        tb.scalars({k: v for k, v in scalars.items() if v is not None}, step)
+        tb.scalars(scalars, step)
+        if cfg is not None:
+            tb.hparams(cfg, step)
+        if grid is not None:
+            tb.image("eval/samples", grid, step)
     finally:
         tb.close()
     return log_url
@@ -363,19 +418,17 @@ def evaluate_checkpoint(
         "world_size": info.world_size,
         "device": str(info.device),
         "precision": precision,
+        "allow_tf32": cfg.train.allow_tf32,
         "code": _code_version(),
         "timing_seconds": {"sampling": round(sampling_seconds, 3), "metrics": round(metrics_seconds, 3)},
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
     # TensorBoard first, the result JSON last: the JSON marks the checkpoint as done.
     if source.run_url and source.step is not None and cfg.log.tensorboard:
-        scalars = {
-            f"eval/{result.metric_name.lower()}": result.fid,
-            "eval/is": result.inception_score_mean,
-            "eval/precision": result.precision,
-            "eval/recall": result.recall,
-        }
-        write_tensorboard(source.run_url, source.step, scalars, so)
+        scalars = metric_tags(result)
+        grid = sample_grid(sample_set)  # the images this evaluation scored, at the checkpoint's step
+        best_of = next(iter(scalars))
+        write_tensorboard(source.run_url, source.step, scalars, so, best_of=best_of, grid=grid, cfg=cfg)
     from repa.eval.metrics import write_result_json
 
     write_result_json(plan.result_url, result, protocol, so)

@@ -2,7 +2,8 @@
 
 Protocol (the paper's FID setting, the ``sample`` defaults): Euler–Maruyama SDE, 250 steps, CFG 1.8
 inside the guidance interval t ∈ [0, 0.7], 50,000 samples with uniform random labels, EMA weights,
-decoded to uint8 by the VAE (SD-VAE truncates as ``generate.py``). ``sample.class_balanced`` gives
+the model in fp32 (TF32 matmuls allowed, as ``generate.py``), decoded to uint8 by sd-vae-ft-ema (SD-VAE
+truncates as ``generate.py``; ``RunConfig.decoder_vae``). ``sample.class_balanced`` gives
 labels ``i mod num_classes`` (50 per class for 50K) instead.
 
 Determinism. What sample ``i`` is made of depends only on ``(seed, i)``: one CPU ``torch.Generator``
@@ -294,12 +295,9 @@ class _NoBar:
 
 
 def decoder_vae_identity(cfg: RunConfig) -> dict[str, Any]:
-    """Which VAE decodes the samples: ``sample.vae_name`` (else ``vae.name``), its weights, scale and bias."""
-    name = cfg.sample.vae_name or cfg.vae.name
-    if cfg.sample.vae_name and cfg.sample.vae_name != cfg.vae.name:
-        weights_url = cfg.sample.vae_weights_url
-    else:
-        weights_url = cfg.sample.vae_weights_url or cfg.vae.weights_url
+    """Which VAE decodes the samples (``RunConfig.decoder_vae``: sd-vae-ft-ema for SD-VAE latents unless
+    ``sample.vae_name`` says otherwise), its weights, scale and bias."""
+    name, weights_url = cfg.decoder_vae()
     return {
         "name": name,
         "weights_url": weights_url,
@@ -363,7 +361,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16", "fp16"],
-        help="autocast dtype of the model (sets sample.precision; default: train.precision)",
+        help="autocast dtype of the model (sets sample.precision; default fp32, the paper's protocol)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

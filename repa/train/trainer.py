@@ -475,7 +475,7 @@ class Trainer:
                     purge_step=self.step + 1 if resumed else None,
                     storage_options=self.storage_options,
                 )
-                tb.text("config", "```\n" + cfg.to_yaml() + "\n```", self.step)
+                tb.run_started(cfg, self.step)  # config text, custom-scalars layout
         meter = Throughput()
         self.loader = self.make_loader()
         batches = self.make_batches()
@@ -604,6 +604,11 @@ class Trainer:
         scalars["train/lr"] = self.optimizer.param_groups[0]["lr"]
         scalars["perf/images_per_second"] = images_per_second
         scalars.update(self.health.scalars())
+        max_steps = self.cfg.train.max_steps
+        steps_per_second = images_per_second / self.geometry.global_batch_size
+        eta = (max_steps - self.step) / steps_per_second if steps_per_second > 0 else None
+        scalars["progress/step_of_max"] = self.step / max_steps
+        scalars["progress/eta_hours"] = None if eta is None else eta / 3600
         if self.device.type == "cuda":
             scalars["perf/gpu_memory_gib"] = gpu_memory_gib(self.device)
             scalars["perf/mfu"] = mfu(
@@ -615,9 +620,14 @@ class Trainer:
         if tb is not None:
             tb.scalars(scalars, self.step)
         epoch = self.samples_consumed / max(self.manifest.num_samples, 1)
+        eta_text = "?" if eta is None else f"{int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"
         log.info(
-            "step %8d | epoch %6.2f | loss %.4f | den %.4f | proj %.4f | grad %.3f | %8.1f img/s",
+            "step %8d of %d %5.1f%% | ETA %s | epoch %6.2f | loss %.4f | den %.4f | proj %.4f | grad %.3f"
+            " | %8.1f img/s",
             self.step,
+            max_steps,
+            100 * self.step / max_steps,
+            eta_text,
             epoch,
             summary["loss"],
             summary["denoising_loss"],

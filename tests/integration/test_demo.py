@@ -66,7 +66,7 @@ def test_demo_logs_losses_and_fid_to_tensorboard(demo):
     assert [s for s, _ in train["train/loss"]][-1] == 8
     assert all(math.isfinite(v) for _, v in train["train/loss"])
     fid = read_scalars(f"file://{out}/run/tensorboard/eval")
-    assert [s for s, _ in fid["eval/fid"]] == [4, 8]
+    assert [s for s, _ in fid["eval/fid_random_inception"]] == [4, 8]  # the demo's Inception is random
 
 
 def test_demo_writes_a_sample_grid_with_one_column_per_class(demo):

@@ -126,7 +126,7 @@ def test_ref_stats_from_shards_then_eval_writes_result_json_and_tensorboard(tmp_
     scalars = read_scalars(str(Path(run_url, "tensorboard", "eval")))
     assert [step for step, _ in scalars["eval/fd_tiny-conv"]] == [100]
     assert scalars["eval/fd_tiny-conv"][0][1] == pytest.approx(result["fid"], rel=1e-6)
-    assert set(scalars) == {"eval/fd_tiny-conv", "eval/precision", "eval/recall"}
+    assert set(scalars) == {"eval/fd_tiny-conv", "eval/best_fd_tiny-conv", "eval/precision", "eval/recall"}
 
     # Idempotent: a second run finds the result and touches nothing.
     mtime = result_file.stat().st_mtime_ns
@@ -191,7 +191,13 @@ def test_inception_fid_and_is_end_to_end_with_random_weights(tmp_path):
     assert result["protocol"]["feature_extractor"]["weights_url"] == weights
     assert result["feature_extractor_sha256"] == ref_sha(ref_url)
     scalars = read_scalars(str(Path(run_url, "tensorboard", "eval")))
-    assert set(scalars) == {"eval/fid", "eval/is"} and scalars["eval/fid"][0][0] == 200
+    # random Inception weights (not the published file): the tags say so
+    assert set(scalars) == {
+        "eval/fid_random_inception",
+        "eval/best_fid_random_inception",
+        "eval/is_random_inception",
+    }
+    assert scalars["eval/fid_random_inception"][0][0] == 200
 
 
 def ref_sha(ref_url: str) -> str:

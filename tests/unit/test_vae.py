@@ -243,7 +243,7 @@ def test_missing_or_incomplete_weights_folder_is_named(tmp_path, tiny_dir):
 
 def test_hub_ids_are_never_downloaded_without_permission(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # so the relative id is not a local folder
-    with pytest.raises(WeightsError, match="allow_download=True"):
+    with pytest.raises(WeightsError, match=r"never downloads silently.*repa weights fetch"):
         build_vae("sd-vae-ft-mse", weights_url="stabilityai/sd-vae-ft-mse")
 
 

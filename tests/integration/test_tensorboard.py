@@ -1,0 +1,143 @@
+"""What a run shows in TensorBoard, read back from its event files: a tiny `repa train`, then
+`repa eval` of two checkpoints with random Inception weights.
+
+- the training run: custom-scalars layout (loss and FID side by side), ``progress/step_of_max`` and
+  ``progress/eta_hours``, and the same progress and ETA in the trainer's log line;
+- the eval sub-run: HParams (experiment + session with the run's key config values -> its FIDs),
+  ``eval/samples`` (the grid of the samples each evaluation scored) at each checkpoint's step, FIDs
+  under ``*_random_inception`` tags (never ``eval/fid``), the best FID so far.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from repa.cli import main as repa_main
+from repa.data.prepare import prepare_images, prepare_latents
+from repa.eval.features import build_inception
+from repa.eval.refstats import compute_reference_stats, save_reference_stats
+from repa.tensorboard import HPARAM_KEYS, read_scalars
+from tests.datasets import make_imagenet_tree
+from tests.fidelity_weights import random_inception_weights_path
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SETS = [  # toy-cpu made smaller still (as tests/integration/test_train.py): 16 px, SiT hidden 32 x depth 2
+    "model.hidden_size=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "model.encoder_depth=1",
+    "model.projector_dim=64",
+    "model.num_classes=10",
+    "encoder.model_kwargs=[{img_size: 16, patch_size: 2, embed_dim: 32, depth: 1, num_heads: 2}]",
+    "data.resolution=16",
+    "data.chunk_size=2",
+    "data.shards_in_flight=4",
+    "train.global_batch_size=4",
+    "train.max_steps=4",
+    "log.every_steps=2",
+    "log.sample_every_steps=0",
+    "checkpoint.every_steps=2",
+    "sample.num_samples=8",
+    "sample.chunk_size=8",
+    "sample.num_steps=2",
+    "eval.metrics=[fid]",
+]
+
+
+def _events(folder: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tb-run")
+    tree = make_imagenet_tree(root / "imagenet", per_class=2, corrupt=0)
+    data_url = f"file://{root}/shards"
+    prepare_images(str(tree.root), data_url, resolution=16, samples_per_shard=4)
+    prepare_latents(data_url, vae="none", batch_size=8)
+    weights = random_inception_weights_path()
+    ref = root / "ref.npz"
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (8, 3, 16, 16), dtype=np.uint8))
+    save_reference_stats(str(ref), compute_reference_stats(images, build_inception(weights)))
+    run_url = f"{root}/run"
+    sets = [
+        *SETS,
+        f"data.url={data_url}",
+        f"storage.run_url={run_url}",
+        f"eval.inception_weights_url={weights}",
+    ]
+    sets.append(f"eval.reference_stats_url={ref}")
+    args = [a for s in sets for a in ("--set", s)]
+    return Path(run_url), args
+
+
+def test_training_run_writes_layout_hparams_and_progress(run, caplog):
+    run_dir, args = run
+    with caplog.at_level(logging.INFO, logger="repa.train.trainer"):
+        assert repa_main(["train", "--config", "toy-cpu", *args]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step")]
+    assert "step        2 of 4  50.0% | ETA 0h00m" in lines[0] and "step        4 of 4 100.0%" in lines[-1]
+
+    scalars = read_scalars(str(run_dir / "tensorboard"))
+    assert scalars["progress/step_of_max"] == [(2, 0.5), (4, 1.0)]
+    eta = scalars["progress/eta_hours"]
+    assert [s for s, _ in eta] == [2, 4] and eta[0][1] > 0 and eta[-1][1] == 0
+
+    acc = _events(run_dir / "tensorboard")
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    assert list(acc.PluginTagToContent("custom_scalars")) == ["custom_scalars__config__"]
+    (event,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    first = layout.category[0]
+    assert first.title == "repa: is it working?"
+    loss, fid = (chart.multiline.tag[0] for chart in first.chart)  # side by side, loss first
+    assert "train/" in loss and "loss" in loss and "eval/" in fid and "fid" in fid
+
+    with pytest.raises(KeyError):  # the HParams session lives in the eval sub-run, beside the FIDs
+        acc.PluginTagToContent("hparams")
+
+
+def test_each_evaluation_logs_its_sample_grid_and_a_random_inception_fid(run):
+    run_dir, args = run
+    if not (run_dir / "checkpoints").exists():
+        assert repa_main(["train", "--config", "toy-cpu", *args]) == 0
+    for step in (2, 4):
+        checkpoint = str(run_dir / "checkpoints" / f"step-{step:07d}")
+        assert (
+            repa_main(["eval", "--config", "toy-cpu", *args, "--checkpoint", checkpoint, "--no-progress"])
+            == 0
+        )
+
+    scalars = read_scalars(str(run_dir / "tensorboard" / "eval"))
+    assert "eval/fid" not in scalars  # random weights are never logged as the FID
+    fids = dict(scalars["eval/fid_random_inception"])
+    assert sorted(fids) == [2, 4]
+    best = dict(scalars["eval/best_fid_random_inception"])
+    assert best[2] == pytest.approx(fids[2]) and best[4] == pytest.approx(min(fids.values()))
+
+    acc = _events(run_dir / "tensorboard" / "eval")
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    hp = {tag: HParamsPluginData.FromString(c) for tag, c in acc.PluginTagToContent("hparams").items()}
+    session = hp["_hparams_/session_start_info"].session_start_info.hparams
+    assert set(session) == set(HPARAM_KEYS)
+    assert session["model.name"].string_value == "SiT-S/2" and session["train.max_steps"].number_value == 4
+    assert session["encoder.names"].string_value == "timm:vit_tiny_patch16_224"
+    metrics = {m.name.tag for m in hp["_hparams_/experiment"].experiment.metric_infos}
+    assert {"eval/fid", "eval/best_fid", "eval/best_fid_random_inception"} <= metrics
+
+    grids = acc.Images("eval/samples")
+    assert [g.step for g in grids] == [2, 4]
+    # 8 samples of 16 px, 3 per row with 2 px padding: 3 columns x 3 rows
+    assert (grids[0].width, grids[0].height) == (3 * 18 + 2, 3 * 18 + 2)

@@ -1,0 +1,38 @@
+"""The weights catalogue of `repa weights fetch` matches its upstream sources."""
+
+from __future__ import annotations
+
+from repa.encoders.registry import ENCODERS
+from repa.hub import INCEPTION_URL, catalogue, set_lines, wanted
+
+
+def test_inception_url_is_torch_fidelitys():
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    assert INCEPTION_URL == URL_INCEPTION_V3
+
+
+def test_every_registry_encoder_is_a_timm_hub_repo_and_the_vaes_are_diffusers_folders():
+    known = catalogue()
+    for name, spec in ENCODERS.items():
+        assert known[name].repo_id == f"timm/{spec.timm_name}" and known[name].files == ("model.safetensors",)
+    assert known["dinov2-vit-b"].repo_id == "timm/vit_base_patch14_dinov2.lvd142m"
+    for vae in ("sd-vae-ft-mse", "sd-vae-ft-ema"):
+        assert known[vae].repo_id == f"stabilityai/{vae}" and known[vae].folder
+        assert known[vae].dest("s3://b/w") == f"s3://b/w/stabilityai/{vae}"
+
+
+def test_a_run_needs_its_encoders_both_vaes_and_inception():
+    from repa.config import load_config
+
+    two = ["encoder.names=[dinov2-vit-b, timm:vit_small_patch16_224]", "encoder.weights_urls=[]"]
+    cfg = load_config("sit-xl-2-repa", two)
+    assert wanted(cfg) == ["dinov2-vit-b", "sd-vae-ft-mse", "sd-vae-ft-ema", "inception"]
+    staged = {"dinov2-vit-b": "/w/dino.safetensors", "sd-vae-ft-ema": "/w/ema", "sd-vae-ft-mse": "/w/mse"}
+    assert set_lines(cfg, staged) == [
+        'encoder.weights_urls=["/w/dino.safetensors",null]',
+        "vae.weights_url=/w/mse",
+        "sample.vae_weights_url=/w/ema",
+    ]
+    decode_with_mse = load_config(None, ["sample.vae_name=sd-vae-ft-mse", "eval.feature_extractor=m:f"])
+    assert wanted(decode_with_mse) == ["dinov2-vit-b", "sd-vae-ft-mse"]
