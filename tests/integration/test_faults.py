@@ -8,6 +8,8 @@ own traffic (lease, config, checkpoints, TensorBoard) crosses the faulty network
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -135,3 +137,65 @@ def test_a_permanent_outage_ends_the_run_within_the_deadline_naming_the_first_fa
     assert f"{run_url}/checkpoints/step-0000004" in err and "tensorboard" not in err, err
     assert "storage.deadline_seconds" in err
     assert took < deadline + 6.0, f"took {took:.1f} s for a {deadline} s deadline"
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Verified loads: a corrupt or truncated newest checkpoint is quarantined, the previous one used
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(data, tmp_path_factory) -> Path:
+    """A local run folder with committed steps 4 and 8 (copied by each test that damages it)."""
+    root = tmp_path_factory.mktemp("two-checkpoints") / "run"
+    assert repa_main(_argv(data, f"file://{root}", "train.max_steps=8", "checkpoint.every_steps=4")) == 0
+    return root
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the tensors
+    else:
+        data = data[: len(data) // 3]
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_a_damaged_newest_checkpoint_is_quarantined_and_the_previous_one_resumed(
+    how, data, two_checkpoints, tmp_path, caplog
+):
+
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    _damage(run / "checkpoints" / "step-0000008" / "state.pt", how)
+    caplog.set_level("INFO")
+    assert repa_main(_argv(data, f"file://{run}", "train.max_steps=12", "checkpoint.every_steps=4")) == 0
+    assert "quarantined checkpoint step 8" in caplog.text
+    assert f"resumed from file://{run}/checkpoints/step-0000004" in caplog.text
+    # The damaged folder was kept (set aside when step 8 was saved again), marked with the reason.
+    (aside,) = (run / "checkpoints" / ckpt.QUARANTINE_DIR).iterdir()
+    reason = json.loads((aside / ckpt.QUARANTINE).read_text())["reason"]
+    assert ("corrupt: sha256" if how == "flip" else "bytes, COMMITTED records") in reason
+    assert [r.step for r in ckpt.list_checkpoints(f"file://{run}")[0]] == [4, 8, 12]
+    assert ckpt.load_latest_verified(f"file://{run}")[0].step == 12
+
+
+def test_a_user_named_corrupt_checkpoint_is_a_one_line_error_for_sample(tmp_path, capsys):
+    import yaml
+
+    from repa.config import RunConfig
+    from tests.tiny_runs import commit_tiny_checkpoint, tiny_run_config
+
+    run_url = str(tmp_path / "run")
+    tree = tiny_run_config(run_url, sample={"num_samples": 4, "num_steps": 2, "batch_size_per_device": 4})
+    commit_tiny_checkpoint(RunConfig.from_dict(tree), 100)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tree))
+    folder = Path(run_url, "checkpoints", "step-0000100")
+    _damage(folder / "ema.pt", "flip")
+    argv = ["sample", "--config", str(tmp_path / "cfg.yaml"), "--checkpoint", str(folder), "--no-progress"]
+    assert repa_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{folder}/ema.pt is corrupt" in err
+    assert not (folder / ckpt.QUARANTINE).exists(), "a checkpoint the user named is reported, not hidden"
