@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,10 +21,14 @@ import pytest
 from repa import checkpoint as ckpt
 from repa import storage
 from repa.cli import main as repa_main
+from repa.lease import LEASE_FILE
 from tests.integration.test_train import (
     TINY,
     _assert_states_identical,
+    _free_port,
     _make_data,
+    _subprocess_env,
+    _wait_for,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -199,3 +206,92 @@ def test_a_user_named_corrupt_checkpoint_is_a_one_line_error_for_sample(tmp_path
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert f"{folder}/ema.pt is corrupt" in err
     assert not (folder / ckpt.QUARANTINE).exists(), "a checkpoint the user named is reported, not hidden"
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Preemption under torchrun: SIGTERM to the agent -> a committed checkpoint and exit code 143
+# ----------------------------------------------------------------------------------------------
+
+
+def _torchrun(data_url: str, run_url: str, rdzv_id: str, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "repa", "torchrun",
+        "--nnodes=1", "--nproc-per-node=2", "--max-restarts=0",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", f"--rdzv-id={rdzv_id}",
+        "-m", "repa", *_argv(data_url, run_url, *extra),
+    ]  # fmt: skip
+
+
+def _checkpoint_bytes(run: Path) -> int:
+    marker = json.loads((run / "checkpoints" / "step-0000004" / ckpt.MARKER).read_text())
+    return sum(f["bytes"] for f in marker["files"].values())
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_commits_a_slow_checkpoint_exits_143_and_resumes_bit_identically(
+    data, two_checkpoints, s3_bucket, s3_proxy, tmp_path
+):
+    """The save takes ~40 s through a throttled store: longer than torchrun's default 30 s shutdown
+    timeout, within the TORCH_ELASTIC_SHUTDOWN_TIMEOUT the chart derives from the grace period."""
+    run_url, options = f"{s3_bucket}/run", {"client_kwargs": {"endpoint_url": s3_proxy.url}}
+    env = {**_subprocess_env(), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "150"}
+    slow = (*_via_proxy(s3_proxy, deadline=150), "storage.read_timeout_seconds=60")
+    busy = ("train.max_steps=100000", "checkpoint.every_steps=50000", "log.every_steps=1", *slow)
+    proc = subprocess.Popen(
+        _torchrun(data, run_url, "faults-job", *busy),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+
+        def stepping() -> bool:
+            line = proc.stdout.readline()
+            lines.append(line)
+            words = line.split(" step ", 1)[-1].split() if " step " in line else []
+            return bool(words) and words[0].isdigit() and int(words[0]) >= 3
+
+        _wait_for(stepping, 180, "three training steps", proc)
+        s3_proxy.throttle(_checkpoint_bytes(two_checkpoints) / 40.0)  # state.pt + ema.pt in ~40 s
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=240)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    output = "".join(lines) + output
+    assert proc.returncode == 143, output[-6000:]
+    assert took > 30.0, f"the save took {took:.0f} s: not slow enough to test the shutdown timeout"
+    s3_proxy.throttle(None)
+    ref, state = ckpt.load_latest_verified(run_url, options, quarantine=False)  # verified against COMMITTED
+    assert ref is not None and state["world_size"] == 2 and ref.step >= 3, output[-6000:]
+    assert "Traceback" not in output and "SignalException" not in output, output[-6000:]
+    assert [s for s, _ in _scalars(run_url, options, "train/preempted_at_step")] == [ref.step]
+
+    # A restarted pod of the same job (same rendezvous id) is not blocked by the lease its previous
+    # incarnation left behind, and resumes bit-identically to an uninterrupted run.
+    stale_pod = {"owner": "old", "job": "faults-job", "host": "worker-0-old", "pid": 1, "started": 0.0}
+    storage.write_bytes_atomic(
+        f"{run_url}/{LEASE_FILE}", json.dumps({**stale_pod, "heartbeat": time.time()}).encode(), options
+    )
+    until = (f"train.max_steps={ref.step + 1}", "checkpoint.every_steps=50000")
+    rerun = subprocess.run(
+        _torchrun(data, run_url, "faults-job", *until, *_via_proxy(s3_proxy, 60)),
+        env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-6000:]
+    straight_url = f"file://{tmp_path}/straight"
+    done = subprocess.run(
+        _torchrun(data, straight_url, "faults-straight", *until),
+        env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    _assert_states_identical(_state(run_url, options), _state(straight_url, {}))
+
+
+def _scalars(run_url: str, options: dict, tag: str) -> list[tuple[int, float]]:
+    from repa.tensorboard import read_scalars
+
+    return read_scalars(f"{run_url}/tensorboard", options).get(tag, [])
