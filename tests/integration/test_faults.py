@@ -295,3 +295,57 @@ def _scalars(run_url: str, options: dict, tag: str) -> list[tuple[int, float]]:
     from repa.tensorboard import read_scalars
 
     return read_scalars(f"{run_url}/tensorboard", options).get(tag, [])
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. One writer per run
+# ----------------------------------------------------------------------------------------------
+
+
+def _write_lease(run: Path, *, job: str | None, age: float) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    record = {"owner": "f00d", "job": job, "host": "other-host", "pid": 4242, "started": now - age - 60}
+    (run / LEASE_FILE).write_text(json.dumps({**record, "heartbeat": now - age}))
+
+
+def test_a_second_trainer_on_a_leased_run_refuses_naming_the_owner(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    _write_lease(run, job="release-a", age=5)
+    assert repa_main(_argv(data, f"file://{run}", "train.max_steps=2")) == 5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "owner f00d (job release-a, host other-host, pid 4242" in err
+    assert not (run / "config.yaml").exists() and not (run / "checkpoints").exists()  # nothing written
+
+
+def test_a_stale_lease_is_taken_over_with_a_warning(data, tmp_path, caplog):
+    run = tmp_path / "run"
+    _write_lease(run, job="crashed", age=10_000)
+    assert repa_main(_argv(data, f"file://{run}", "train.max_steps=2", "checkpoint.every_steps=2")) == 0
+    assert "is stale" in caplog.text and "taking it over" in caplog.text
+    assert ckpt.latest_checkpoint(f"file://{run}").step == 2
+    assert not (run / LEASE_FILE).exists()  # released at exit
+
+
+def test_a_restart_of_the_same_job_takes_its_own_lease_over(data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _write_lease(run, job="job-7", age=1)  # the previous torchrun round, heartbeat a second ago
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    assert repa_main(_argv(data, f"file://{run}", "train.max_steps=2", "checkpoint.every_steps=2")) == 0
+
+
+def test_a_renewal_that_finds_another_owner_marks_the_lease_lost():
+    from repa.lease import Lease
+
+    url = f"memory://lease-{time.time_ns()}"
+    lease = Lease(url, stale_seconds=60, renew_seconds=30, job="a")
+    lease.acquire()
+    other = Lease(url, stale_seconds=60, renew_seconds=30, job="a")  # same job: takes over
+    other.acquire()
+    lease.renew()
+    assert lease.lost and "taken over" in lease.lost
+    lease.release()
+    assert other.read().owner == other.owner  # the loser does not delete the winner's lease
+    other.release()
+    assert other.read() is None
