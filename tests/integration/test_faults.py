@@ -349,3 +349,52 @@ def test_a_renewal_that_finds_another_owner_marks_the_lease_lost():
     assert other.read().owner == other.owner  # the loser does not delete the winner's lease
     other.release()
     assert other.read() is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors a user can act on: one line, a documented exit code
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ("encoder.names=[timm:no_such_vit]", "encoder.names[0]"),
+        (
+            "encoder.model_kwargs=[{img_size: 16, patch_size: 2, embed_dim: 32, wings: 2}]",
+            "encoder.model_kwargs[0]",
+        ),
+        ("train.device=cuda:7", "train.device"),
+        ("train.max_steps=1e30", "train.max_steps"),
+    ],
+)
+def test_config_fuzz_cases_are_one_line_errors_naming_the_key(setting, key, data, tmp_path, capsys):
+    assert repa_main(_argv(data, f"file://{tmp_path}/run", setting)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and f"config error: {key}" in err, err
+
+
+def test_a_binary_config_file_is_a_one_line_error(tmp_path, capsys):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(bytes(range(256)))
+    assert repa_main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a UTF-8 text" in err, err
+
+
+def test_a_missing_shard_is_a_one_line_input_error(data, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    shutil.copytree(storage.local_path(data), shards)
+    (shards / "shard-000001.tar").unlink()
+    assert repa_main(_argv(f"file://{shards}", f"file://{tmp_path}/run", "train.max_steps=8")) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "shard-000001.tar" in err, err
+
+
+def test_disk_full_names_the_file():
+    import errno
+
+    from repa.cli import describe_failure
+
+    code, message = describe_failure(OSError(errno.ENOSPC, "No space left on device", "/runs/a/state.pt"))
+    assert code == 3 and "/runs/a/state.pt" in message and "No space left" in message
