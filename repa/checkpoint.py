@@ -37,6 +37,7 @@ checkpoint's recorded arguments (or those of an official REPA file) against it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -380,6 +381,10 @@ class BackgroundSaver:
         self._error, self._result, self.step = None, None, step
 
         def run() -> None:
+            # Lower this thread's CPU priority (Linux nice is per thread): where cores are scarce the
+            # training thread and the data loader win, and the upload just takes longer.
+            with contextlib.suppress(AttributeError, OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
             try:
                 self._result = fn()
             except BaseException as e:
