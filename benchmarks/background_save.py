@@ -53,9 +53,9 @@ def _wait_port(port: int, timeout: float = 30.0) -> None:
 
 
 def _as_remote() -> None:
-    """The store's processes run at nice 19: on a small machine they stand in for a remote store
-    (which costs the trainer no CPU) instead of competing with the training thread for the cores."""
-    os.nice(19)
+    """The store's processes run at nice 5: on a small machine they stand in for a remote store
+    (which costs the trainer no CPU) rather than competing with the training thread as equals."""
+    os.nice(5)
 
 
 PROXY = """
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="SiT-S/2")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=128, help="image side; latents are side/8")
-    parser.add_argument("--mbps", type=float, default=40.0, help="store bandwidth, MB/s (both directions)")
+    parser.add_argument("--mbps", type=float, default=15.0, help="store bandwidth, MB/s (both directions)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--steps", type=int, default=15, help="timed steps before and after the upload")
     args = parser.parse_args(argv)

@@ -398,3 +398,22 @@ def test_disk_full_names_the_file():
 
     code, message = describe_failure(OSError(errno.ENOSPC, "No space left on device", "/runs/a/state.pt"))
     assert code == 3 and "/runs/a/state.pt" in message and "No space left" in message
+
+
+def test_watch_once_exits_1_for_a_refused_checkpoint_and_quarantines_a_corrupt_one(tmp_path, feats, capsys):
+    import numpy as np
+
+    from repa.eval.refstats import compute_reference_stats, save_reference_stats
+    from tests.integration.test_watch import cli, setup_run
+    from tests.tiny_features import FEATS
+
+    reference = str(tmp_path / "ref.npz")
+    images = np.random.default_rng(0).integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
+    save_reference_stats(reference, compute_reference_stats(images, __import__("repa_test_feats").build()))
+    run_url = str(tmp_path / "run")
+    cfg_path, _ = setup_run(tmp_path, run_url, reference, steps=(100,))
+    folder = Path(run_url, "checkpoints", "step-0000100")
+    _damage(folder / "ema.pt", "flip")
+    assert cli("watch", "--config", cfg_path, "--once", "--feature-extractor", FEATS, "--no-progress") == 1
+    assert "1 failed [100]" in capsys.readouterr().out
+    assert (folder / ckpt.QUARANTINE).exists()  # found by listing: hidden from every later reader
