@@ -13,6 +13,22 @@ single atomic object (local rename or one object-store PUT). A crash mid-save le
 without a marker, which every reader ignores and the next save deletes. Files are loaded with
 ``torch.load(weights_only=True)``, so a checkpoint can never execute code.
 
+Verified loads: ``COMMITTED`` records each file's size and sha256; every load hashes the bytes as
+they are read (:func:`repa.storage.read_bytes_hashed`, one pass) and refuses a file that differs
+(:class:`CorruptCheckpointError`). A committed checkpoint that fails verification or does not unpickle
+is *quarantined*: a ``QUARANTINED`` marker beside ``COMMITTED`` (with the reason) hides it from every
+listing while keeping its files for inspection, and :func:`load_latest_verified` falls back to the
+next-newest one. A later save of the same step first sets the quarantined folder aside under
+``checkpoints/quarantined/``.
+
+Background saves (:class:`BackgroundSaver`): the trainer copies its state to CPU
+(:func:`cpu_snapshot`, pinned buffers reused across saves on CUDA) and a thread serializes, uploads
+and commits it while training continues. ``torch.distributed.checkpoint.async_save`` was considered
+and not used: it writes its own sharded layout (``.distcp`` files + ``.metadata``), not the one-file
+``state.pt`` + reference-layout ``ema.pt`` that ``repa sample`` and REPA's ``generate.py`` read, so
+it would need a conversion pass (``dcp_to_torch_save``) over the whole state after every save; our
+state is replicated (DDP), so there is nothing to shard either.
+
 :func:`model_kwargs` is the only place that turns a run config into SiT constructor arguments: the
 trainer builds its model with it, ``ema.pt`` records them, and :func:`load_model` compares a
 checkpoint's recorded arguments (or those of an official REPA file) against it.
@@ -21,13 +37,17 @@ checkpoint's recorded arguments (or those of an official REPA file) against it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
 import logging
+import os
 import re
+import socket
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +55,7 @@ import torch
 
 from repa import storage
 from repa.config import ConfigError
-from repa.weights import load_torch_file
+from repa.weights import WeightsError, load_torch_bytes, load_torch_file
 
 if TYPE_CHECKING:
     from torch import nn
@@ -49,6 +69,10 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, uncommitted or unreadable; the message names it."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A committed checkpoint whose files differ from what ``COMMITTED`` records, or do not load."""
+
+
 class ModelMismatchError(ConfigError):
     """The checkpoint was trained with another model configuration than the one given."""
 
@@ -58,6 +82,8 @@ class ModelMismatchError(ConfigError):
 
 FORMAT = "repa-checkpoint-v1"
 MARKER = "COMMITTED"
+QUARANTINE = "QUARANTINED"
+QUARANTINE_DIR = "quarantined"
 STATE_FILE = "state.pt"
 EMA_FILE = "ema.pt"
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
@@ -90,7 +116,10 @@ def step_dir_name(step: int) -> str:
 def list_checkpoints(
     run_url: str, storage_options: dict | None = None
 ) -> tuple[list[CheckpointRef], list[str]]:
-    """``(committed checkpoints sorted by step, URLs of uncommitted step folders)``."""
+    """``(committed checkpoints sorted by step, URLs of uncommitted step folders)``.
+
+    Quarantined folders (``QUARANTINED`` marker) are in neither list: never loaded, never deleted.
+    """
     root = checkpoints_url(run_url)
     committed, partial = [], []
     for name in storage.listdir(root, storage_options):
@@ -98,7 +127,10 @@ def list_checkpoints(
         if not match:
             continue
         url = storage.join(root, name)
-        if storage.exists(storage.join(url, MARKER), storage_options):
+        names = set(storage.listdir(url, storage_options))
+        if QUARANTINE in names:
+            continue
+        if MARKER in names:
             committed.append(CheckpointRef(int(match.group(1)), url))
         else:
             partial.append(url)
@@ -108,6 +140,110 @@ def list_checkpoints(
 def latest_checkpoint(run_url: str, storage_options: dict | None = None) -> CheckpointRef | None:
     committed, _ = list_checkpoints(run_url, storage_options)
     return committed[-1] if committed else None
+
+
+def read_marker(url: str, storage_options: dict | None = None) -> dict[str, Any]:
+    """The ``COMMITTED`` JSON of step folder ``url`` (CheckpointError if absent, quarantined or bad)."""
+    try:
+        marker = json.loads(storage.read_bytes(storage.join(url, MARKER), storage_options))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"checkpoint {url} is not committed (no {MARKER} marker); refusing to load it"
+        ) from None
+    except ValueError as e:
+        raise CorruptCheckpointError(f"checkpoint {url}: {MARKER} is not valid JSON ({e})") from None
+    if not isinstance(marker, dict):
+        raise CorruptCheckpointError(f"checkpoint {url}: {MARKER} is not a JSON object")
+    return marker
+
+
+def quarantine_reason(url: str, storage_options: dict | None = None) -> str | None:
+    """Why step folder ``url`` was quarantined, or None if it was not."""
+    try:
+        data = storage.read_bytes(storage.join(url, QUARANTINE), storage_options)
+    except FileNotFoundError:
+        return None
+    try:
+        return str(json.loads(data).get("reason", "no reason recorded"))
+    except (ValueError, AttributeError):
+        return "no reason recorded"
+
+
+def read_verified(
+    url: str, name: str, storage_options: dict | None = None, marker: dict[str, Any] | None = None
+) -> bytes:
+    """File ``name`` of committed step folder ``url``, checked against the size and sha256 in
+    ``COMMITTED`` while it is read; :class:`CorruptCheckpointError` when it differs or is missing.
+
+    A marker without a record of the file (written by an older repa) is read unverified, with a warning.
+    """
+    marker = read_marker(url, storage_options) if marker is None else marker
+    file_url = storage.join(url, name)
+    expected = (marker.get("files") or {}).get(name)
+    if not isinstance(expected, dict):
+        log.warning("%s: %s records no size/sha256 for it; loading it unverified", file_url, MARKER)
+        try:
+            return storage.read_bytes(file_url, storage_options)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"checkpoint file {file_url} is missing") from None
+    try:
+        data, digest = storage.read_bytes_hashed(
+            file_url, storage_options, expected_size=int(expected.get("bytes", 0))
+        )
+    except FileNotFoundError:
+        raise CorruptCheckpointError(
+            f"checkpoint file {file_url} is missing, but {MARKER} lists it"
+        ) from None
+    if len(data) != expected.get("bytes"):
+        raise CorruptCheckpointError(
+            f"checkpoint file {file_url} has {len(data)} bytes, {MARKER} records {expected.get('bytes')} "
+            "(truncated or overwritten)"
+        )
+    if digest != expected.get("sha256"):
+        raise CorruptCheckpointError(
+            f"checkpoint file {file_url} is corrupt: sha256 {digest[:16]}... differs from "
+            f"{str(expected.get('sha256'))[:16]}... recorded in {MARKER}"
+        )
+    return data
+
+
+def quarantine_checkpoint(ref: CheckpointRef, reason: str, storage_options: dict | None = None) -> None:
+    """Mark a committed checkpoint so that no reader picks it again; its files are kept."""
+    record = {"reason": reason, "time": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
+    storage.write_bytes_atomic(
+        storage.join(ref.url, QUARANTINE), json.dumps(record, indent=1).encode(), storage_options
+    )
+    log.warning(
+        "quarantined checkpoint step %d (%s): %s; its files are kept, no reader will load it again",
+        ref.step,
+        ref.url,
+        reason,
+    )
+
+
+def load_latest_verified(
+    run_url: str,
+    storage_options: dict | None = None,
+    *,
+    max_step: int | None = None,
+    quarantine: bool = True,
+) -> tuple[CheckpointRef | None, dict[str, Any] | None]:
+    """``(ref, state)`` of the newest committed checkpoint (at most ``max_step``) that verifies and
+    loads, or ``(None, None)``. Each newer one that fails is quarantined (``quarantine``) or skipped,
+    with a warning naming it. One process should choose (rank 0) and tell the others the ref.
+    """
+    committed, _ = list_checkpoints(run_url, storage_options)
+    for ref in reversed(committed):
+        if max_step is not None and ref.step > max_step:
+            continue
+        try:
+            return ref, load_checkpoint_state(ref, storage_options)
+        except CorruptCheckpointError as e:
+            if quarantine:
+                quarantine_checkpoint(ref, str(e), storage_options)
+            else:
+                log.warning("skipping checkpoint step %d: %s", ref.step, e)
+    return None, None
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -121,6 +257,22 @@ def reference_args(model_config: dict[str, Any]) -> argparse.Namespace:
     return argparse.Namespace(**model_config)
 
 
+def serialize_checkpoint(
+    step: int,
+    state: dict[str, Any],
+    ema_state_dict: dict[str, torch.Tensor] | None,
+    reference_model_args: dict[str, Any] | None = None,
+) -> dict[str, bytes]:
+    """The files of a checkpoint: ``state.pt`` and, with ``ema_state_dict``, the reference ``ema.pt``."""
+    files: dict[str, bytes] = {STATE_FILE: _to_bytes({"format": FORMAT, "step": step, **state})}
+    if ema_state_dict is not None:
+        # Reference layout: generate.py reads ckpt["ema"]; args/steps as train.py writes them.
+        files[EMA_FILE] = _to_bytes(
+            {"ema": ema_state_dict, "args": reference_args(reference_model_args or {}), "steps": step}
+        )
+    return files
+
+
 def save_checkpoint(
     run_url: str,
     step: int,
@@ -131,15 +283,19 @@ def save_checkpoint(
 ) -> CheckpointRef:
     """Write ``state`` (and the EMA export) under ``step-NNNNNNN/`` and commit it with the marker."""
     url = storage.join(checkpoints_url(run_url), step_dir_name(step))
-    if storage.exists(storage.join(url, MARKER), storage_options):
+    names = set(storage.listdir(url, storage_options))
+    if QUARANTINE in names:
+        aside = storage.join(
+            checkpoints_url(run_url), QUARANTINE_DIR, f"{step_dir_name(step)}-{int(time.time())}"
+        )
+        log.warning(
+            "setting quarantined checkpoint %s aside to %s before saving step %d again", url, aside, step
+        )
+        storage.move(url, aside, storage_options)
+    elif MARKER in names:
         log.info("checkpoint for step %d already committed at %s", step, url)
         return CheckpointRef(step, url)
-    files: dict[str, bytes] = {STATE_FILE: _to_bytes({"format": FORMAT, "step": step, **state})}
-    if ema_state_dict is not None:
-        # Reference layout: generate.py reads ckpt["ema"]; args/steps as train.py writes them.
-        files[EMA_FILE] = _to_bytes(
-            {"ema": ema_state_dict, "args": reference_args(reference_model_args or {}), "steps": step}
-        )
+    files = serialize_checkpoint(step, state, ema_state_dict, reference_model_args)
     for name, data in files.items():
         storage.write_bytes_atomic(storage.join(url, name), data, storage_options)
     marker = {
@@ -159,15 +315,97 @@ def save_checkpoint(
 
 
 def load_checkpoint_state(ref: CheckpointRef, storage_options: dict | None = None) -> dict[str, Any]:
-    """Load ``state.pt`` of a committed checkpoint (never executes code; checks the format tag)."""
-    if not storage.exists(storage.join(ref.url, MARKER), storage_options):
-        raise CheckpointError(
-            f"checkpoint {ref.url} is not committed (no {MARKER} marker); refusing to load it"
-        )
-    state = load_torch_file(ref.state_url, storage_options)
+    """Load ``state.pt`` of a committed checkpoint, verified against ``COMMITTED`` (never executes code;
+    checks the format tag). :class:`CorruptCheckpointError` if it fails verification or does not load."""
+    marker = read_marker(ref.url, storage_options)
+    data = read_verified(ref.url, STATE_FILE, storage_options, marker)
+    try:
+        state = load_torch_bytes(data, ref.state_url)
+    except WeightsError as e:
+        raise CorruptCheckpointError(str(e)) from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{ref.state_url}: not a {FORMAT} file (format tag {state.get('format')!r})")
+        tag = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CorruptCheckpointError(f"{ref.state_url}: not a {FORMAT} file (format tag {tag!r})")
     return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Snapshots and background saves
+# ----------------------------------------------------------------------------------------------
+
+
+def cpu_snapshot(obj: Any, pool: dict[tuple, torch.Tensor] | None = None, _path: tuple = ()) -> Any:
+    """A copy of a (nested) state whose tensors live on the CPU and share nothing with ``obj``.
+
+    ``pool`` keeps the CPU buffers between calls (pinned when the source is on CUDA, so the copy is a
+    fast DMA): the next snapshot of the same state reuses them, so a save allocates nothing. The
+    caller must not snapshot again while a previous snapshot from the same pool is still being saved.
+    """
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        buf = pool.get(_path) if pool is not None else None
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+            if pool is not None:
+                pool[_path] = buf
+        buf.copy_(t, non_blocking=t.is_cuda)
+        return buf
+    if isinstance(obj, dict):
+        return {k: cpu_snapshot(v, pool, (*_path, k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_snapshot(v, pool, (*_path, i)) for i, v in enumerate(obj))
+    return obj
+
+
+class BackgroundSaver:
+    """Runs one save at a time in a daemon thread; :meth:`wait` joins it and re-raises its error.
+
+    The trainer submits a closure over a CPU snapshot (serialize, upload, commit, retention) and keeps
+    stepping; a later save, the end of the run and SIGTERM call :meth:`wait` first. :meth:`failed`
+    lets the loop notice a failed upload at the next step rather than at the next save.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._result: Any = None
+        self.step: int | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, step: int, fn: Callable[[], Any]) -> None:
+        if self.busy:
+            raise RuntimeError("BackgroundSaver.submit while a save is in flight; call wait() first")
+        self._error, self._result, self.step = None, None, step
+
+        def run() -> None:
+            # Lower this thread's CPU priority (Linux nice is per thread): where cores are scarce the
+            # training thread and the data loader win, and the upload just takes longer.
+            with contextlib.suppress(AttributeError, OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            try:
+                self._result = fn()
+            except BaseException as e:
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name=f"repa-save-{step}", daemon=True)
+        self._thread.start()
+
+    def failed(self) -> bool:
+        """True once the save in flight (or the last one) has ended with an error."""
+        return self._error is not None and not self.busy
+
+    def wait(self) -> Any:
+        """Block until the save in flight is done; its result, or its exception re-raised (once)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        return self._result
 
 
 def apply_retention(
@@ -275,6 +513,9 @@ def resolve_checkpoint(
             raise CheckpointError(f"checkpoint {url}: not found")
         return CheckpointSource(url, "file")
     marker_url = storage.join(url, MARKER)
+    reason = quarantine_reason(url, storage_options)
+    if reason is not None:
+        raise CheckpointError(f"checkpoint {url} is quarantined ({reason}); use another step")
     try:
         marker = json.loads(storage.read_bytes(marker_url, storage_options))
     except FileNotFoundError:
@@ -372,7 +613,11 @@ def load_model(
     if source.kind == "run":
         ema_url = storage.join(source.url, EMA_FILE)
         if weights == "ema" and storage.exists(ema_url, storage_options):
-            obj = load_torch_file(ema_url, storage_options)
+            data = read_verified(source.url, EMA_FILE, storage_options)  # checked against COMMITTED
+            try:
+                obj = load_torch_bytes(data, ema_url)
+            except WeightsError as e:
+                raise CorruptCheckpointError(str(e)) from e
             recorded = _recorded_args(obj)
             sd = load_reference_state_dict(obj, "ema")
         else:

@@ -1,13 +1,18 @@
 """`repa <verb>`: parse arguments, load the config, call one function. No logic lives here.
 
 Each verb is a module with ``add_arguments(parser)`` and ``run(args) -> int`` (``COMMANDS``). Only the
-chosen verb's module is imported, so ``repa --help`` and ``repa config`` stay fast. A
-:class:`repa.config.ConfigError` becomes a one-line message on stderr and exit code 2, never a traceback.
+chosen verb's module is imported, so ``repa --help`` and ``repa config`` stay fast.
+
+Every failure becomes one line on stderr (what failed, which URL or file, what to do) and an exit code
+(``EXIT_CODES``, documented in docs/kubernetes.md); the traceback is logged only with
+``--log-level DEBUG``. ``repa torchrun ARGS`` is torchrun (``torch.distributed.run``) with a
+preemption-safe exit code (``repa.launch``).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -16,7 +21,25 @@ from collections.abc import Sequence
 import repa
 from repa.config import ConfigError
 
-__all__ = ["COMMANDS", "Command", "main"]
+__all__ = ["COMMANDS", "EXIT_CODES", "Command", "describe_failure", "main"]
+
+log = logging.getLogger("repa")
+
+EXIT_FAILURE = 1  # an unexpected error (likely a bug): rerun with --log-level DEBUG for the traceback
+EXIT_CONFIG = 2  # bad config, flags or input named by the user
+EXIT_INPUT = 3  # a file, shard or checkpoint is missing, corrupt or unwritable (disk full, permission)
+EXIT_STORAGE = 4  # the object store did not answer within storage.deadline_seconds
+EXIT_LEASE = 5  # another trainer holds the run's lease (repa.lease)
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: a checkpoint was committed; the pod should be recreated
+EXIT_CODES = {
+    0: "success",
+    EXIT_FAILURE: "unexpected error (a bug?): rerun with --log-level DEBUG and report the traceback",
+    EXIT_CONFIG: "config or usage error: fix the named key or flag",
+    EXIT_INPUT: "a file, shard or checkpoint is missing, corrupt or not writable (the message names it)",
+    EXIT_STORAGE: "the object store did not answer within storage.deadline_seconds (named operation, URL)",
+    EXIT_LEASE: "another trainer holds the run's lease: stop it or use another storage.run_url",
+    EXIT_PREEMPTED: "preempted (SIGTERM): a checkpoint was committed; run the same command again",
+}
 
 
 class Command:
@@ -79,7 +102,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         prog="repa",
         description="REPA diffusion transformers: data preparation, training, sampling and evaluation.",
         epilog="Every verb takes --config FILE|PRESET and repeatable --set section.key=value; "
-        "see `repa config docs` or docs/configuration.md.",
+        "see `repa config docs` or docs/configuration.md. `repa torchrun TORCHRUN-ARGS -m repa train ...` is "
+        "torchrun that exits 143 when preempted (SIGTERM), as the Helm chart runs training.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"repa {repa.__version__}")
@@ -100,9 +124,61 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+def _chain(e: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    current: BaseException | None = e
+    while current is not None and all(current is not seen for seen in out):
+        out.append(current)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def describe_failure(e: BaseException) -> tuple[int, str]:
+    """``(exit code, one-line message)`` for an exception that ended a verb."""
+    from repa import storage
+    from repa.lease import LeaseError
+
+    chain = _chain(e)
+    if isinstance(e, LeaseError):
+        return EXIT_LEASE, _one_line(e)
+    # A storage operation ran out of its deadline: name the one that started failing first (an outage
+    # fails every operation in flight; the first is the cause, the others are echoes).
+    for link in chain:
+        if isinstance(link, storage.StorageError) and link.operation:
+            first = storage.first_failure() or link
+            return (
+                EXIT_STORAGE,
+                f"{_one_line(first)}; check the store and storage.storage_options, then rerun",
+            )
+    if isinstance(e, storage.StorageError):
+        return EXIT_STORAGE if storage.is_transient(e) else EXIT_INPUT, _one_line(e)
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename and str(e.filename) not in str(e) else ""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return EXIT_INPUT, f"{_one_line(e)}{where}: free space or point the URL elsewhere"
+        if storage.is_transient(e):
+            return EXIT_STORAGE, f"{type(e).__name__}: {_one_line(e)}{where}"
+        return EXIT_INPUT, f"{type(e).__name__}: {_one_line(e)}{where}"
+    if isinstance(e, ValueError):  # CheckpointError, WeightsError, ShardError, ManifestError, ...
+        return EXIT_INPUT, _one_line(e)
+    return (
+        EXIT_FAILURE,
+        f"{type(e).__name__}: {_one_line(e)} (rerun with --log-level DEBUG for the traceback)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `repa` console script and `python -m repa`; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    verb = _chosen_verb(argv, [*COMMANDS, "torchrun"])
+    if verb == "torchrun":  # torchrun's own flags follow; argparse must not see them
+        from repa.launch import main as torchrun_main
+
+        return torchrun_main(argv[argv.index("torchrun") + 1 :])
     parser = build_parser(argv)
     try:
         args = parser.parse_args(argv)
@@ -118,5 +194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except ConfigError as e:
+        log.debug("config error", exc_info=True)
         print(f"repa {args.command}: config error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print(f"repa {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        code, message = describe_failure(e)
+        log.debug("repa %s failed", args.command, exc_info=True)
+        print(f"repa {args.command}: error: {message}", file=sys.stderr)
+        return code

@@ -83,6 +83,9 @@ VAE_DOWNSAMPLE = {"sd-vae-ft-mse": 8, "sd-vae-ft-ema": 8, "none": 1}
 VAE_LATENT_CHANNELS = {"sd-vae-ft-mse": 4, "sd-vae-ft-ema": 4, "none": 3}
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+# Upper bound of every step count: 10^9 optimiser steps is ~250x the paper's longest run (4M); a larger
+# value (``1e30`` from a typo) is a mistake, and Python ints would carry it silently into range() and logs.
+MAX_STEPS = 1_000_000_000
 
 
 class ConfigError(ValueError):
@@ -276,7 +279,7 @@ class ObjectiveConfig(_Section):
     this ``--weighting``, but it changes sampling, never loss weights."""
     proj_coeff: float = setting(0.5, ge=0.0)
     """lambda, the weight of the projection (negative cosine similarity) loss; paper Table 5: 0.5."""
-    align_until_step: int | None = setting(None, ge=0)
+    align_until_step: int | None = setting(None, ge=0, le=MAX_STEPS)
     """Number of optimiser updates that use the alignment loss; later ones train on the denoising loss
     alone (null = align for the whole run, as the paper; 0 = never). Steps skipped by the health guard
     are not updates and do not count."""
@@ -328,7 +331,7 @@ class TrainConfig(_Section):
     batch_size_per_device: int | None = setting(None, ge=1)
     """Images per forward pass on one device; null = global_batch_size / world_size. A smaller value
     accumulates gradients over several passes; it must divide global_batch_size / world_size."""
-    max_steps: int = setting(400_000, ge=1)
+    max_steps: int = setting(400_000, ge=1, le=MAX_STEPS)
     """Optimiser steps of the whole run (the paper's 400K iterations; its best model ran 4M)."""
     lr: float = setting(1e-4, gt=0.0)
     """AdamW learning rate, constant: no warm-up, no decay."""
@@ -400,16 +403,19 @@ class CheckpointConfig(_Section):
 
     SECTION: ClassVar[str] = "checkpoint"
 
-    every_steps: int = setting(5000, ge=1, reference="50,000 (--checkpointing-steps)")
+    every_steps: int = setting(5000, ge=1, le=MAX_STEPS, reference="50,000 (--checkpointing-steps)")
     """Save a resumable checkpoint every N optimiser steps (also at the end and on SIGTERM)."""
     keep_latest: int = setting(3, ge=1)
     """Keep the N most recent checkpoints; older ones are deleted unless kept by keep_every_steps."""
-    keep_every_steps: int = setting(50_000, ge=0)
+    keep_every_steps: int = setting(50_000, ge=0, le=MAX_STEPS)
     """Also keep every checkpoint whose step is a multiple of N, forever (0 = none); a multiple of
     every_steps."""
     export_ema: bool = True
     """Also write ``ema.pt`` in each checkpoint folder: the EMA weights alone, in REPA's checkpoint
     layout, so sampling and evaluation need not read the optimizer state."""
+    background_upload: bool = True
+    """Serialize and upload periodic checkpoints in a background thread from a CPU snapshot while
+    training continues (the next save, the end and SIGTERM wait for it); false = every save blocks."""
 
     def check(self) -> None:
         if self.keep_every_steps % self.every_steps:
@@ -471,14 +477,14 @@ class LogConfig(_Section):
 
     SECTION: ClassVar[str] = "log"
 
-    every_steps: int = setting(100, ge=1)
+    every_steps: int = setting(100, ge=1, le=MAX_STEPS)
     """Log losses, gradient norm, throughput and MFU every N steps (averaged over the interval)."""
     tensorboard: bool = True
     """Write TensorBoard event files (rank 0 only)."""
-    tensorboard_flush_every_steps: int = setting(1000, ge=1)
+    tensorboard_flush_every_steps: int = setting(1000, ge=1, le=MAX_STEPS)
     """Flush TensorBoard events every N steps; for object-store run URLs this re-uploads the event
     folder (no append on S3/GCS), so keep it sparse."""
-    sample_every_steps: int = setting(10_000, ge=0)
+    sample_every_steps: int = setting(10_000, ge=0, le=MAX_STEPS)
     """Log a grid of generated images every N steps (0 = never)."""
     sample_num_images: int = setting(16, ge=1, reference="64")
     """Images in the grid (fixed noise and labels, so grids are comparable over the run)."""
@@ -598,11 +604,45 @@ class StorageConfig(_Section):
     reference statistics, checkpoints to sample): endpoint, region... Never credentials: those come from
     the environment (``AWS_*``, ``GOOGLE_APPLICATION_CREDENTIALS``) or a mounted Secret."""
 
+    connect_timeout_seconds: float = setting(10.0, gt=0.0, le=3600.0)
+    """Seconds to open a connection to the object store (botocore ``connect_timeout``, aiohttp
+    ``sock_connect`` for GCS and HTTP) before the attempt counts as failed and is retried."""
+    read_timeout_seconds: float = setting(60.0, gt=0.0, le=3600.0)
+    """Seconds a connection may stay silent (no bytes from the store) before the attempt counts as
+    failed and is retried (botocore ``read_timeout``, aiohttp ``sock_read``)."""
+    deadline_seconds: float = setting(600.0, gt=0.0, le=86_400.0)
+    """Wall-clock limit of one storage operation, every retry included: an outage shorter than this is
+    survived, a longer one ends the run (exit code 4) naming the operation and URL that failed first.
+    Must exceed the upload time of the largest checkpoint (docs/kubernetes.md, "Preemption")."""
+    lease_stale_seconds: float = setting(600.0, gt=0.0, le=86_400.0)
+    """A run's lease (``{run_url}/LEASE``, one writer per run) without a heartbeat for this long is
+    stale: a new ``repa train`` takes it over with a warning (the old writer crashed)."""
+    lease_renew_seconds: float = setting(60.0, gt=0.0, le=86_400.0)
+    """Heartbeat period of the lease; must be well below lease_stale_seconds."""
+
+    def check(self) -> None:
+        if self.lease_renew_seconds * 2 > self.lease_stale_seconds:
+            raise ConfigError(
+                "storage.lease_renew_seconds",
+                f"{self.lease_renew_seconds:g} is more than half of storage.lease_stale_seconds="
+                f"{self.lease_stale_seconds:g}: one late heartbeat would make a live run look crashed",
+            )
+
     def locate(self, url: str | None) -> Any:
         """``url`` bound to ``storage_options`` (a ``repa.storage.Location``), or None for no URL."""
         from repa.storage import Location
 
         return None if url is None else Location(url, dict(self.storage_options))
+
+    def apply_timeouts(self) -> None:
+        """Install the timeouts for this process's storage operations (``repa.storage.configure``)."""
+        from repa import storage
+
+        storage.configure(
+            connect_timeout=self.connect_timeout_seconds,
+            read_timeout=self.read_timeout_seconds,
+            deadline=self.deadline_seconds,
+        )
 
 
 #################################################################################
@@ -829,7 +869,9 @@ def load_config(source: str | Path | None = None, overrides: Sequence[str] = ())
     else:
         text, origin = _read_source(source)
         tree = resolve_preset(_parse_yaml(text, origin), origin)
-    return RunConfig.from_dict(apply_overrides(tree, overrides))
+    cfg = RunConfig.from_dict(apply_overrides(tree, overrides))
+    cfg.storage.apply_timeouts()  # the loaded config's storage.* timeouts govern this process
+    return cfg
 
 
 PRESET_KEY = "preset"
@@ -872,7 +914,14 @@ def _read_source(source: str | Path) -> tuple[str, str]:
             raise ConfigError("", f"cannot read config {src!r}: {e}") from None
     path = Path(storage.local_path(src) or src)
     if path.is_file():
-        return path.read_text(encoding="utf-8"), str(path)
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                "", f"config {src!r} is not a UTF-8 text (YAML) file: {e.reason} at byte {e.start}"
+            ) from None
+        except OSError as e:
+            raise ConfigError("", f"cannot read config {src!r}: {e.strerror or e}") from None
     preset = PRESETS_DIR / f"{src.removesuffix('.yaml')}.yaml"
     if "/" not in src and preset.is_file():
         return preset.read_text(encoding="utf-8"), f"preset {preset.stem}"

@@ -39,12 +39,24 @@ class DistInfo:
 
 def resolve_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto`` -> this process's GPU when CUDA is available, else CPU."""
+    from repa.config import ConfigError
+
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
+    if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError("train.device: 'cuda' requested but CUDA is not available on this machine")
-        return torch.device("cuda", local_rank)
+            raise ConfigError(
+                "train.device", f"{requested!r} requested but CUDA is not available on this machine"
+            )
+        device = torch.device("cuda", local_rank) if requested == "cuda" else torch.device(requested)
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                "train.device", f"{requested!r} (index {device.index}): this machine has {count} GPU(s)"
+            )
+        return device
+    if requested == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError("train.device", "'mps' requested but MPS is not available on this machine")
     return torch.device(requested)
 
 

@@ -9,6 +9,13 @@ with the URL to whatever reads it (weights, data, checkpoints) instead of being 
 This module alone decides whether a URL is local (:func:`is_local`, :func:`local_path`) and where
 remote files are cached for libraries that only read paths (:func:`cache_dir`, :func:`local_copy`).
 ``hf://<org>/<name>/<path>`` URLs are read through the Hugging Face cache (``repa.hf_cache``).
+
+Deadlines (docs/architecture.md, "Nothing blocks without a bound"): every remote operation has
+connect/read timeouts on its sockets (botocore's ``connect_timeout``/``read_timeout`` through s3fs's
+``config_kwargs``; aiohttp's ``sock_connect``/``sock_read`` for gcsfs and HTTP) and one wall-clock
+deadline over all its attempts (:func:`retry`; fsspec's ``sync(..., timeout=)`` cancels an attempt
+that outlives it, so a store that accepts bytes and never answers cannot hold a PUT forever). The
+values are the ``storage.*`` config keys; :func:`configure` installs them for the process.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import os
 import random
 import re
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -41,11 +49,14 @@ _TEMP_RE = re.compile(r"^\.tmp-[0-9a-f]{32}-(.+)$")
 __all__ = [
     "Entry",
     "Location",
+    "Policy",
     "StorageError",
     "cache_dir",
     "cleanup_temps",
+    "configure",
     "exists",
     "filesystem",
+    "first_failure",
     "is_local",
     "is_transient",
     "join",
@@ -53,9 +64,13 @@ __all__ = [
     "listdir",
     "local_copy",
     "local_path",
+    "move",
     "open_url",
+    "policy",
     "read_bytes",
+    "read_bytes_hashed",
     "remove",
+    "reset_failures",
     "retry",
     "size",
     "write_bytes_atomic",
@@ -63,7 +78,81 @@ __all__ = [
 
 
 class StorageError(RuntimeError):
-    """A storage operation failed; the message names the URL."""
+    """A storage operation failed; the message names the operation and the URL.
+
+    ``operation`` and ``url`` name the first operation that failed (a later failure while cleaning
+    up must not hide it; see ``repa.train.trainer``); either is "" when unknown.
+    """
+
+    def __init__(
+        self, message: str, *, operation: str = "", url: str = "", failing_since: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.url = url
+        self.failing_since = failing_since  # time.monotonic() of the operation's first failed attempt
+
+
+_first_failure: StorageError | None = None
+_failure_lock = threading.Lock()
+
+
+def _record_failure(error: StorageError) -> None:
+    global _first_failure
+    with _failure_lock:
+        if _first_failure is None or (error.failing_since or 0.0) < (_first_failure.failing_since or 0.0):
+            _first_failure = error
+
+
+def first_failure() -> StorageError | None:
+    """The storage operation of this process that started failing first among those that ran out of
+    their deadline (e.g. a background checkpoint upload, not the TensorBoard flush that failed after it
+    during the same outage), or None. Error reporting names it (``repa.cli``)."""
+    return _first_failure
+
+
+def reset_failures() -> None:
+    """Forget :func:`first_failure` (tests, or a long-lived process after recovering)."""
+    global _first_failure
+    with _failure_lock:
+        _first_failure = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Timeouts of every remote storage operation of this process (the ``storage.*`` config keys)."""
+
+    connect_timeout: float = 10.0
+    """Seconds to open a TCP connection to the store."""
+    read_timeout: float = 60.0
+    """Seconds a socket may wait for the store's next bytes before the attempt counts as failed."""
+    deadline: float = 600.0
+    """Wall-clock seconds for one operation, all attempts and backoff included."""
+
+
+_policy = Policy()
+
+
+def configure(
+    *, connect_timeout: float | None = None, read_timeout: float | None = None, deadline: float | None = None
+) -> Policy:
+    """Install this process's storage timeouts (None keeps a value); returns the new policy.
+
+    Called with the run config's ``storage.*`` keys when a config is loaded (``repa.config``).
+    """
+    global _policy
+    current = _policy
+    _policy = Policy(
+        connect_timeout=current.connect_timeout if connect_timeout is None else float(connect_timeout),
+        read_timeout=current.read_timeout if read_timeout is None else float(read_timeout),
+        deadline=current.deadline if deadline is None else float(deadline),
+    )
+    return _policy
+
+
+def policy() -> Policy:
+    """The storage timeouts in force (:func:`configure`)."""
+    return _policy
 
 
 @dataclass(frozen=True)
@@ -93,11 +182,46 @@ def _split(where: str | Location, storage_options: Mapping[str, Any] | None) -> 
 
 
 def _fs_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The fsspec options of ``url`` with the policy's socket timeouts added (the user's win)."""
     options = dict(storage_options or {})
-    # gcsfs's first bucket access hangs ~60 s probing hierarchical namespaces unless told not to.
-    if url.startswith(("gs://", "gcs://")):
+    p = _policy
+    if url.startswith(("s3://", "s3a://")):
+        # botocore Config (s3fs passes config_kwargs to it): socket timeouts, and no retries of its own:
+        # repa.storage.retry is the one retry loop, so its deadline is the whole story.
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("connect_timeout", p.connect_timeout)
+        config.setdefault("read_timeout", p.read_timeout)
+        config.setdefault("retries", {"mode": "standard", "total_max_attempts": 1})
+        options["config_kwargs"] = config
+    elif url.startswith(("gs://", "gcs://")):
+        # gcsfs's first bucket access hangs ~60 s probing hierarchical namespaces unless told not to.
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        if "requests_timeout" not in options:  # gcsfs passes it to every aiohttp request
+            options["requests_timeout"] = _aiohttp_timeout(p)
+    elif url.startswith(("http://", "https://")):
+        client = dict(options.get("client_kwargs") or {})
+        client.setdefault("timeout", _aiohttp_timeout(p))
+        options["client_kwargs"] = client
     return options
+
+
+def _aiohttp_timeout(p: Policy) -> Any:
+    """aiohttp's per-socket timeouts (no total: a large transfer that keeps moving is not cut)."""
+    import aiohttp
+
+    return aiohttp.ClientTimeout(total=None, sock_connect=p.connect_timeout, sock_read=p.read_timeout)
+
+
+def _attempt(fs: fsspec.AbstractFileSystem, remaining: float) -> dict[str, Any]:
+    """Keyword arguments bounding one attempt of an fsspec call by the time left to the deadline.
+
+    fsspec's async filesystems (s3fs, gcsfs, HTTP) run their coroutines through ``fsspec.asyn.sync``,
+    which takes ``timeout=`` and cancels the coroutine when it passes (``FSTimeoutError``). Local and
+    memory filesystems do not block on a network and take no such argument.
+    """
+    if getattr(fs, "async_impl", False):
+        return {"timeout": max(1.0, remaining)}
+    return {}
 
 
 def filesystem(
@@ -181,7 +305,7 @@ def join(base: str | Location, *parts: str) -> Any:
 def exists(url: str | Location, storage_options: dict[str, Any] | None = None) -> bool:
     url, storage_options = _split(url, storage_options)
     fs, path = filesystem(url, storage_options)
-    return retry(lambda: fs.exists(path), what=url)
+    return _retry(lambda left: fs.exists(path, **_attempt(fs, left)), what=url, operation="exists")
 
 
 def size(url: str | Location, storage_options: dict[str, Any] | None = None) -> int:
@@ -189,7 +313,7 @@ def size(url: str | Location, storage_options: dict[str, Any] | None = None) -> 
     url, storage_options = _split(url, storage_options)
     fs, path = filesystem(url, storage_options)
     try:
-        return int(retry(lambda: fs.size(path), what=url))
+        return int(_retry(lambda left: fs.size(path, **_attempt(fs, left)), what=url, operation="size"))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{url}: not found") from e
 
@@ -218,13 +342,13 @@ def list_entries(url: str | Location, storage_options: dict[str, Any] | None = N
     url, storage_options = _split(url, storage_options)
     fs, path = filesystem(url, storage_options)
 
-    def ls() -> list[dict[str, Any]]:
+    def ls(left: float) -> list[dict[str, Any]]:
         if _supports_refresh(fs):
-            return fs.ls(path, detail=True, refresh=True)
+            return fs.ls(path, detail=True, refresh=True, **_attempt(fs, left))
         return fs.ls(path, detail=True)
 
     try:
-        infos = retry(ls, what=url)
+        infos = _retry(ls, what=url, operation="list")
     except FileNotFoundError:
         return []
     entries: dict[str, Entry] = {}
@@ -286,22 +410,60 @@ def open_url(
 
 
 def read_bytes(
-    url: str | Location, storage_options: dict[str, Any] | None = None, *, attempts: int = 5
+    url: str | Location, storage_options: dict[str, Any] | None = None, *, attempts: int | None = None
 ) -> bytes:
-    """The whole file/object in one request; transient errors are retried (see ``retry``)."""
+    """The whole file/object in one request; transient errors are retried (see ``retry``) until the
+    deadline, or ``attempts`` times."""
     url, storage_options = _split(url, storage_options)
     fs, path = filesystem(url, storage_options)
     # s3fs splits objects > 50 MB into concurrent ranged GETs plus a HEAD and reassembles them in a
     # bytearray: twice the CPU of one streamed GET (measured on moto, benchmarks/loader.py).
     kwargs = {"max_concurrency": 1} if "s3" in _protocols(fs) else {}
 
-    def read() -> bytes:
+    def read(left: float) -> bytes:
         try:
-            return fs.cat_file(path, **kwargs)
+            return fs.cat_file(path, **kwargs, **_attempt(fs, left))
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{url}: not found") from e
 
-    return retry(read, what=url, attempts=attempts)
+    return _retry(read, what=url, operation="read", attempts=attempts)
+
+
+_HASH_CHUNK = 16 << 20
+
+
+def read_bytes_hashed(
+    url: str | Location, storage_options: dict[str, Any] | None = None, *, expected_size: int | None = None
+) -> tuple[bytes, str]:
+    """``(content, sha256 hex)`` of a file/object, hashed while it is read (one pass over the bytes).
+
+    Streams 16 MiB reads into one buffer (``expected_size`` preallocates it), so verifying a multi-GB
+    checkpoint costs no second pass; the whole read is retried under the deadline like
+    :func:`read_bytes`.
+    """
+    url, storage_options = _split(url, storage_options)
+    fs, path = filesystem(url, storage_options)
+
+    def read(left: float) -> tuple[bytes, str]:
+        started = time.monotonic()
+        digest = hashlib.sha256()
+        buffer = bytearray()
+        try:
+            f = fs.open(path, "rb", block_size=_HASH_CHUNK, cache_type="none")
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{url}: not found") from e
+        with f:
+            while True:
+                if time.monotonic() - started > left:
+                    raise TimeoutError(f"reading {url} outlived the deadline")
+                chunk = f.read(_HASH_CHUNK)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                buffer += chunk
+        return bytes(buffer), digest.hexdigest()
+
+    return _retry(read, what=url, operation="read")
 
 
 def write_bytes_atomic(
@@ -325,12 +487,16 @@ def write_bytes_atomic(
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as e:
+            if e.filename is None:  # write()/fsync() errors (ENOSPC, EDQUOT, EIO) name no file: name it
+                raise type(e)(e.errno, e.strerror or str(e), path) from e
+            raise
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
     else:
         # A PUT is idempotent, so retrying a transient failure is safe.
-        retry(lambda: fs.pipe_file(path, data), what=url)
+        _retry(lambda left: fs.pipe_file(path, data, **_attempt(fs, left)), what=url, operation="write")
 
 
 def remove(
@@ -338,8 +504,25 @@ def remove(
 ) -> None:
     url, storage_options = _split(url, storage_options)
     fs, path = filesystem(url, storage_options)
-    if fs.exists(path):
-        fs.rm(path, recursive=recursive)
+
+    def rm(left: float) -> None:
+        if fs.exists(path, **_attempt(fs, left)):
+            fs.rm(path, recursive=recursive, **_attempt(fs, left))
+
+    _retry(rm, what=url, operation="remove")
+
+
+def move(src: str | Location, dst: str | Location, storage_options: dict[str, Any] | None = None) -> None:
+    """Move a file or folder (object stores: server-side copy, then delete) under the deadline."""
+    src_url, storage_options = _split(src, storage_options)
+    dst_url = dst.url if isinstance(dst, Location) else str(dst)
+    fs, path = filesystem(src_url, storage_options)
+    _, target = filesystem(dst_url, storage_options)
+    if _is_local(fs):
+        os.makedirs(os.path.dirname(target.rstrip("/")) or ".", exist_ok=True)
+    _retry(
+        lambda left: fs.mv(path, target, recursive=True, **_attempt(fs, left)), what=src_url, operation="move"
+    )
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -482,41 +665,93 @@ def retry(
     fn: Callable[[], T],
     *,
     what: str,
-    attempts: int = 5,
+    operation: str = "",
+    attempts: int | None = None,
+    deadline: float | None = None,
     base_delay: float = 0.5,
     max_delay: float = 8.0,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
-    """Call ``fn()``; retry transient errors with exponential backoff and jitter.
+    """Call ``fn()``; retry transient errors with exponential backoff and jitter, within a deadline.
 
     Attempt ``k`` (0-based) that fails transiently waits ``d/2 + U(0, d/2)`` seconds with
     ``d = min(max_delay, base_delay * 2**k)`` ("equal jitter", AWS Architecture Blog, "Exponential
     Backoff and Jitter"), so many pods hitting the same throttled bucket spread out. Non-transient
-    errors (``is_transient`` is False) propagate unchanged at once. After the last attempt a
-    ``StorageError`` naming ``what`` (the URL) is raised from the last error.
+    errors (``is_transient`` is False) propagate unchanged at once. Retries stop when the next one
+    would start past ``deadline`` seconds after the first call (default: the policy's, see
+    :func:`configure`) or after ``attempts`` calls (default: no count limit); then a
+    ``StorageError`` naming ``operation`` and ``what`` (the URL) is raised from the last error.
     """
-    if attempts < 1:
+    return _retry(
+        lambda _left: fn(),
+        what=what,
+        operation=operation,
+        attempts=attempts,
+        deadline=deadline,
+        base_delay=base_delay,
+        max_delay=max_delay,
+        sleep=sleep,
+    )
+
+
+def _retry(
+    fn: Callable[[float], T],
+    *,
+    what: str,
+    operation: str = "",
+    attempts: int | None = None,
+    deadline: float | None = None,
+    base_delay: float = 0.5,
+    max_delay: float = 8.0,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """:func:`retry` for a ``fn(seconds_left)`` that bounds its own attempt by the time left."""
+    if attempts is not None and attempts < 1:
         raise ValueError(f"retry attempts: expected >= 1, got {attempts}")
-    for attempt in range(attempts):
+    limit = _policy.deadline if deadline is None else float(deadline)
+    start = clock()
+    failing_since: float | None = None
+    attempt = 0
+    while True:
         try:
-            return fn()
+            return fn(max(0.0, limit - (clock() - start)))
         except Exception as e:
             if not is_transient(e):
                 raise
-            if attempt == attempts - 1:
-                raise StorageError(
-                    f"{what}: failed after {attempts} attempts: {type(e).__name__}: {e}"
-                ) from e
-            delay = min(max_delay, base_delay * 2**attempt)
+            if failing_since is None:
+                failing_since = time.monotonic()
+            attempt += 1
+            delay = min(max_delay, base_delay * 2 ** (attempt - 1))
             delay = delay / 2 + random.uniform(0, delay / 2)
+            elapsed = clock() - start
+            out_of_attempts = attempts is not None and attempt >= attempts
+            if out_of_attempts or elapsed + delay >= limit:
+                why = (
+                    f"failed after {attempt} attempts"
+                    if out_of_attempts
+                    else f"failed after {attempt} attempts: no answer within the {limit:g} s deadline "
+                    "(storage.deadline_seconds)"
+                )
+                label = f"{operation} {what}" if operation else what
+                error = StorageError(
+                    f"{label}: {why} in {elapsed:.1f} s; last error: {type(e).__name__}: "
+                    f"{' '.join(str(e).split()) or 'timed out'}",
+                    operation=operation,
+                    url=what,
+                    failing_since=failing_since,
+                )
+                _record_failure(error)
+                raise error from e
             logger.warning(
-                "%s: transient error (%s: %s); retry %d/%d in %.1fs",
+                "%s%s: transient error (%s: %s); retry %d in %.1fs (%.0f s of the %g s deadline left)",
+                f"{operation} " if operation else "",
                 what,
                 type(e).__name__,
                 e,
-                attempt + 1,
-                attempts - 1,
+                attempt,
                 delay,
+                limit - elapsed,
+                limit,
             )
             sleep(delay)
-    raise AssertionError("unreachable")

@@ -165,8 +165,10 @@ class TensorBoardLogger:
                         storage.join(self.log_url, name), f.read(), self.storage_options
                     )
 
-    def close(self) -> None:
-        self.flush()
+    def close(self, *, upload: bool = True) -> None:
+        """Flush and close; ``upload=False`` skips the upload (the store is known to be down)."""
+        if upload:
+            self.flush()
         self.writer.close()
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)

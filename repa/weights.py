@@ -31,10 +31,18 @@ def load_torch_file(url: str | storage.Location, storage_options: dict[str, Any]
         data = storage.read_bytes(where, storage_options)
     except FileNotFoundError as e:
         raise WeightsError(f"weights file {url!r} not found") from e
+    return load_torch_bytes(data, url)
+
+
+def load_torch_bytes(data: bytes, url: str) -> Any:
+    """:func:`load_torch_file` of bytes already read (e.g. hashed while reading); ``url`` names them."""
     if url.endswith(".safetensors"):
         from safetensors.torch import load as load_safetensors
 
-        return load_safetensors(data)
+        try:
+            return load_safetensors(data)
+        except Exception as e:  # SafetensorError: truncated or not a safetensors file
+            raise WeightsError(f"weights file {url!r} is not a readable safetensors file: {e}") from e
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

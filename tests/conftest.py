@@ -142,3 +142,19 @@ def toy():
     from tests.eval_helpers import ToyClassifier
 
     return ToyClassifier()
+
+
+@pytest.fixture
+def s3_proxy(s3_server: str):
+    """A ``tests.netproxy.NetProxy`` in front of the session's moto server (drop / blackhole / throttle);
+    point ``client_kwargs.endpoint_url`` at ``s3_proxy.url`` to go through it."""
+    from urllib.parse import urlparse
+
+    from tests.netproxy import NetProxy
+
+    target = urlparse(s3_server)
+    proxy = NetProxy(target.hostname or "127.0.0.1", target.port or 80)
+    try:
+        yield proxy
+    finally:
+        proxy.close()

@@ -25,7 +25,14 @@ from repa.encoders.registry import (
     resolve_encoder_spec,
 )
 
-_FROZEN = ("FrozenEncoder", "build_encoder", "check_images", "load_encoder_weights", "preprocess_raw_image")
+_FROZEN = (
+    "FrozenEncoder",
+    "build_encoder",
+    "check_encoder",
+    "check_images",
+    "load_encoder_weights",
+    "preprocess_raw_image",
+)
 
 __all__ = [
     "CLIP_PREPROCESSING",
@@ -39,6 +46,7 @@ __all__ = [
     "Preprocessing",
     "UnknownEncoderError",
     "build_encoder",
+    "check_encoder",
     "check_images",
     "load_encoder_weights",
     "preprocess_raw_image",

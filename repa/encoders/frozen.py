@@ -43,7 +43,7 @@ from repa.weights import WeightsError, load_torch_file
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FrozenEncoder", "build_encoder", "check_images", "preprocess_raw_image"]
+__all__ = ["FrozenEncoder", "build_encoder", "check_encoder", "check_images", "preprocess_raw_image"]
 
 
 def check_images(images: Any, resolution: int | None = None, what: str = "images") -> None:
@@ -308,6 +308,22 @@ def build_encoder(
             f"encoder {name!r}: registry says embed_dim {spec.embed_dim}, model has {encoder.embed_dim}"
         )
     return encoder
+
+
+def check_encoder(name: str, resolution: int, model_kwargs: Mapping[str, Any] | None = None) -> None:
+    """Raise what :func:`build_encoder` would for ``name`` and ``model_kwargs``, in milliseconds.
+
+    Builds the timm model on the ``meta`` device (no memory, no weights), so an unknown timm name
+    (:class:`UnknownEncoderError`) or a keyword its constructor does not take (``ValueError``) fails
+    before a process group or data loader exists (``repa.train.trainer.check_inputs``).
+    """
+    spec = resolve_encoder_spec(name)
+    kwargs = {**spec.model_kwargs, **(model_kwargs or {})}
+    input_size = spec.preprocessing.input_size(resolution, kwargs.get("img_size"))
+    img_size_optional = "img_size" not in kwargs and spec.preprocessing.resize != "repa"
+    kwargs["img_size"] = input_size
+    with torch.device("meta"):
+        _create_model(spec, kwargs, name, img_size_optional)
 
 
 def _as_location(url: str | storage.Location | None, storage_options: dict[str, Any] | None) -> Any:

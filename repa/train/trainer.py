@@ -23,6 +23,18 @@ Design choices that make restarts exact and elastic:
 - All ranks stop at the same step (they run in lock-step), so the elastic PyTorchJob, which
   succeeds as soon as ANY worker exits 0, only succeeds when the run is really finished. A
   preempted run (SIGTERM) commits a checkpoint and exits 143, never 0.
+
+Production faults (docs/kubernetes.md, "Preemption and restarts"):
+- Saves do not stall training: rank 0 copies the state to CPU and a background thread serializes,
+  uploads and commits it (``repa.checkpoint.BackgroundSaver``); a later save, the end of the run and
+  SIGTERM wait for it. No rank waits in a collective with the process-group timeout for an upload:
+  waits happen in a barrier of a gloo group whose timeout covers the storage deadline. A failed upload
+  (after the storage retries) stops every rank at the next step (exit code 4).
+- Resume loads the newest checkpoint that verifies against ``COMMITTED``; broken ones are quarantined
+  (``repa.checkpoint.load_latest_verified``); rank 0 chooses, every rank loads that one.
+- Rank 0 holds the run's lease (``repa.lease``) from before its first write to exit.
+- On a storage failure the cleanup (TensorBoard upload, lease removal) is skipped, so the error that
+  ends the run is the first one, not a later one of the cleanup.
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -48,6 +61,7 @@ from repa import runtime as D
 from repa import storage
 from repa.config import ConfigError, RunConfig, TrainConfig, add_config_arguments, config_from_args
 from repa.data.format import Manifest
+from repa.lease import Lease, LeaseError
 from repa.tensorboard import TensorBoardLogger
 from repa.train.ema import make_ema, update_ema
 from repa.train.health import HEALTH_EXIT_CODE, BadStep, HealthGuard
@@ -135,6 +149,7 @@ def check_inputs(cfg: RunConfig) -> Manifest:
             f"{cfg.data.url} holds moments of shape {tuple(manifest.moments_shape)}, but vae.name="
             f"{cfg.vae.name!r} at data.resolution={cfg.data.resolution} gives {(2 * channels, side, side)}",
         )
+    _check_encoders(cfg)
     # The same Locations (URL + storage.storage_options) are used to load the weights in Trainer.build.
     for i, url in enumerate(cfg.encoder.weights_urls):
         if url and not storage.exists(cfg.storage.locate(url)):
@@ -142,6 +157,23 @@ def check_inputs(cfg: RunConfig) -> Manifest:
     if cfg.vae.weights_url and not storage.exists(cfg.storage.locate(cfg.vae.weights_url)):
         raise ConfigError("vae.weights_url", f"{cfg.vae.weights_url} does not exist")
     return manifest
+
+
+def _check_encoders(cfg: RunConfig) -> None:
+    """Encoder names and ``encoder.model_kwargs`` that timm rejects fail here, naming the key."""
+    from repa.encoders import UnknownEncoderError, check_encoder
+
+    for i, name in enumerate(cfg.encoder.names):
+        try:
+            check_encoder(name, cfg.data.resolution, cfg.encoder.kwargs(i))
+        except UnknownEncoderError as e:
+            raise ConfigError(f"encoder.names[{i}]", str(e)) from None
+        except ValueError as e:
+            raise ConfigError(f"encoder.model_kwargs[{i}]", str(e)) from None
+
+
+class UploadFailedError(storage.StorageError):
+    """Rank 0's background checkpoint upload failed; raised on the other ranks (rank 0 raises the cause)."""
 
 
 class Trainer:
@@ -157,19 +189,56 @@ class Trainer:
         self.resumed_reader_state: dict[str, Any] | None = None
         self.preemption = _Preemption()
         self.health = HealthGuard(cfg.health)
+        self.saver = ckpt.BackgroundSaver()
+        self._snapshot_pool: dict[tuple, torch.Tensor] = {}
+        self.lease: Lease | None = None
+        self._wait_group: Any = None  # gloo group for barriers that wait on uploads (see _wait_barrier)
 
     # ------------------------------------------------------------------ set-up
     def check_run_url_writable(self) -> None:
-        """Rank 0 writes (and removes) a probe object and records the resolved config beside the run."""
+        """Rank 0 writes (and removes) a probe object, takes the run's lease and records the resolved
+        config beside the run; every rank learns the outcome (so none waits in a collective for a
+        rank 0 that failed)."""
+        failure: tuple[str, str] | None = None
+        error: Exception | None = None
+        if self.info.is_main:
+            try:
+                self._probe_and_lease()
+            except (ConfigError, LeaseError, storage.StorageError) as e:
+                error = e
+                kind = (
+                    "config" if isinstance(e, ConfigError) else "lease" if isinstance(e, LeaseError) else "io"
+                )
+                failure = (kind, str(e))
+        failure = D.broadcast_object(self.info, failure)
+        if error is not None:
+            raise error
+        if failure is not None:  # rank 0 failed; the others end with its message
+            kind, message = failure
+            if kind == "config":
+                raise ConfigError(message)
+            if kind == "lease":
+                raise LeaseError(message)
+            raise storage.StorageError(message, operation="(rank 0)")
+
+    def _probe_and_lease(self) -> None:
         cfg = self.cfg
-        if not self.info.is_main:
-            return
         probe = storage.join(cfg.storage.run_url, f".write-probe-{uuid.uuid4().hex}")
         try:
             storage.write_bytes_atomic(probe, b"ok", self.storage_options)
             storage.remove(probe, storage_options=self.storage_options)
+        except storage.StorageError:
+            raise
         except Exception as e:
             raise ConfigError("storage.run_url", f"{cfg.storage.run_url} is not writable: {e}") from e
+        lease = Lease(
+            cfg.storage.run_url,
+            stale_seconds=cfg.storage.lease_stale_seconds,
+            renew_seconds=cfg.storage.lease_renew_seconds,
+            storage_options=self.storage_options,
+        )
+        lease.acquire()
+        self.lease = lease
         storage.write_bytes_atomic(
             storage.join(cfg.storage.run_url, "config.yaml"), cfg.to_yaml().encode(), self.storage_options
         )
@@ -261,15 +330,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def resume(self) -> ckpt.CheckpointRef | None:
-        ref = (
-            ckpt.latest_checkpoint(self.cfg.storage.run_url, self.storage_options)
-            if self.info.is_main
-            else None
-        )
+        """Load the newest committed checkpoint that verifies (rank 0 chooses, quarantining broken
+        ones; every rank loads the chosen one, verified again)."""
+        state: dict[str, Any] | None = None
+        ref: ckpt.CheckpointRef | None = None
+        if self.info.is_main:
+            ref, state = ckpt.load_latest_verified(self.cfg.storage.run_url, self.storage_options)
         ref = D.broadcast_object(self.info, ref)
         if ref is None:
             return None
-        state = ckpt.load_checkpoint_state(ref, self.storage_options)
+        if state is None:
+            state = ckpt.load_checkpoint_state(ref, self.storage_options)
         self.raw_model.load_state_dict(state["model"], strict=True)
         self.ema.load_state_dict(state["ema"], strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -280,8 +351,12 @@ class Trainer:
         log.info("resumed from %s (step %d, %d samples consumed)", ref.url, self.step, self.samples_consumed)
         return ref
 
-    def save(self) -> None:
+    def save(self, *, wait: bool = False) -> None:
+        """Checkpoint this step: rank 0 snapshots the state to CPU and uploads it in the background
+        (``wait``: and blocks until it is committed). Every rank then meets in a barrier without the
+        process-group timeout, so a slow upload of the previous save never times out the others."""
         if self.info.is_main:
+            self.saver.wait()  # the previous upload must be committed (its error raised) first
             state = {
                 "model": self.raw_model.state_dict(),
                 "ema": self.ema.state_dict(),
@@ -295,22 +370,61 @@ class Trainer:
                 "config": self.cfg.to_dict(),
                 "world_size": self.info.world_size,
             }
+            snapshot = ckpt.cpu_snapshot(state, self._snapshot_pool)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the pinned copies are complete
+            step, cfg, options = self.step, self.cfg, self.storage_options
             reference_args = dict(self.model_args)
-            ckpt.save_checkpoint(
-                self.cfg.storage.run_url,
-                self.step,
-                state,
-                self.ema.state_dict() if self.cfg.checkpoint.export_ema else None,
-                reference_args,
-                self.storage_options,
-            )
-            ckpt.apply_retention(
-                self.cfg.storage.run_url,
-                self.cfg.checkpoint.keep_latest,
-                self.cfg.checkpoint.keep_every_steps,
-                self.storage_options,
-            )
-        D.barrier(self.info)
+
+            def upload() -> ckpt.CheckpointRef:
+                started = time.monotonic()
+                ref = ckpt.save_checkpoint(
+                    cfg.storage.run_url,
+                    step,
+                    snapshot,
+                    snapshot["ema"] if cfg.checkpoint.export_ema else None,
+                    reference_args,
+                    options,
+                )
+                ckpt.apply_retention(
+                    cfg.storage.run_url, cfg.checkpoint.keep_latest, cfg.checkpoint.keep_every_steps, options
+                )
+                log.info("checkpoint step %d saved in %.1f s", step, time.monotonic() - started)
+                return ref
+
+            self.saver.submit(step, upload)
+            if wait:
+                self.saver.wait()
+        self._wait_barrier()
+
+    def finish_saves(self) -> None:
+        """Wait for the upload in flight (rank 0), then let every rank go on together."""
+        if self.info.is_main:
+            self.saver.wait()
+        self._wait_barrier()
+
+    def _wait_barrier(self) -> None:
+        """A barrier of every rank whose timeout covers an upload (the storage deadline, x2 for the two
+        files and the marker, plus a margin), not the process-group timeout meant for lost peers."""
+        if not self.info.distributed:
+            return
+        import torch.distributed as dist
+
+        if self._wait_group is None:
+            seconds = 2 * self.cfg.storage.deadline_seconds + self.cfg.train.process_group_timeout_seconds
+            self._wait_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
+        dist.barrier(group=self._wait_group)
+
+    def _agree(self, *flags: bool) -> list[bool]:
+        """Each flag true on every rank if it is true on any (one all-reduce per step)."""
+        if not self.info.distributed:
+            return list(flags)
+        import torch.distributed as dist
+
+        device = self.device if self.device.type == "cuda" else "cpu"
+        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v > 0) for v in t.tolist()]
 
     # ------------------------------------------------------------------ data
     def make_loader(self) -> Any:
@@ -463,63 +577,99 @@ class Trainer:
     def train(self) -> int:
         cfg = self.cfg
         self.check_run_url_writable()
-        self.build()
-        resumed = self.resume()
-        self.preemption.install()
-        tb = None
-        if self.info.is_main:
-            log.info(self.geometry.describe() + f"; {self.manifest.num_samples:,} samples/epoch")
-            if cfg.log.tensorboard:
-                tb = TensorBoardLogger(
-                    storage.join(cfg.storage.run_url, "tensorboard"),
-                    purge_step=self.step + 1 if resumed else None,
-                    storage_options=self.storage_options,
-                )
-                tb.run_started(cfg, self.step)  # config text, custom-scalars layout
+        self.tb: TensorBoardLogger | None = None
+        failed: BaseException | None = None
+        try:
+            self.build()
+            resumed = self.resume()
+            self.preemption.install()
+            if self.info.is_main:
+                log.info(self.geometry.describe() + f"; {self.manifest.num_samples:,} samples/epoch")
+                if cfg.log.tensorboard:
+                    self.tb = TensorBoardLogger(
+                        storage.join(cfg.storage.run_url, "tensorboard"),
+                        purge_step=self.step + 1 if resumed else None,
+                        storage_options=self.storage_options,
+                    )
+                    self.tb.run_started(cfg, self.step)  # config text, custom-scalars layout
+            return self._loop()
+        except BaseException as e:
+            failed = e
+            raise
+        finally:
+            self._close(self.tb, failed)
+
+    def _loop(self) -> int:
+        cfg = self.cfg
         meter = Throughput()
         self.loader = self.make_loader()
         batches = self.make_batches()
-        exit_code = 0
+        while self.step < cfg.train.max_steps:
+            metrics = self.train_step(next(batches))
+            bad, keys = metrics.pop("failed"), metrics.pop("keys")
+            self.samples_consumed += self.geometry.global_batch_size
+            if bad:  # skipped: the step counter stays (it counts optimiser updates)
+                verdict = self.on_bad_step(bad, keys, metrics, self.tb)
+                if verdict == "stop":
+                    self.finish_saves()
+                    return HEALTH_EXIT_CODE
+                if verdict == "rolled back" and self.tb is not None:  # drop the abandoned steps' events
+                    self.tb.close()
+                    self.tb = TensorBoardLogger(
+                        storage.join(cfg.storage.run_url, "tensorboard"),
+                        purge_step=self.step + 1,
+                        storage_options=self.storage_options,
+                    )
+                continue
+            self.step += 1
+            meter.update(self.geometry.global_batch_size, metrics)
+            tb = self.tb
+            upload_failed = self.info.is_main and self.saver.failed()
+            lease_lost = bool(self.info.is_main and self.lease is not None and self.lease.lost)
+            preempted, upload_failed, lease_lost = self._agree(
+                self.preemption.requested, upload_failed, lease_lost
+            )
+            if upload_failed:
+                if self.info.is_main:
+                    self.saver.wait()  # raises the upload's own error (operation + URL)
+                raise UploadFailedError("rank 0's checkpoint upload failed (its log names the operation)")
+            if lease_lost:
+                raise LeaseError(
+                    self.lease.lost if self.lease is not None and self.lease.lost else "lease lost"
+                )
+            if preempted:
+                log.warning("preempted at step %d: committing a checkpoint, then exiting", self.step)
+                if tb is not None:
+                    tb.scalars({"train/preempted_at_step": float(self.step)}, self.step)
+                self.save(wait=True)
+                return PREEMPTED_EXIT_CODE
+            if self.step % cfg.log.every_steps == 0 or self.step == cfg.train.max_steps:
+                self._log(meter.summary(), tb)
+            if tb is not None and cfg.log.sample_every_steps and self.step % cfg.log.sample_every_steps == 0:
+                tb.image(f"samples/{cfg.log.sample_weights}", self.sample_grid(), self.step)
+            if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.max_steps:
+                self.save(wait=self.step == cfg.train.max_steps or not cfg.checkpoint.background_upload)
+            if tb is not None and self.step % cfg.log.tensorboard_flush_every_steps == 0:
+                tb.flush()
+        self.finish_saves()
+        return 0
+
+    def _close(self, tb: TensorBoardLogger | None, failed: BaseException | None) -> None:
+        """Flush TensorBoard and drop the lease; after a storage failure touch the store no more (each
+        call would wait out another deadline and its error would hide the first one)."""
+        store_down = failed is not None and _is_storage_failure(failed)
+        if failed is not None and self.info.is_main and self.saver.busy:
+            log.warning("abandoning the checkpoint upload of step %s in flight", self.saver.step)
         try:
-            while self.step < cfg.train.max_steps:
-                metrics = self.train_step(next(batches))
-                failed, keys = metrics.pop("failed"), metrics.pop("keys")
-                self.samples_consumed += self.geometry.global_batch_size
-                if failed:  # skipped: the step counter stays (it counts optimiser updates)
-                    verdict = self.on_bad_step(failed, keys, metrics, tb)
-                    if verdict == "stop":
-                        exit_code = HEALTH_EXIT_CODE
-                        break
-                    if verdict == "rolled back" and tb is not None:  # drop the abandoned steps' events
-                        tb.close()
-                        tb = TensorBoardLogger(
-                            storage.join(cfg.storage.run_url, "tensorboard"),
-                            purge_step=self.step + 1,
-                            storage_options=self.storage_options,
-                        )
-                    continue
-                self.step += 1
-                meter.update(self.geometry.global_batch_size, metrics)
-                if D.any_rank(self.info, self.preemption.requested):
-                    self.save()
-                    exit_code = PREEMPTED_EXIT_CODE
-                    break
-                if self.step % cfg.log.every_steps == 0 or self.step == cfg.train.max_steps:
-                    self._log(meter.summary(), tb)
-                if (
-                    tb is not None
-                    and cfg.log.sample_every_steps
-                    and self.step % cfg.log.sample_every_steps == 0
-                ):
-                    tb.image(f"samples/{cfg.log.sample_weights}", self.sample_grid(), self.step)
-                if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.max_steps:
-                    self.save()
-                if tb is not None and self.step % cfg.log.tensorboard_flush_every_steps == 0:
-                    tb.flush()
-        finally:
             if tb is not None:
-                tb.close()
-        return exit_code
+                tb.close(upload=not store_down)
+        except Exception as e:
+            if failed is None:
+                raise
+            log.warning("could not close TensorBoard after the failure (%s: %s)", type(e).__name__, e)
+        finally:
+            if self.lease is not None:
+                self.lease.release(remove=not store_down)
 
     # ------------------------------------------------------------------ health guard
     def on_bad_step(
@@ -573,6 +723,7 @@ class Trainer:
         """
         first_step, _, _ = self.health.episode()
         at_step = self.step
+        self.finish_saves()  # an upload in flight belongs to the timeline being abandoned or kept
         if self.info.is_main:
             committed, _ = ckpt.list_checkpoints(self.cfg.storage.run_url, self.storage_options)
             for ref in committed:
@@ -640,6 +791,17 @@ class Trainer:
 # ---------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
+
+
+def _is_storage_failure(e: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, storage.StorageError) or storage.is_transient(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def run(args: argparse.Namespace) -> int:

@@ -263,10 +263,12 @@ def test_pytorchjob_is_elastic_workers_only_running_repa_under_torchrun(profile:
     assert "standalone" not in ep and "nProcPerNode" not in ep  # PET_STANDALONE="" crashes torchrun
     assert spec["nprocPerNode"] == str(t["nprocPerNode"])
     (container,) = worker["template"]["spec"]["containers"]
-    assert container["command"] == ["torchrun"]
+    assert container["command"] == ["repa", "torchrun"]  # torchrun that exits 143 on SIGTERM (repa.launch)
     assert container["args"] == ["-m", "repa", "train", "--config", "/etc/repa/config.yaml"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    grace, margin = t["terminationGracePeriodSeconds"], t["shutdownMarginSeconds"]
+    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == str(max(1, grace - margin))
     assert not any(k.startswith("PET_") for k in env)  # the operator owns those
     assert container["resources"]["limits"]["nvidia.com/gpu"] == t["gpus"]
     volumes = {v["name"]: v for v in worker["template"]["spec"]["volumes"]}

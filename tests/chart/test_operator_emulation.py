@@ -413,7 +413,7 @@ def test_rendered_pytorchjob_trains_on_two_elastic_workers_and_its_eval_job_scor
     worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]
     pod_spec = worker["template"]["spec"]
     (container,) = pod_spec["containers"]
-    assert container["name"] == "pytorch" and container["command"] == ["torchrun"]
+    assert container["name"] == "pytorch" and container["command"] == ["repa", "torchrun"]
     assert CONFIG_PATH in container["args"]
     injected = operator_env(job)
     assert injected["PET_RDZV_ENDPOINT"] == f"{job['metadata']['name']}-worker-0:{OPERATOR_RDZV_PORT}"

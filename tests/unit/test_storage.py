@@ -130,3 +130,46 @@ def test_memory_listing_and_missing_folder():
     assert [(e.name, e.is_dir) for e in storage.list_entries(url)] == [("x", True)]
     assert storage.cleanup_temps(url, ["y.bin"]) == 0  # object-like stores have no temporaries
     storage.remove(url, recursive=True)
+
+
+def test_retry_stops_at_the_deadline_naming_operation_and_url():
+    storage.reset_failures()
+    now = [0.0]
+
+    def clock() -> float:
+        return now[0]
+
+    def sleep(d: float) -> None:
+        now[0] += d
+
+    def silent(left: float):
+        now[0] += min(left, 1.5)  # an attempt ends by its read timeout
+        raise TimeoutError("read timed out")
+
+    with pytest.raises(storage.StorageError) as info:
+        storage._retry(
+            silent, what="s3://b/run/state.pt", operation="write", deadline=10, sleep=sleep, clock=clock
+        )
+    assert now[0] <= 10.0
+    assert info.value.operation == "write" and info.value.url == "s3://b/run/state.pt"
+    assert str(info.value).startswith("write s3://b/run/state.pt: failed after") and "10 s deadline" in str(
+        info.value
+    )
+    assert storage.first_failure() is info.value
+    storage.reset_failures()
+
+
+def test_remote_filesystems_get_socket_timeouts_and_no_retries_of_their_own():
+    before = storage.policy()
+    try:
+        storage.configure(connect_timeout=3, read_timeout=7)
+        s3 = storage._fs_options("s3://b/k", {"config_kwargs": {"read_timeout": 99}})["config_kwargs"]
+        assert s3["connect_timeout"] == 3 and s3["read_timeout"] == 99  # the user's value wins
+        assert s3["retries"]["total_max_attempts"] == 1
+        gcs = storage._fs_options("gs://b/k", None)["requests_timeout"]
+        assert (gcs.sock_connect, gcs.sock_read, gcs.total) == (3, 7, None)
+        assert storage._fs_options("file:///x", None) == {}
+    finally:
+        storage.configure(
+            connect_timeout=before.connect_timeout, read_timeout=before.read_timeout, deadline=before.deadline
+        )

@@ -227,6 +227,10 @@ operator requires it) or `node` (the container the v2 torch plugin injects into)
        restarted group can read the previous round's process-group keys (stale peer addresses)
        and hang in init_process_group; a fresh store per round avoids it (tests/integration/test_train.py). */}}
 {{- $env := list (dict "name" "TORCH_NCCL_ASYNC_ERROR_HANDLING" "value" (ternary "1" "0" $t.nccl.asyncErrorHandling)) (dict "name" "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" "value" "1") }}
+{{- /* torchrun SIGKILLs its workers this long after forwarding SIGTERM (torch's default 30 s would cut a
+       large preemption checkpoint short, whatever the grace period; docs/kubernetes.md "Preemption").
+       `repa torchrun` is torchrun that then exits 143 instead of 1 (repa/launch.py). */}}
+{{- $env = append $env (dict "name" "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" "value" (toString (max 1 (sub (int $t.terminationGracePeriodSeconds) (int $t.shutdownMarginSeconds))))) }}
 {{- with $t.nccl.debug }}
 {{- $env = append $env (dict "name" "NCCL_DEBUG" "value" .) }}
 {{- end }}
@@ -237,7 +241,7 @@ operator requires it) or `node` (the container the v2 torch plugin injects into)
       "root" .
       "component" "trainer"
       "container" (ternary "node" "pytorch" (eq $t.backend "trainjob"))
-      "command" (list "torchrun")
+      "command" (list "repa" "torchrun")
       "args" (list "-m" "repa" "train" "--config" (include "repa.configPath" .))
       "env" $env
       "w" $t
