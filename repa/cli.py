@@ -191,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from repa import storage
+
+    storage.reset_failures()  # "the first failure" is this verb's, not an earlier call's in this process
     try:
         return int(args._run(args) or 0)
     except ConfigError as e:

@@ -400,7 +400,7 @@ def test_trainjob_runs_repa_under_torchrun_on_a_fixed_node_count(profile: str) -
     trainer = job["spec"]["trainer"]
     assert trainer["numNodes"] == t["maxReplicas"] == t["minReplicas"]
     assert trainer["numProcPerNode"] == int(t["nprocPerNode"])
-    assert trainer["command"] == ["torchrun"]
+    assert trainer["command"] == ["repa", "torchrun"]  # exits 143 after SIGTERM (repa.launch)
     assert trainer["args"] == ["-m", "repa", "train", "--config", "/etc/repa/config.yaml"]
     assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == t["gpus"]
     pod, nodes = trainjob_runtime.resolve(job, docs)

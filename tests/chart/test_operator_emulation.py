@@ -546,7 +546,7 @@ def test_rendered_trainjob_trains_on_two_nodes_of_the_torch_distributed_runtime_
     assert nodes == 2
     pod_spec = pod["spec"]
     (container,) = pod_spec["containers"]
-    assert container["name"] == "node" and container["command"] == ["torchrun"]
+    assert container["name"] == "node" and container["command"] == ["repa", "torchrun"]
     assert CONFIG_PATH in container["args"]
     name = job["metadata"]["name"]
     env = {e["name"]: e for e in container["env"]}
