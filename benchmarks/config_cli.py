@@ -26,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="sit-xl-2-repa")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="CI smoke run: --repeats 1")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.repeats = 1
     times, rss, torch_loaded = [], [], False
     for _ in range(args.repeats):
         started = time.perf_counter()

@@ -132,6 +132,10 @@ def timed(make_batches: Callable[[], Iterable], samples: int) -> dict[str, float
     }
 
 
+# The CI smoke run (tests/integration/test_benchmarks.py): 2 shards of 8 tiny images, one round.
+SMOKE = ["--samples", "16", "--per-shard", "8", "--resolution", "32", "--batch-size", "4", "--rounds", "1"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--samples", type=int, default=1536)
@@ -141,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--smoke", action="store_true", help=f"CI smoke run: {' '.join(SMOKE)}")
     args = p.parse_args(argv)
+    if args.smoke:
+        args = p.parse_args([*SMOKE, *(sys.argv[1:] if argv is None else argv)])
 
     import torch
     import webdataset as wds

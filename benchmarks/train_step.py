@@ -6,6 +6,7 @@ no encoder, no data loading: those belong to the full trainer step).
 
     .venv/bin/python benchmarks/train_step.py        # SiT-B/2, batch 8, 2 threads, all variants
     .venv/bin/python benchmarks/train_step.py --variants reference,bf16_autocast --steps 5
+    .venv/bin/python benchmarks/train_step.py --smoke     # CI: tiny SiT, every variant but compile
 
 Variants change one thing relative to ``reference`` (SDPA attention, fp32, torch's default AdamW, which
 on CPU is the per-parameter for-loop), except ``bf16_fused`` (two). Results are medians over the timed
@@ -60,6 +61,15 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+# The CI smoke run (tests/integration/test_benchmarks.py): a tiny SiT, every variant but `compile`
+# (a CPU inductor compile alone takes about a minute).
+SMOKE = [
+    "--model", "SiT-S/2", "--width", "32", "--depth", "2", "--input-size", "4", "--batch-size", "2",
+    "--steps", "1", "--warmup", "1", "--threads", "1",
+    "--variants", ",".join(v for v in VARIANTS if v != "compile"),
+]  # fmt: skip
+
+
 @dataclass
 class Result:
     variant: str
@@ -78,7 +88,12 @@ class Result:
 def run_variant(name: str, args: argparse.Namespace) -> Result:
     variant = VARIANTS[name]
     torch.manual_seed(0)
-    model = build_model(args.model, input_size=args.input_size, fused_attn=variant.fused_attn)
+    overrides = {}
+    if args.width:
+        overrides.update(hidden_size=args.width, num_heads=2, projector_dim=args.width)
+    if args.depth:
+        overrides.update(depth=args.depth, encoder_depth=1)
+    model = build_model(args.model, input_size=args.input_size, fused_attn=variant.fused_attn, **overrides)
     model.train()
     opt_kwargs = {"foreach": {"foreach": True}, "fused": {"fused": True}}.get(variant.adamw, {})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, **opt_kwargs)
@@ -152,7 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--width", type=int, help="override the SiT width (tiny models for smoke runs)")
+    parser.add_argument("--depth", type=int, help="override the SiT depth")
+    parser.add_argument("--smoke", action="store_true", help=f"CI smoke run: {' '.join(SMOKE)}")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args = parser.parse_args([*SMOKE, *(sys.argv[1:] if argv is None else argv)])
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:

@@ -10,6 +10,15 @@ S3 (a real local S3-compatible server, never a mock of boto):
   made before/after the server cannot point at a stale endpoint.
 - ``s3_bucket``: a fresh, empty bucket per test on that server; returns ``"s3://<name>"``.
 
+GCS (``gcp-storage-emulator``, the pure-Python GCS JSON API server, in-memory, on 127.0.0.1;
+``tests/gcs_emulator.py``):
+
+- ``gcs_server`` (session): starts it on a free port and sets ``STORAGE_EMULATOR_HOST`` (gcsfs's
+  endpoint), ``FSSPEC_GS_TOKEN=anon`` (anonymous access, also for subprocesses; the running
+  process's fsspec config gets the same), ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` (else the first
+  bucket access hangs ~60 s) and ``NO_GCE_CHECK`` (no metadata-server probe); yields the endpoint.
+- ``gcs_bucket``: a fresh, empty bucket per test; returns ``"gs://<name>"``.
+
 Synthetic ImageNet sources live in ``tests/datasets.py`` (a plain module):
 ``make_imagenet_tree(tmp_path, synsets=..., per_class=4, corrupt=2)`` writes
 ``imagenet/train/<synset>/*.JPEG`` with varied sizes/modes plus corrupt files and returns an
@@ -76,6 +85,55 @@ def s3_bucket(s3_server: str) -> str:
     name = f"test-{uuid.uuid4().hex[:16]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+def _clear_gcsfs_cache() -> None:
+    try:
+        import gcsfs
+    except ImportError:  # pragma: no cover - gcsfs is a dependency
+        return
+    gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[str]:
+    """A local GCS emulator for the whole session (tests/gcs_emulator.py); yields its endpoint URL
+    (env set, then restored)."""
+    pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator is needed for GCS tests")
+    import fsspec.config
+
+    from tests import gcs_emulator
+
+    server, endpoint = gcs_emulator.start()
+    env = {
+        "STORAGE_EMULATOR_HOST": endpoint,
+        "FSSPEC_GS_TOKEN": "anon",
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        "NO_GCE_CHECK": "True",
+    }
+    before = dict(fsspec.config.conf.get("gs", {}))
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        fsspec.config.conf.setdefault("gs", {})["token"] = "anon"
+        _clear_gcsfs_cache()
+        try:
+            yield endpoint
+        finally:
+            _clear_gcsfs_cache()
+            fsspec.config.conf["gs"] = before
+            server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server: str) -> str:
+    """A new empty bucket on the session's GCS emulator; returns ``gs://<name>``."""
+    from repa import storage
+
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    fs, _ = storage.filesystem(f"gs://{name}")
+    fs.mkdir(name)
+    return f"gs://{name}"
 
 
 @pytest.fixture

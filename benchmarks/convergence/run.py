@@ -41,6 +41,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -112,7 +113,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=str(ROOT / "docs" / "convergence-samples.png"),
         help="PNG of samples of every variant (first train seed) at the 2nd, 3rd and last evaluation",
     )
-    return p.parse_args(argv)
+    p.add_argument("--smoke", action="store_true", help=f"CI smoke run: {' '.join(SMOKE)}")
+    args = p.parse_args(argv)
+    if args.smoke:  # tiny everything; workdir and plots in a fresh temporary folder, never docs/
+        args = p.parse_args([*SMOKE, *(sys.argv[1:] if argv is None else argv)])
+        if args.workdir == p.get_default("workdir"):
+            args.workdir = tempfile.mkdtemp(prefix="repa-convergence-smoke-")
+        for key in ("plot", "samples_plot"):
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, str(Path(args.workdir) / Path(p.get_default(key)).name))
+    return args
+
+
+# The CI smoke run (tests/integration/test_benchmarks.py): one variant, one seed, 4 steps, 2 evaluations.
+SMOKE = [
+    "--variants", "repa", "--train-seeds", "0", "--steps", "4", "--eval-every", "2",
+    "--eval-samples", "8", "--sample-steps", "2", "--batch-size", "8", "--hidden", "32", "--depth", "2",
+    "--projector-dim", "32", "--per-class", "4", "--encoder-steps", "2", "--classifier-steps", "2",
+]  # fmt: skip
 
 
 def encoder_kwargs(resolution: int) -> dict:
@@ -417,7 +435,8 @@ def sample_grid(
     Euler ODE 20 steps, through the product's checkpoint loader, sampler and (identity) VAE."""
     import torch
 
-    from repa.eval.sample import CheckpointSource, build_decoder_vae, load_model
+    from repa.checkpoint import CheckpointSource, load_model
+    from repa.eval.sample import build_decoder_vae
     from repa.sampling import sample
 
     rows = []

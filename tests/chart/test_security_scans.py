@@ -198,10 +198,14 @@ def test_dockerignore_admits_only_the_package_sources() -> None:
     ]
     assert rules[0] == "*"  # allow-list
     allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
-    assert allowed <= {"pyproject.toml", "README.md", "LICENSE", "repa"}
-    # everything the Dockerfiles COPY is allowed in
+    # the package, what pyproject.toml reads, the runtime lock and what installs it (docker/install-env.sh)
+    lock_files = {"requirements/lock.txt", "docker/install-env.sh", "docker/image_check.py"}
+    assert allowed <= {"pyproject.toml", "README.md", "LICENSE", "repa", *lock_files}
+    # everything the Dockerfiles COPY or bind-mount from the context is allowed in
     for dockerfile in DOCKERFILES:
         for ln in dockerfile.read_text().splitlines():
             if ln.startswith("COPY ") and "--from" not in ln:
                 for src in ln.split()[1:-1]:
                     assert src.rstrip("/") in allowed, f"{dockerfile.name}: COPY {src} is excluded"
+            for src in re.findall(r"--mount=type=bind,source=([^,\s]+)", ln):
+                assert src in allowed, f"{dockerfile.name}: bind mount of {src} is excluded"
