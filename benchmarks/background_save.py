@@ -69,6 +69,10 @@ while True:
 """
 
 
+# The CI smoke run: 4x4 latents (fast steps), a fast store; the same figures, in seconds.
+SMOKE = ["--resolution", "32", "--batch-size", "2", "--mbps", "400", "--steps", "3"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -79,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mbps", type=float, default=15.0, help="store bandwidth, MB/s (both directions)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--steps", type=int, default=15, help="timed steps before and after the upload")
+    parser.add_argument("--smoke", action="store_true", help=f"CI smoke run: {' '.join(SMOKE)}")
     args = parser.parse_args(argv)
+    if args.smoke:  # tests/integration/test_benchmarks.py
+        args = parser.parse_args([*SMOKE, *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
 
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
@@ -167,7 +174,10 @@ def _measure(args: argparse.Namespace) -> int:
 
     marker = ckpt.read_marker(ref.url)
     size = sum(f["bytes"] for f in marker["files"].values())
-    rate = {name: len(t) / sum(t) for name, t in (("before", before), ("during", during), ("after", after))}
+    rate = {
+        name: len(t) / sum(t) if t else float("nan")
+        for name, t in (("before", before), ("during", during), ("after", after))
+    }
     baseline = statistics.mean([rate["before"], rate["after"]])
     print(f"model               {args.model}, batch {args.batch_size}, {latent}x{latent} latents, 1 process")
     print(f"checkpoint          {size / 1e6:.0f} MB (state.pt + ema.pt) to S3 at {args.mbps:g} MB/s")

@@ -33,6 +33,12 @@ from repa.runtime import DistInfo
 from repa.train.health import HealthGuard
 from repa.train.trainer import Trainer
 
+# The CI smoke run: a tiny timm encoder on 32 px images (4 tokens, like SiT-S/2 on 4x4 latents).
+SMOKE = [
+    *("--encoder", "timm:vit_tiny_patch16_224", "--resolution", "32", "--batch-size", "2"),
+    *("--warmup", "1", "--steps", "2", "--threads", "1"),
+]
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -45,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per setting (alternating)")
+    parser.add_argument("--smoke", action="store_true", help=f"CI smoke run: {' '.join(SMOKE)}")
     args = parser.parse_args(argv)
+    if args.smoke:  # tests/integration/test_benchmarks.py
+        args = parser.parse_args([*SMOKE, *(sys.argv[1:] if argv is None else argv)])
 
     torch.set_num_threads(args.threads)
     overrides = [
