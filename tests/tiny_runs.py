@@ -1,5 +1,6 @@
-"""A tiny pixel-space SiT run for the sampling, eval and watch tests: its config tree and committed
-checkpoints of random (but not all-zero-output) weights."""
+"""Tiny runs shared by the tests: the pixel-space SiT of the sampling, eval and watch tests (config tree,
+committed checkpoints of random but not all-zero-output weights), the ``--set`` lines of the tiny training
+runs, and a toy-width SD-VAE layout."""
 
 from __future__ import annotations
 
@@ -13,6 +14,34 @@ from repa.config import RunConfig
 from repa.models import build_model
 
 NUM_CLASSES = 10
+
+# `repa train --config toy-cpu` made smaller still: 16 px pixels, SiT hidden 32 x depth 2 aligned at block 1
+# with a one-block timm ViT (64 tokens each); test modules append their own cadences.
+TINY_TRAIN_SETS = [
+    "model.hidden_size=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "model.encoder_depth=1",
+    "model.projector_dim=64",
+    "model.num_classes=10",
+    "encoder.model_kwargs=[{img_size: 16, patch_size: 2, embed_dim: 32, depth: 1, num_heads: 2}]",
+    "data.resolution=16",
+    "data.chunk_size=2",
+    "data.shards_in_flight=4",
+    "train.global_batch_size=4",
+]
+
+# SD-VAE layout (4 levels = 8x downsampling, 4 latent channels) at toy width: 32 px -> 4x4 latents.
+TINY_SD_VAE = dict(
+    block_out_channels=[4, 4, 4, 4],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    layers_per_block=1,
+    norm_num_groups=2,
+    sample_size=32,
+)
+# A timm ViT whose 16 patch tokens at 32 px match SiT-*/1 on those 4x4 latents.
+TINY_ENCODER_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
 
 
 def tiny_run_config(run_url: str, **sections: dict[str, Any]) -> dict:

@@ -24,21 +24,12 @@ from repa.eval.refstats import compute_reference_stats, save_reference_stats
 from repa.tensorboard import HPARAM_KEYS, read_scalars
 from tests.datasets import make_imagenet_tree
 from tests.fidelity_weights import random_inception_weights_path
+from tests.tiny_runs import TINY_TRAIN_SETS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SETS = [  # toy-cpu made smaller still (as tests/integration/test_train.py): 16 px, SiT hidden 32 x depth 2
-    "model.hidden_size=32",
-    "model.depth=2",
-    "model.num_heads=2",
-    "model.encoder_depth=1",
-    "model.projector_dim=64",
-    "model.num_classes=10",
-    "encoder.model_kwargs=[{img_size: 16, patch_size: 2, embed_dim: 32, depth: 1, num_heads: 2}]",
-    "data.resolution=16",
-    "data.chunk_size=2",
-    "data.shards_in_flight=4",
-    "train.global_batch_size=4",
+    *TINY_TRAIN_SETS,
     "train.max_steps=4",
     "log.every_steps=2",
     "log.sample_every_steps=0",

@@ -24,22 +24,13 @@ from repa.cli import main as repa_main
 from repa.data.prepare import prepare_images, prepare_latents
 from repa.tensorboard import read_scalars
 from tests.datasets import make_imagenet_tree
+from tests.tiny_runs import TINY_ENCODER_KWARGS, TINY_SD_VAE, TINY_TRAIN_SETS
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # toy-cpu preset, made smaller still: 16 px pixels, 64 tokens, SiT hidden 32 x depth 2.
 TINY = [
-    "model.hidden_size=32",
-    "model.depth=2",
-    "model.num_heads=2",
-    "model.encoder_depth=1",
-    "model.projector_dim=64",
-    "model.num_classes=10",
-    "encoder.model_kwargs=[{img_size: 16, patch_size: 2, embed_dim: 32, depth: 1, num_heads: 2}]",
-    "data.resolution=16",
-    "data.chunk_size=2",
-    "data.shards_in_flight=4",
-    "train.global_batch_size=4",
+    *TINY_TRAIN_SETS,
     "log.every_steps=2",
     "log.tensorboard_flush_every_steps=4",
     "log.sample_every_steps=4",
@@ -254,17 +245,6 @@ def test_elastic_torchrun_survives_a_killed_worker_with_data_and_run_on_s3(s3_bu
 # Storage options in the config only; data-order settings fixed for a run
 # ----------------------------------------------------------------------------------------------
 
-# SD-VAE layout (4 levels = 8x downsampling, 4 latent channels) at toy width: 32 px -> 4x4 latents.
-TINY_SD_VAE = dict(
-    block_out_channels=[4, 4, 4, 4],
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-    layers_per_block=1,
-    norm_num_groups=2,
-    sample_size=32,
-)
-ENCODER_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
-
 
 def _upload_folder(local: Path, url: str) -> None:
     for path in sorted(local.rglob("*")):
@@ -286,7 +266,9 @@ def test_s3_endpoint_given_only_in_the_config_reaches_data_weights_and_checkpoin
     vae_dir = tmp_path / "vae"
     vae = build_vae("sd-vae-ft-mse", config_overrides=TINY_SD_VAE)
     vae.save_pretrained(str(vae_dir))
-    encoder = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **ENCODER_KWARGS)
+    encoder = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, **TINY_ENCODER_KWARGS
+    )
     encoder_file = tmp_path / "encoder.pt"
     torch.save(encoder.state_dict(), encoder_file)
     tree = make_imagenet_tree(tmp_path, per_class=4, corrupt=0)
@@ -306,7 +288,7 @@ def test_s3_endpoint_given_only_in_the_config_reaches_data_weights_and_checkpoin
     sets = [
         *("model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=1"),
         *("model.encoder_depth=1", "model.projector_dim=64", "model.num_classes=10"),
-        f"encoder.model_kwargs=[{ENCODER_KWARGS}]".replace("'", ""),
+        f"encoder.model_kwargs=[{TINY_ENCODER_KWARGS}]".replace("'", ""),
         f"encoder.weights_urls=[{s3_bucket}/weights/encoder.pt]",
         *("vae.name=sd-vae-ft-mse", f"vae.weights_url={s3_bucket}/weights/vae", "vae.latents_scale=0.18215"),
         *(f"data.url={s3_bucket}/shards", "data.resolution=32", f"data.storage_options={options}"),

@@ -22,16 +22,9 @@ import pytest
 
 from repa import storage
 from tests.fake_hub import FakeHub
+from tests.tiny_runs import TINY_SD_VAE
 
 DINO = "timm/vit_base_patch14_dinov2.lvd142m"
-TINY_SD_VAE = dict(
-    block_out_channels=[4, 4, 4, 4],
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-    layers_per_block=1,
-    norm_num_groups=2,
-    sample_size=32,
-)
 
 
 def _vae_folder(tmp_path: Path, name: str) -> dict[str, bytes]:
