@@ -4,12 +4,15 @@ runs, and a toy-width SD-VAE layout."""
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from repa import checkpoint as ckpt
+from repa import storage
 from repa.config import RunConfig
 from repa.models import build_model
 
@@ -42,6 +45,40 @@ TINY_SD_VAE = dict(
 )
 # A timm ViT whose 16 patch tokens at 32 px match SiT-*/1 on those 4x4 latents.
 TINY_ENCODER_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
+def upload_folder(local: Path, url: str) -> None:
+    """Copy every file below ``local`` to ``url`` (same relative paths)."""
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            storage.write_bytes_atomic(f"{url}/{path.relative_to(local)}", path.read_bytes())
+
+
+def stage_latent_run(tmp_path: Path, bucket_url: str) -> None:
+    """A toy SD-VAE (``TINY_SD_VAE``) and timm encoder (``TINY_ENCODER_KWARGS``) with real weights files,
+    and 32 px latents made with that VAE, all copied to ``bucket_url``: ``shards/``, ``weights/vae/``,
+    ``weights/encoder.pt`` (the storage-options-only-in-the-config tests on S3 and GCS)."""
+    import timm
+
+    from repa.data.prepare import prepare_images, prepare_latents
+    from repa.vae import build_vae
+    from tests.datasets import make_imagenet_tree
+
+    torch.manual_seed(0)
+    vae_dir = tmp_path / "vae"
+    build_vae("sd-vae-ft-mse", config_overrides=TINY_SD_VAE).save_pretrained(str(vae_dir))
+    encoder = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, **TINY_ENCODER_KWARGS
+    )
+    tree = make_imagenet_tree(tmp_path, per_class=4, corrupt=0)
+    data_url = f"file://{tmp_path}/shards"
+    prepare_images(str(tree.root), data_url, resolution=32, samples_per_shard=4)
+    prepare_latents(data_url, vae="sd-vae-ft-mse", vae_weights_url=str(vae_dir), batch_size=8)
+    upload_folder(tmp_path / "shards", f"{bucket_url}/shards")
+    upload_folder(vae_dir, f"{bucket_url}/weights/vae")
+    buffer = io.BytesIO()
+    torch.save(encoder.state_dict(), buffer)
+    storage.write_bytes_atomic(f"{bucket_url}/weights/encoder.pt", buffer.getvalue())
 
 
 def tiny_run_config(run_url: str, **sections: dict[str, Any]) -> dict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,10 +33,11 @@ from tests.datasets import make_imagenet_tree
 from tests.tiny_features import FEATS
 from tests.tiny_runs import (
     TINY_ENCODER_KWARGS,
-    TINY_SD_VAE,
     TINY_TRAIN_SETS,
     commit_tiny_checkpoint,
+    stage_latent_run,
     tiny_run_config,
+    upload_folder,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,12 +56,6 @@ def _prepare(src: str, out: str) -> prepare.PrepareSummary:
     return prepare_images(src, out, resolution=16, samples_per_shard=5, max_bad_fraction=0.5, num_workers=2)
 
 
-def _upload_folder(local: Path, url: str) -> None:
-    for path in sorted(local.rglob("*")):
-        if path.is_file():
-            storage.write_bytes_atomic(f"{url}/{path.relative_to(local)}", path.read_bytes())
-
-
 # ---------------------------------------------------------------------------------------------- prepare
 
 
@@ -75,7 +69,7 @@ def test_prepare_output_on_gcs_is_byte_identical_to_local_and_verifies(imagenet_
 
 
 def test_prepare_source_on_gcs_is_read_through_fsspec(imagenet_tree, tmp_path, gcs_bucket):
-    _upload_folder(imagenet_tree.root, f"{gcs_bucket}/src/train")
+    upload_folder(imagenet_tree.root, f"{gcs_bucket}/src/train")
     _prepare(str(imagenet_tree.root), f"file://{tmp_path}/local")
     _prepare(f"{gcs_bucket}/src/train", f"{gcs_bucket}/out")
     shards = {n: b for n, b in _files(f"{gcs_bucket}/out").items() if n.endswith(".tar")}
@@ -144,25 +138,8 @@ def test_gcs_endpoint_given_only_in_the_config_reaches_data_weights_and_checkpoi
     the weights (checked before the run, then loaded) must be read through the same options."""
     import fsspec.config
     import gcsfs
-    import timm
 
-    from repa.vae import build_vae
-
-    torch.manual_seed(0)
-    vae_dir = tmp_path / "vae"
-    build_vae("sd-vae-ft-mse", config_overrides=TINY_SD_VAE).save_pretrained(str(vae_dir))
-    encoder = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, num_classes=0, **TINY_ENCODER_KWARGS
-    )
-    encoder_file = tmp_path / "encoder.pt"
-    torch.save(encoder.state_dict(), encoder_file)
-    tree = make_imagenet_tree(tmp_path, per_class=4, corrupt=0)
-    local_data = f"file://{tmp_path}/shards"
-    prepare_images(str(tree.root), local_data, resolution=32, samples_per_shard=4)
-    prepare_latents(local_data, vae="sd-vae-ft-mse", vae_weights_url=str(vae_dir), batch_size=8)
-    _upload_folder(tmp_path / "shards", f"{gcs_bucket}/shards")  # while the env endpoint is set
-    _upload_folder(vae_dir, f"{gcs_bucket}/weights/vae")
-    storage.write_bytes_atomic(f"{gcs_bucket}/weights/encoder.pt", encoder_file.read_bytes())
+    stage_latent_run(tmp_path, gcs_bucket)  # while the env endpoint is set
 
     monkeypatch.delenv("STORAGE_EMULATOR_HOST")
     monkeypatch.delenv("FSSPEC_GS_TOKEN")

@@ -24,7 +24,7 @@ from repa.cli import main as repa_main
 from repa.data.prepare import prepare_images, prepare_latents
 from repa.tensorboard import read_scalars
 from tests.datasets import make_imagenet_tree
-from tests.tiny_runs import TINY_ENCODER_KWARGS, TINY_SD_VAE, TINY_TRAIN_SETS
+from tests.tiny_runs import TINY_ENCODER_KWARGS, TINY_TRAIN_SETS, stage_latent_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -246,39 +246,14 @@ def test_elastic_torchrun_survives_a_killed_worker_with_data_and_run_on_s3(s3_bu
 # ----------------------------------------------------------------------------------------------
 
 
-def _upload_folder(local: Path, url: str) -> None:
-    for path in sorted(local.rglob("*")):
-        if path.is_file():
-            storage.write_bytes_atomic(f"{url}/{path.relative_to(local)}", path.read_bytes())
-
-
 def test_s3_endpoint_given_only_in_the_config_reaches_data_weights_and_checkpoints(
     s3_server, s3_bucket, tmp_path, monkeypatch
 ):
     """MinIO/Ceph style: the endpoint lives in storage_options, no AWS_ENDPOINT_URL_S3. The encoder and
     VAE weights (checked before the run, then loaded) must be read through the same options."""
     import s3fs
-    import timm
 
-    from repa.vae import build_vae
-
-    torch.manual_seed(0)
-    vae_dir = tmp_path / "vae"
-    vae = build_vae("sd-vae-ft-mse", config_overrides=TINY_SD_VAE)
-    vae.save_pretrained(str(vae_dir))
-    encoder = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, num_classes=0, **TINY_ENCODER_KWARGS
-    )
-    encoder_file = tmp_path / "encoder.pt"
-    torch.save(encoder.state_dict(), encoder_file)
-    tree = make_imagenet_tree(tmp_path, per_class=4, corrupt=0)
-    data_url = f"file://{tmp_path}/shards"
-    prepare_images(str(tree.root), data_url, resolution=32, samples_per_shard=4)
-    prepare_latents(data_url, vae="sd-vae-ft-mse", vae_weights_url=str(vae_dir), batch_size=8)
-    # Everything the run reads or writes lives in the bucket; uploaded while the env endpoint is set.
-    _upload_folder(tmp_path / "shards", f"{s3_bucket}/shards")
-    _upload_folder(vae_dir, f"{s3_bucket}/weights/vae")
-    storage.write_bytes_atomic(f"{s3_bucket}/weights/encoder.pt", encoder_file.read_bytes())
+    stage_latent_run(tmp_path, s3_bucket)  # while the env endpoint is set
 
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
     monkeypatch.setenv("REPA_CACHE_DIR", str(tmp_path / "cache"))
