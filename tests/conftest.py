@@ -216,3 +216,16 @@ def s3_proxy(s3_server: str):
         yield proxy
     finally:
         proxy.close()
+
+
+@pytest.fixture
+def reference(tmp_path: Path, feats: Path) -> str:
+    """Reference statistics of 32 random 16x16 images under the tiny extractor (``feats``)."""
+    import numpy as np
+
+    from repa.eval.refstats import compute_reference_stats, save_reference_stats
+
+    url = str(tmp_path / "ref.npz")
+    images = np.random.default_rng(0).integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
+    save_reference_stats(url, compute_reference_stats(images, __import__("repa_test_feats").build()))
+    return url

@@ -122,3 +122,20 @@ def commit_tiny_checkpoint(cfg: RunConfig, step: int, seed: int = 0) -> None:
     sd = perturb(build_model(name, **args)).state_dict()
     state = {"model": sd, "ema": sd, "config": cfg.to_dict()}
     ckpt.save_checkpoint(cfg.storage.run_url, step, state, sd, {"model": name, **args})
+
+
+def latent_run_sets(bucket_url: str, options: str) -> list[str]:
+    """``--set`` lines of a 2-step run on what :func:`stage_latent_run` put in ``bucket_url``, reaching
+    the store only through ``options`` (YAML of the fsspec options, in data and storage)."""
+    return [
+        *("model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=1"),
+        *("model.encoder_depth=1", "model.projector_dim=64", "model.num_classes=10"),
+        f"encoder.model_kwargs=[{TINY_ENCODER_KWARGS}]".replace("'", ""),
+        f"encoder.weights_urls=[{bucket_url}/weights/encoder.pt]",
+        *("vae.name=sd-vae-ft-mse", f"vae.weights_url={bucket_url}/weights/vae", "vae.latents_scale=0.18215"),
+        *(f"data.url={bucket_url}/shards", "data.resolution=32", f"data.storage_options={options}"),
+        *(f"storage.run_url={bucket_url}/run", f"storage.storage_options={options}"),
+        *("train.global_batch_size=4", "train.max_steps=2", "log.every_steps=1"),
+        *("log.sample_every_steps=2", "log.sample_num_images=1", "log.sample_num_steps=1"),
+        *("checkpoint.every_steps=2", "data.chunk_size=2", "data.shards_in_flight=2"),
+    ]

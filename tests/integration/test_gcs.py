@@ -32,9 +32,9 @@ from repa.tensorboard import read_scalars
 from tests.datasets import make_imagenet_tree
 from tests.tiny_features import FEATS
 from tests.tiny_runs import (
-    TINY_ENCODER_KWARGS,
     TINY_TRAIN_SETS,
     commit_tiny_checkpoint,
+    latent_run_sets,
     stage_latent_run,
     tiny_run_config,
     upload_folder,
@@ -148,18 +148,7 @@ def test_gcs_endpoint_given_only_in_the_config_reaches_data_weights_and_checkpoi
     gcsfs.GCSFileSystem.clear_instance_cache()
     options = f"{{endpoint_url: '{gcs_server}', token: anon}}"
     run_url = f"{gcs_bucket}/run"
-    sets = [
-        *("model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=1"),
-        *("model.encoder_depth=1", "model.projector_dim=64", "model.num_classes=10"),
-        f"encoder.model_kwargs=[{TINY_ENCODER_KWARGS}]".replace("'", ""),
-        f"encoder.weights_urls=[{gcs_bucket}/weights/encoder.pt]",
-        *("vae.name=sd-vae-ft-mse", f"vae.weights_url={gcs_bucket}/weights/vae", "vae.latents_scale=0.18215"),
-        *(f"data.url={gcs_bucket}/shards", "data.resolution=32", f"data.storage_options={options}"),
-        *(f"storage.run_url={run_url}", f"storage.storage_options={options}"),
-        *("train.global_batch_size=4", "train.max_steps=2", "log.every_steps=1"),
-        *("log.sample_every_steps=2", "log.sample_num_images=1", "log.sample_num_steps=1"),
-        *("checkpoint.every_steps=2", "data.chunk_size=2", "data.shards_in_flight=2"),
-    ]
+    sets = latent_run_sets(gcs_bucket, options)
     try:
         assert repa_main(["train", "--config", "toy-cpu", *[a for s in sets for a in ("--set", s)]]) == 0
         with_options = {"endpoint_url": gcs_server, "token": "anon"}
@@ -172,17 +161,6 @@ def test_gcs_endpoint_given_only_in_the_config_reaches_data_weights_and_checkpoi
 
 
 # ---------------------------------------------------------------------------------------------- watch
-
-
-@pytest.fixture
-def reference(tmp_path, feats) -> str:
-    """Reference statistics of 32 random 16x16 images under the tiny extractor (as test_watch.py)."""
-    from repa.eval.refstats import compute_reference_stats, save_reference_stats
-
-    url = str(tmp_path / "ref.npz")
-    images = np.random.default_rng(0).integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
-    save_reference_stats(url, compute_reference_stats(images, __import__("repa_test_feats").build()))
-    return url
 
 
 def test_watch_on_gcs_writes_results_samples_and_tensorboard_to_the_bucket(

@@ -24,7 +24,7 @@ from repa.cli import main as repa_main
 from repa.data.prepare import prepare_images, prepare_latents
 from repa.tensorboard import read_scalars
 from tests.datasets import make_imagenet_tree
-from tests.tiny_runs import TINY_ENCODER_KWARGS, TINY_TRAIN_SETS, stage_latent_run
+from tests.tiny_runs import TINY_TRAIN_SETS, latent_run_sets, stage_latent_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -260,18 +260,7 @@ def test_s3_endpoint_given_only_in_the_config_reaches_data_weights_and_checkpoin
     s3fs.S3FileSystem.clear_instance_cache()
     options = f"{{client_kwargs: {{endpoint_url: '{s3_server}'}}}}"
     run_url = f"{s3_bucket}/run"
-    sets = [
-        *("model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=1"),
-        *("model.encoder_depth=1", "model.projector_dim=64", "model.num_classes=10"),
-        f"encoder.model_kwargs=[{TINY_ENCODER_KWARGS}]".replace("'", ""),
-        f"encoder.weights_urls=[{s3_bucket}/weights/encoder.pt]",
-        *("vae.name=sd-vae-ft-mse", f"vae.weights_url={s3_bucket}/weights/vae", "vae.latents_scale=0.18215"),
-        *(f"data.url={s3_bucket}/shards", "data.resolution=32", f"data.storage_options={options}"),
-        *(f"storage.run_url={run_url}", f"storage.storage_options={options}"),
-        *("train.global_batch_size=4", "train.max_steps=2", "log.every_steps=1"),
-        *("log.sample_every_steps=2", "log.sample_num_images=1", "log.sample_num_steps=1"),
-        *("checkpoint.every_steps=2", "data.chunk_size=2", "data.shards_in_flight=2"),
-    ]
+    sets = latent_run_sets(s3_bucket, options)
     argv = ["train", "--config", "toy-cpu", *[a for s in sets for a in ("--set", s)]]
     assert repa_main(argv) == 0
     with_options = {"client_kwargs": {"endpoint_url": s3_server}}

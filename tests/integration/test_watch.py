@@ -25,7 +25,6 @@ import yaml
 from repa import checkpoint as ckpt
 from repa import storage
 from repa.config import RunConfig
-from repa.eval.refstats import compute_reference_stats, save_reference_stats
 from repa.tensorboard import read_scalars
 from tests.tiny_features import FEATS
 from tests.tiny_runs import commit_tiny_checkpoint, tiny_run_config
@@ -38,15 +37,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def reference(tmp_path, feats) -> str:
-    """Reference statistics of 32 random 16x16 images under the tiny extractor."""
-    url = str(tmp_path / "ref.npz")
-    images = np.random.default_rng(0).integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
-    save_reference_stats(url, compute_reference_stats(images, __import__("repa_test_feats").build()))
-    return url
 
 
 def tiny_config(run_url: str, reference_stats_url: str, **sections) -> dict:
