@@ -3,7 +3,7 @@
 `repa train` saves by copying its state to CPU (`repa.checkpoint.cpu_snapshot`) and letting a thread
 serialize, hash, upload and commit it (`repa.checkpoint.BackgroundSaver`) while training continues.
 This runs `Trainer.train_step` (SiT + loss + AdamW + EMA, synthetic in-memory batches) against an S3
-store that is slow on purpose: a moto server in a subprocess behind `tests.netproxy.NetProxy` (another
+store that is slow on purpose: a moto server in a subprocess behind `tests.support.netproxy.NetProxy` (another
 subprocess) limited to `--mbps`, so the upload of the few-hundred-MB state takes many steps.
 
     .venv/bin/python benchmarks/background_save.py                      # SiT-S/2 (~0.66 GB per save)
@@ -60,7 +60,7 @@ def _as_remote() -> None:
 
 PROXY = """
 import sys, time
-from tests.netproxy import NetProxy
+from tests.support.netproxy import NetProxy
 proxy = NetProxy("127.0.0.1", int(sys.argv[1]))
 proxy.throttle(float(sys.argv[2]))
 print(proxy.port, flush=True)

@@ -40,8 +40,8 @@ VERBS = (
     "gcsfs",
     "torch.utils.tensorboard",
 )
-# A toy-width SD-VAE layout (8x downsampling, 4 latent channels). The same as tests/tiny_runs.py's, written
-# again because the image carries no tests/.
+# A toy-width SD-VAE layout (8x downsampling, 4 latent channels). The same as tests/support/tiny_runs.py's,
+# written again because the image carries no tests/.
 TINY_SD_VAE = dict(
     block_out_channels=[4, 4, 4, 4],
     down_block_types=["DownEncoderBlock2D"] * 4,

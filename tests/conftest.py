@@ -11,7 +11,7 @@ S3 (a real local S3-compatible server, never a mock of boto):
 - ``s3_bucket``: a fresh, empty bucket per test on that server; returns ``"s3://<name>"``.
 
 GCS (``gcp-storage-emulator``, the pure-Python GCS JSON API server, in-memory, on 127.0.0.1;
-``tests/gcs_emulator.py``):
+``tests/support/gcs_emulator.py``):
 
 - ``gcs_server`` (session): starts it on a free port and sets ``STORAGE_EMULATOR_HOST`` (gcsfs's
   endpoint), ``FSSPEC_GS_TOKEN=anon`` (anonymous access, also for subprocesses; the running
@@ -19,7 +19,7 @@ GCS (``gcp-storage-emulator``, the pure-Python GCS JSON API server, in-memory, o
   bucket access hangs ~60 s) and ``NO_GCE_CHECK`` (no metadata-server probe); yields the endpoint.
 - ``gcs_bucket``: a fresh, empty bucket per test; returns ``"gs://<name>"``.
 
-Synthetic ImageNet sources live in ``tests/datasets.py`` (a plain module):
+Synthetic ImageNet sources live in ``tests/support/datasets.py`` (a plain module):
 ``make_imagenet_tree(tmp_path, synsets=..., per_class=4, corrupt=2)`` writes
 ``imagenet/train/<synset>/*.JPEG`` with varied sizes/modes plus corrupt files and returns an
 ``ImageNetTree(root, class_names, good, corrupt)``; ``make_imagenet_tar(tree, path, nested=False)``
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.datasets import ImageNetTree, make_imagenet_tree
+from tests.support.datasets import ImageNetTree, make_imagenet_tree
 
 _S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -97,12 +97,12 @@ def _clear_gcsfs_cache() -> None:
 
 @pytest.fixture(scope="session")
 def gcs_server() -> Iterator[str]:
-    """A local GCS emulator for the whole session (tests/gcs_emulator.py); yields its endpoint URL
+    """A local GCS emulator for the whole session (tests/support/gcs_emulator.py); yields its endpoint URL
     (env set, then restored)."""
     pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator is needed for GCS tests")
     import fsspec.config
 
-    from tests import gcs_emulator
+    from tests.support import gcs_emulator
 
     server, endpoint = gcs_emulator.start()
     env = {
@@ -156,9 +156,9 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture
 def feats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Puts the tiny extractor module (``tests.tiny_features.FEATS``) on sys.path; returns its folder
+    """Puts the tiny extractor module (``tests.support.tiny_features.FEATS``) on sys.path; returns its folder
     (for a subprocess's PYTHONPATH)."""
-    from tests.tiny_features import write_feature_module
+    from tests.support.tiny_features import write_feature_module
 
     folder = write_feature_module(tmp_path / "feats")
     monkeypatch.syspath_prepend(str(folder))
@@ -170,9 +170,9 @@ def feats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="module")
 def eval_single_thread() -> Iterator[None]:
-    """One thread for torch and BLAS/LAPACK while a module runs (``tests.eval_helpers``);
+    """One thread for torch and BLAS/LAPACK while a module runs (``tests.support.eval_helpers``);
     ``pytestmark = pytest.mark.usefixtures("eval_single_thread")``."""
-    from tests.eval_helpers import one_thread_everywhere
+    from tests.support.eval_helpers import one_thread_everywhere
 
     with one_thread_everywhere():
         yield
@@ -181,7 +181,7 @@ def eval_single_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def weights_path() -> str:
     """Random-weights Inception file for torch-fidelity, built once per test process (~91 MiB)."""
-    from tests.fidelity_weights import random_inception_weights_path
+    from tests.support.fidelity_weights import random_inception_weights_path
 
     return random_inception_weights_path()
 
@@ -196,19 +196,19 @@ def inception(weights_path: str):
 
 @pytest.fixture()
 def toy():
-    """A tiny deterministic feature extractor (``tests.eval_helpers.ToyClassifier``)."""
-    from tests.eval_helpers import ToyClassifier
+    """A tiny deterministic feature extractor (``tests.support.eval_helpers.ToyClassifier``)."""
+    from tests.support.eval_helpers import ToyClassifier
 
     return ToyClassifier()
 
 
 @pytest.fixture
 def s3_proxy(s3_server: str):
-    """A ``tests.netproxy.NetProxy`` in front of the session's moto server (drop / blackhole / throttle);
-    point ``client_kwargs.endpoint_url`` at ``s3_proxy.url`` to go through it."""
+    """A ``tests.support.netproxy.NetProxy`` in front of the session's moto server (drop / blackhole /
+    throttle); point ``client_kwargs.endpoint_url`` at ``s3_proxy.url`` to go through it."""
     from urllib.parse import urlparse
 
-    from tests.netproxy import NetProxy
+    from tests.support.netproxy import NetProxy
 
     target = urlparse(s3_server)
     proxy = NetProxy(target.hostname or "127.0.0.1", target.port or 80)

@@ -2,9 +2,9 @@
 
 torch-fidelity's ``FeatureExtractorInceptionV3`` needs the TF-ported weights file
 (weights-inception-2015-12-05-6726825d.pth, ~91 MiB), which repa never downloads. ``repa demo`` writes
-this stand-in when no ``--inception-weights`` is given, and the tests use it (tests/fidelity_weights.py),
-so every line of the real evaluation runs offline. FID values computed with it are meaningless
-(comparable only between runs given the same file).
+this stand-in when no ``--inception-weights`` is given, and the tests use it
+(tests/support/fidelity_weights.py), so every line of the real evaluation runs offline. FID values
+computed with it are meaningless (comparable only between runs given the same file).
 """
 
 from __future__ import annotations

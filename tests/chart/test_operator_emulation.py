@@ -366,7 +366,7 @@ def _render(tmp_path: Path, s3_server: str, bucket: str, **more: Any) -> list[di
 
 def _prepare_data(tmp_path: Path, data_url: str) -> None:
     from repa.data.prepare import prepare_images, prepare_latents
-    from tests.datasets import make_imagenet_tree
+    from tests.support.datasets import make_imagenet_tree
 
     tree = make_imagenet_tree(tmp_path / "source", per_class=6, corrupt=0)
     prepare_images(str(tree.root), data_url, resolution=16, samples_per_shard=4)
@@ -377,7 +377,7 @@ def _prepare_eval_inputs(cfg: Any) -> None:
     """Random-weights Inception on storage, and reference statistics of the dataset made with it."""
     from repa.eval.evaluate import compute_dataset_reference_stats
     from repa.eval.features import build_inception
-    from tests.fidelity_weights import random_inception_weights_path
+    from tests.support.fidelity_weights import random_inception_weights_path
 
     weights = random_inception_weights_path()
     storage.write_bytes_atomic(cfg.eval.inception_weights_url, Path(weights).read_bytes())

@@ -1,4 +1,5 @@
-"""`repa status` and `repa logs` against a fake Kubernetes API server (tests/fake_kube.py) on loopback.
+"""`repa status` and `repa logs` against a fake Kubernetes API server (tests/support/fake_kube.py) on
+loopback.
 
 The cluster holds what the chart renders (TrainJob or PyTorchJob, the run-config ConfigMap), the vendored
 `torch-distributed` ClusterTrainingRuntime, and pods as the controllers would make them from the rendered
@@ -16,7 +17,7 @@ import yaml
 from chart_helpers import NAMESPACE, one, render
 
 from repa.cli import main as repa_main
-from tests.fake_kube import FakeKube
+from tests.support.fake_kube import FakeKube
 
 
 def _pod(name: str, template: dict, labels: dict, restarts: int, phase: str = "Running") -> dict:

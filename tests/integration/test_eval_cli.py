@@ -19,9 +19,9 @@ from repa.data import format as fmt
 from repa.eval import sample as S
 from repa.eval.refstats import compute_reference_stats, load_reference_stats, save_reference_stats
 from repa.tensorboard import read_scalars
-from tests.tiny_features import FEATS
-from tests.tiny_runs import commit_tiny_checkpoint as commit_checkpoint
-from tests.tiny_runs import tiny_run_config
+from tests.support.tiny_features import FEATS
+from tests.support.tiny_runs import commit_tiny_checkpoint as commit_checkpoint
+from tests.support.tiny_runs import tiny_run_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -172,7 +172,7 @@ def test_reference_of_another_image_size_is_refused_before_sampling(tmp_path, fe
 def test_inception_fid_and_is_end_to_end_with_random_weights(tmp_path):
     """The real torch-fidelity InceptionV3 path (random weights: FID values meaningless, code path exact)."""
     from repa.eval.features import build_inception
-    from tests.fidelity_weights import random_inception_weights_path
+    from tests.support.fidelity_weights import random_inception_weights_path
 
     weights = random_inception_weights_path()
     ref_url = str(tmp_path / "ref.npz")

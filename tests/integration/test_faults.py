@@ -1,7 +1,7 @@
 """Production faults (issue 13): object-store outages behind a loopback proxy, corrupt and truncated
 checkpoints, the run lease, one-line errors, and preemption under torchrun.
 
-The S3 tests talk to the session's moto server through ``tests.netproxy.NetProxy`` (``s3_proxy``),
+The S3 tests talk to the session's moto server through ``tests.support.netproxy.NetProxy`` (``s3_proxy``),
 which drops, blackholes or throttles the connections on command; data stay local so only the run's
 own traffic (lease, config, checkpoints, TensorBoard) crosses the faulty network.
 """
@@ -199,7 +199,7 @@ def test_a_user_named_corrupt_checkpoint_is_a_one_line_error_for_sample(tmp_path
     import yaml
 
     from repa.config import RunConfig
-    from tests.tiny_runs import commit_tiny_checkpoint, tiny_run_config
+    from tests.support.tiny_runs import commit_tiny_checkpoint, tiny_run_config
 
     run_url = str(tmp_path / "run")
     tree = tiny_run_config(run_url, sample={"num_samples": 4, "num_steps": 2, "batch_size_per_device": 4})
@@ -412,7 +412,7 @@ def test_watch_once_exits_1_for_a_refused_checkpoint_and_quarantines_a_corrupt_o
 
     from repa.eval.refstats import compute_reference_stats, save_reference_stats
     from tests.integration.test_watch import cli, setup_run
-    from tests.tiny_features import FEATS
+    from tests.support.tiny_features import FEATS
 
     reference = str(tmp_path / "ref.npz")
     images = np.random.default_rng(0).integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)

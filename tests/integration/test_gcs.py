@@ -29,9 +29,9 @@ from repa.config import RunConfig
 from repa.data import prepare
 from repa.data.prepare import prepare_images, prepare_latents
 from repa.tensorboard import read_scalars
-from tests.datasets import make_imagenet_tree
-from tests.tiny_features import FEATS
-from tests.tiny_runs import (
+from tests.support.datasets import make_imagenet_tree
+from tests.support.tiny_features import FEATS
+from tests.support.tiny_runs import (
     TINY_TRAIN_SETS,
     commit_tiny_checkpoint,
     latent_run_sets,

@@ -32,7 +32,7 @@ from tests.integration.test_train import (
     _make_data,
     _subprocess_env,
 )
-from tests.tiny_runs import commit_tiny_checkpoint, tiny_run_config
+from tests.support.tiny_runs import commit_tiny_checkpoint, tiny_run_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,7 +188,7 @@ def test_torchrun_ranks_skip_the_same_step_when_only_rank_1_sees_the_nan(data, t
 def test_sample_and_eval_refuse_a_checkpoint_with_a_nan_in_the_ema(tmp_path, feats, capsys):
     from repa.eval.refstats import compute_reference_stats, save_reference_stats
     from tests.integration.test_eval_cli import random_images, write_config
-    from tests.tiny_features import FEATS
+    from tests.support.tiny_features import FEATS
 
     ref_url = str(tmp_path / "ref.npz")
     save_reference_stats(

@@ -1,6 +1,6 @@
 """`repa prepare` end to end on real storage: local files, fsspec memory, and S3 (a moto server).
 
-Small synthetic ImageNet trees (tests/datasets.py) at 16 px keep every test to a second or two.
+Small synthetic ImageNet trees (tests/support/datasets.py) at 16 px keep every test to a second or two.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from repa.data import format as fmt
 from repa.data import prepare
 from repa.data.prepare import images as images_stage
 from repa.data.prepare import latents as latents_stage
-from tests.datasets import ImageNetTree, make_imagenet_tar, make_imagenet_tree
+from tests.support.datasets import ImageNetTree, make_imagenet_tar, make_imagenet_tree
 
 RES = 16
 SPS = 5  # samples per shard: 14 source files -> 3 shards

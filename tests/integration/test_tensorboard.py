@@ -22,9 +22,9 @@ from repa.data.prepare import prepare_images, prepare_latents
 from repa.eval.features import build_inception
 from repa.eval.refstats import compute_reference_stats, save_reference_stats
 from repa.tensorboard import HPARAM_KEYS, read_scalars
-from tests.datasets import make_imagenet_tree
-from tests.fidelity_weights import random_inception_weights_path
-from tests.tiny_runs import TINY_TRAIN_SETS
+from tests.support.datasets import make_imagenet_tree
+from tests.support.fidelity_weights import random_inception_weights_path
+from tests.support.tiny_runs import TINY_TRAIN_SETS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -23,8 +23,8 @@ from repa import storage
 from repa.cli import main as repa_main
 from repa.data.prepare import prepare_images, prepare_latents
 from repa.tensorboard import read_scalars
-from tests.datasets import make_imagenet_tree
-from tests.tiny_runs import TINY_TRAIN_SETS, latent_run_sets, stage_latent_run
+from tests.support.datasets import make_imagenet_tree
+from tests.support.tiny_runs import TINY_TRAIN_SETS, latent_run_sets, stage_latent_run
 
 ROOT = Path(__file__).resolve().parents[2]
 

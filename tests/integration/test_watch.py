@@ -26,8 +26,8 @@ from repa import checkpoint as ckpt
 from repa import storage
 from repa.config import RunConfig
 from repa.tensorboard import read_scalars
-from tests.tiny_features import FEATS
-from tests.tiny_runs import commit_tiny_checkpoint, tiny_run_config
+from tests.support.tiny_features import FEATS
+from tests.support.tiny_runs import commit_tiny_checkpoint, tiny_run_config
 
 # NB: repa.eval.watch / repa.eval.evaluate are imported inside the tests: importing the module
 # `repa.eval.evaluate` rebinds the package attribute `repa.eval.evaluate` (metrics' function), which

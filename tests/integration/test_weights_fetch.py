@@ -1,6 +1,6 @@
 """`repa weights fetch` and ``hf://`` URLs against a fake Hugging Face Hub on 127.0.0.1 (HF_ENDPOINT).
 
-The fake Hub (tests/fake_hub.py) serves the Hub's file endpoints with a tiny timm DINOv2 repo, tiny
+The fake Hub (tests/support/fake_hub.py) serves the Hub's file endpoints with a tiny timm DINOv2 repo, tiny
 SD-VAE diffusers folders and, as plain URLs, an Inception weights file and a reference batch. The CLI
 runs in subprocesses, so huggingface_hub reads HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE as a user's
 shell sets them.
@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from repa import storage
-from tests.fake_hub import FakeHub
-from tests.tiny_runs import TINY_SD_VAE
+from tests.support.fake_hub import FakeHub
+from tests.support.tiny_runs import TINY_SD_VAE
 
 DINO = "timm/vit_base_patch14_dinov2.lvd142m"
 

@@ -25,7 +25,7 @@ from repa.encoders import (
     register_encoder,
 )
 from repa.weights import WeightsError
-from tests.golden import meta, state_dict, tensor
+from tests.support.golden import meta, state_dict, tensor
 
 RESOLUTION = meta("prep_resolution")
 GRID = meta("enc_pos_grid")  # patch grid after REPA's pos-embed resampling: 16 * (resolution // 256)

@@ -1,7 +1,7 @@
 """repa.eval.features: Inception weights from a path or fsspec URL (never downloaded), refused
 weights, and clear errors when none are given.
 
-Inception runs with random weights (tests/fidelity_weights.py); only built here, never run.
+Inception runs with random weights (tests/support/fidelity_weights.py); only built here, never run.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from repa import storage
 from repa.eval import INCEPTION_WEIGHTS_FILENAME, MetricsError, build_inception
-from tests.eval_helpers import ToyClassifier
+from tests.support.eval_helpers import ToyClassifier
 
 pytestmark = pytest.mark.usefixtures("eval_single_thread")
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from repa.data import format as fmt
-from tests.golden import golden
+from tests.support.golden import golden
 
 # ----------------------------------------------------------------------------------------------
 # helpers

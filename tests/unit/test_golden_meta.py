@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-import tests.golden as G
+import tests.support.golden as G
 import tests.unit.test_models as models_tests
 import tests.unit.test_objective as objective_tests
 import tests.unit.test_sampling as sampling_tests

@@ -10,7 +10,7 @@ import torch
 
 from repa import storage
 from repa.eval import MetricsError, compute_feature_stats, iter_image_batches
-from tests.eval_helpers import smooth_images
+from tests.support.eval_helpers import smooth_images
 
 pytestmark = pytest.mark.usefixtures("eval_single_thread")
 

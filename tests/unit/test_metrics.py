@@ -1,7 +1,7 @@
 """repa.eval.metrics: FID / IS / precision-recall of a sample set equal torch-fidelity's, other
 extractors give FD_<name>, result files, and references that do not fit are refused up front.
 
-Inception runs with random weights (tests/fidelity_weights.py) on 24 + 24 images of 64x64; an
+Inception runs with random weights (tests/support/fidelity_weights.py) on 24 + 24 images of 64x64; an
 Inception pass costs ~0.2 s per image on 2 idle CPU cores (torch-fidelity resizes to 299x299), so
 the expensive results are module fixtures shared by several tests (4 passes of 24 images and one of 12
 in all), and the module runs single-threaded (see ``single_thread``).
@@ -34,7 +34,7 @@ from repa.eval import (
 )
 from repa.eval.images import UInt8ImageDataset
 from repa.eval.metrics import evaluate
-from tests.eval_helpers import (
+from tests.support.eval_helpers import (
     SIZE,
     FeaturesOnly,
     adm_frechet_distance,

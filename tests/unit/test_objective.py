@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from repa.models import SiT
 from repa.objective import PATH_TYPES, TIME_SAMPLINGS, REPALoss, interpolant, negative_cosine, sample_time
-from tests.golden import interpolate, meta, per_projector, sit_model, tensor
+from tests.support.golden import interpolate, meta, per_projector, sit_model, tensor
 
 golden_model = sit_model  # eval mode: the golden run never drops labels
 

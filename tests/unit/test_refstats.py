@@ -17,7 +17,7 @@ from repa.eval import (
     load_reference_stats,
     save_reference_stats,
 )
-from tests.eval_helpers import smooth_images
+from tests.support.eval_helpers import smooth_images
 
 pytestmark = pytest.mark.usefixtures("eval_single_thread")
 

@@ -26,7 +26,7 @@ from repa import checkpoint as ckpt
 from repa.config import RunConfig
 from repa.eval import sample as S
 from repa.models.reference import model_args_from_recorded
-from tests.tiny_runs import NUM_CLASSES, commit_tiny_checkpoint, tiny_run_config
+from tests.support.tiny_runs import NUM_CLASSES, commit_tiny_checkpoint, tiny_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -18,8 +18,8 @@ from repa.sampling import (
     sample,
     sde_time_grid,
 )
-from tests.golden import golden, guidance, guided_steps, meta, sit_model, tensor, time_grid
-from tests.tiny_runs import perturb
+from tests.support.golden import golden, guidance, guided_steps, meta, sit_model, tensor, time_grid
+from tests.support.tiny_runs import perturb
 
 ATOL = 1e-5  # golden README: sample.ode_*, sample.sde_* (float32 model, float64 state)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from repa.eval import MetricsError, RunningFeatureStats, frechet_distance, inception_score, precision_recall
-from tests.eval_helpers import adm_frechet_distance, exact_fid_from_features, rel
+from tests.support.eval_helpers import adm_frechet_distance, exact_fid_from_features, rel
 
 pytestmark = pytest.mark.usefixtures("eval_single_thread")
 

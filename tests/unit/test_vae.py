@@ -22,7 +22,7 @@ from repa.vae import (
     to_uint8,
 )
 from repa.weights import WeightsError
-from tests.golden import meta, tensor
+from tests.support.golden import meta, tensor
 
 # A tiny AutoencoderKL: 2 resolution levels (downsample 2), 4 latent channels, few parameters.
 TINY = dict(

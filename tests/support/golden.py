@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-DEFAULT_GOLDEN = Path(__file__).parent / "fixtures" / "repa_golden_public.npz"
+DEFAULT_GOLDEN = Path(__file__).parent.parent / "fixtures" / "repa_golden_public.npz"
 
 
 def golden_path() -> Path:

@@ -62,7 +62,7 @@ def stage_latent_run(tmp_path: Path, bucket_url: str) -> None:
 
     from repa.data.prepare import prepare_images, prepare_latents
     from repa.vae import build_vae
-    from tests.datasets import make_imagenet_tree
+    from tests.support.datasets import make_imagenet_tree
 
     torch.manual_seed(0)
     vae_dir = tmp_path / "vae"
