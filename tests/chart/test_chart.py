@@ -417,12 +417,54 @@ def test_trainjob_runs_repa_under_torchrun_on_a_fixed_node_count(profile: str) -
     assert pod["spec"]["serviceAccountName"] == f"{RELEASE}-repa"
 
 
+@pytest.mark.parametrize("profile", PROFILES)
+def test_trainer_pods_of_either_backend_carry_a_job_identity_for_the_run_lease(profile: str) -> None:
+    """REPA_JOB_ID (repa.lease.job_identity): a TrainJob's from its JobSet's name and uid labels (same
+    across the JobSet's restarts, new for every TrainJob), a PyTorchJob's from its namespace and name."""
+    docs = render(profile)
+    job = trainer_job(docs)
+    name = job["metadata"]["name"]
+    if job["kind"] == "TrainJob":
+        pods = [trainjob_runtime.resolve(job, docs, uid=uid)[0] for uid in ("uid-a", "uid-a", "uid-b")]
+        ids = []
+        for pod in pods:
+            (node,) = pod["spec"]["containers"]
+            env = {e["name"]: e for e in node["env"]}
+            ids.append(
+                expand_env(
+                    env["REPA_JOB_ID"]["value"],
+                    {
+                        v: trainjob_runtime.downward_fields(pod)[env[v]["valueFrom"]["fieldRef"]["fieldPath"]]
+                        for v in ("REPA_JOBSET_NAME", "REPA_JOBSET_UID")
+                    },
+                )
+            )
+            order = [e["name"] for e in node["env"]]  # $(VAR) expands only from variables defined before
+            assert order.index("REPA_JOBSET_UID") < order.index("REPA_JOB_ID")
+        assert ids[0] == ids[1] == f"trainjob/{NAMESPACE}/{name}/uid-a"
+        assert ids[2] == f"trainjob/{NAMESPACE}/{name}/uid-b"
+    else:
+        (container,) = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["REPA_JOB_ID"] == f"pytorchjob/{NAMESPACE}/{name}"
+
+
+def expand_env(text: str, env: dict[str, str]) -> str:
+    for key, value in env.items():
+        text = text.replace(f"$({key})", value)
+    return text
+
+
 def comparable(pod: dict) -> dict:
-    """A trainer pod template without what differs by backend only: container name, PET_* env."""
+    """A trainer pod template without what differs by backend only: container name, PET_* env, the job
+    identity (REPA_JOB_ID and the JobSet labels it is made of)."""
     pod = copy.deepcopy(pod)
     for c in pod["spec"]["containers"]:
         c["name"] = "trainer"
-        c["env"] = [e for e in c["env"] if not e["name"].startswith("PET_")]
+        c["env"] = [e for e in c["env"] if not e["name"].startswith(("PET_", "REPA_JOB"))]
+    labels = pod["metadata"].get("labels", {})
+    for key in (trainjob_runtime.JOBSET_NAME_LABEL, trainjob_runtime.JOBSET_UID_LABEL):
+        labels.pop(key, None)
     return pod
 
 

@@ -231,6 +231,19 @@ operator requires it) or `node` (the container the v2 torch plugin injects into)
        large preemption checkpoint short, whatever the grace period; docs/kubernetes.md "Preemption").
        `repa torchrun` is torchrun that then exits 143 instead of 1 (repa/launch.py). */}}
 {{- $env = append $env (dict "name" "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" "value" (toString (max 1 (sub (int $t.terminationGracePeriodSeconds) (int $t.shutdownMarginSeconds))))) }}
+{{- /* The run lease's job identity (repa/lease.py, docs/kubernetes.md "Preemption and restarts"): a pod
+       of the same job takes the lease over, any other writer is refused with exit 5. TrainJob: the
+       JobSet the Trainer makes of it (named after the TrainJob) labels every pod with its name and uid,
+       so a JobSet restart (failurePolicy) is the same job and a new TrainJob, even of the same release,
+       is not; torchrun's own run id there is "none" for every TrainJob. PyTorchJob: the job's
+       namespace/name (its pods carry no uid label; the operator's rendezvous id is the job name too). */}}
+{{- if eq $t.backend "trainjob" }}
+{{- $env = append $env (dict "name" "REPA_JOBSET_NAME" "valueFrom" (dict "fieldRef" (dict "fieldPath" "metadata.labels['jobset.sigs.k8s.io/jobset-name']"))) }}
+{{- $env = append $env (dict "name" "REPA_JOBSET_UID" "valueFrom" (dict "fieldRef" (dict "fieldPath" "metadata.labels['jobset.sigs.k8s.io/jobset-uid']"))) }}
+{{- $env = append $env (dict "name" "REPA_JOB_ID" "value" (printf "trainjob/%s/$(REPA_JOBSET_NAME)/$(REPA_JOBSET_UID)" .Release.Namespace)) }}
+{{- else }}
+{{- $env = append $env (dict "name" "REPA_JOB_ID" "value" (printf "pytorchjob/%s/%s" .Release.Namespace (include "repa.jobName" .))) }}
+{{- end }}
 {{- with $t.nccl.debug }}
 {{- $env = append $env (dict "name" "NCCL_DEBUG" "value" .) }}
 {{- end }}
