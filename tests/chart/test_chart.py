@@ -635,11 +635,14 @@ def test_config_map_loads_with_repa_config(profile: str, tmp_path: Path) -> None
 
 
 PRESET_VALUES = {
+    "image": {"repository": "registry.example.com/ml/repa"},
     "config": {
         "preset": "sit-b-2-repa",
         "data": {"url": "s3://my-bucket/imagenet-256"},
         "storage": {"run_url": "s3://my-bucket/runs/b2"},
-    }
+        # no preset carries reference statistics: without them the evaluator is refused (or disabled)
+        "eval": {"reference_stats_url": "s3://my-bucket/refstats/VIRTUAL_imagenet256_labeled.npz"},
+    },
 }
 
 
@@ -671,8 +674,33 @@ def test_a_preset_and_the_two_storage_urls_install_without_repa_on_the_helm_mach
     path = tmp_path / "config.yaml"
     path.write_text(cm["data"]["config.yaml"])
     assert config.load_config(path) == config.load_config(
-        "sit-b-2-repa", ["data.url=s3://my-bucket/imagenet-256", "storage.run_url=s3://my-bucket/runs/b2"]
+        "sit-b-2-repa",
+        [
+            "data.url=s3://my-bucket/imagenet-256",
+            "storage.run_url=s3://my-bucket/runs/b2",
+            f"eval.reference_stats_url={PRESET_VALUES['config']['eval']['reference_stats_url']}",
+        ],
     )
+
+
+@pytest.mark.parametrize("helm", HELMS)
+def test_a_preset_install_without_reference_statistics_fails_at_template_time_naming_the_value(
+    helm: str, tmp_path: Path
+) -> None:
+    """No preset carries eval.reference_stats_url: the evaluator would crash-loop, so `helm template`
+    refuses in one line naming the value (or the install turns the evaluator off)."""
+    values = tmp_path / "b2.yaml"
+    values.write_text(yaml.safe_dump(PRESET_VALUES))
+    proc = run(
+        template_cmd(helm, values=(str(values),), sets=("config.eval.reference_stats_url=",)), check=False
+    )
+    assert proc.returncode != 0
+    error = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and "config.eval.reference_stats_url" in error[0], proc.stderr
+    assert "config.preset sit-b-2-repa" in error[0] and "evaluator.enabled=false" in error[0]
+    sets = ("config.eval.reference_stats_url=", "evaluator.enabled=false")
+    docs = load_yaml_docs(run(template_cmd(helm, values=(str(values),), sets=sets)).stdout)
+    assert not [d for d in docs if d["metadata"]["name"].endswith(("-evaluator", "-eval-launcher"))]
 
 
 @pytest.mark.parametrize(
@@ -854,6 +882,11 @@ BAD_VALUES = {
         "config.eval.reference_stats_url",
     ),
     "empty_image_repository": (["image.repository="], "image.repository"),
+    "bad_image_repository": (["image.repository=Registry/Repa"], "image.repository"),
+    "preset_without_reference_stats": (
+        ["config.preset=sit-b-2-repa", "config.eval.reference_stats_url="],
+        "config.eval.reference_stats_url",
+    ),
     "short_digest": (["image.digest=sha256:abc"], "image.digest"),
     "secret_mount_without_secret": (["storageAuth.mountPath=/var/secrets"], "storageAuth.mountPath"),
     "bad_restart_policy": (["trainer.restartPolicy=Sometimes"], "trainer.restartPolicy"),
@@ -921,10 +954,26 @@ def test_kubernetes_older_than_the_oldest_tested_version_is_refused(helm: str) -
     assert proc.returncode != 0 and ">=1.28.0-0" in proc.stderr
 
 
-def test_chart_defaults_alone_are_rejected_until_storage_urls_are_set() -> None:
-    proc = run([tool("helm"), "template", RELEASE, str(CHART)], check=False)
+@pytest.mark.parametrize("helm", HELMS)
+def test_chart_defaults_alone_are_rejected_in_one_line_naming_every_required_value(helm: str) -> None:
+    """No placeholder image or bucket: `helm template` of the bare chart names image.repository (and the
+    image `make image` builds), config.data.url and config.storage.run_url in one line, no schema dump."""
+    proc = run([tool(helm), "template", RELEASE, str(CHART)], check=False)
     assert proc.returncode != 0
-    assert names_field(proc.stderr, "config.storage.run_url") and names_field(proc.stderr, "config.data.url")
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    for field in ("image.repository", "config.data.url", "config.storage.run_url"):
+        assert field in error, proc.stderr
+    assert "make image" in error and "localhost/repa:" in error
+    assert "pattern" not in proc.stderr and "allOf" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("helm", HELMS)
+def test_the_bare_chart_lints_strictly(helm: str) -> None:
+    """`helm lint --strict` of the chart's own defaults: no schema error, no warning (lint renders
+    leniently; `helm template` / `install` then stop at the required values above)."""
+    proc = run([tool(helm), "lint", "--strict", str(CHART)])
+    assert "0 chart(s) failed" in proc.stdout
+    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
 
 
 # ------------------------------------------------------------------------------------------------
