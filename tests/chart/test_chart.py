@@ -1011,6 +1011,36 @@ def test_every_value_is_documented_with_a_helm_docs_comment() -> None:
     assert undocumented == []
 
 
+def test_chart_readme_is_generated_from_values_and_lists_every_value() -> None:
+    """`helm show readme` prints helm/repa/README.md: up to date with values.yaml (regenerate on drift)
+    and a table row for every value, or for the documented key whose default holds it."""
+    import update_chart_readme
+
+    readme = (CHART / "README.md").read_text()
+    assert update_chart_readme.render() == readme, (
+        "helm/repa/README.md drifted from values.yaml / Chart.yaml; run "
+        ".venv/bin/python tests/chart/update_chart_readme.py"
+    )
+    shown = run([tool("helm"), "show", "readme", str(CHART)]).stdout
+    assert shown.strip() == readme.strip()
+    rows = set(re.findall(r"^\| `([^`]+)` \|", shown, re.MULTILINE))
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    missing = [key for key, _ in walk(values) if not any(key == r or key.startswith(r + ".") for r in rows)]
+    assert missing == [], f"values without a README row: {missing}"
+    for required in ("image.repository", "config.data.url", "config.storage.run_url"):
+        assert required in rows
+    assert "make image" in shown and "localhost/repa:" in shown
+
+
+def test_chart_yaml_describes_the_default_backend() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    default = yaml.safe_load((CHART / "values.yaml").read_text())["trainer"]["backend"]
+    assert default == "trainjob"
+    description = " ".join(chart["description"].split())
+    assert "TrainJob (default" in description, description
+    assert "trainjob" in chart["keywords"]
+
+
 def test_notes_print_this_releases_real_names() -> None:
     out = run(
         [
