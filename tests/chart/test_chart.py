@@ -263,7 +263,7 @@ def test_pytorchjob_is_elastic_workers_only_running_repa_under_torchrun(profile:
     assert "standalone" not in ep and "nProcPerNode" not in ep  # PET_STANDALONE="" crashes torchrun
     assert spec["nprocPerNode"] == str(t["nprocPerNode"])
     (container,) = worker["template"]["spec"]["containers"]
-    assert container["command"] == ["repa", "torchrun"]  # torchrun that exits 143 on SIGTERM (repa.launch)
+    assert container["command"] == ["repa", "torchrun"]  # exits 143 on SIGTERM (repa.cluster.launch)
     assert container["args"] == ["-m", "repa", "train", "--config", "/etc/repa/config.yaml"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
@@ -400,7 +400,7 @@ def test_trainjob_runs_repa_under_torchrun_on_a_fixed_node_count(profile: str) -
     trainer = job["spec"]["trainer"]
     assert trainer["numNodes"] == t["maxReplicas"] == t["minReplicas"]
     assert trainer["numProcPerNode"] == int(t["nprocPerNode"])
-    assert trainer["command"] == ["repa", "torchrun"]  # exits 143 after SIGTERM (repa.launch)
+    assert trainer["command"] == ["repa", "torchrun"]  # exits 143 after SIGTERM (repa.cluster.launch)
     assert trainer["args"] == ["-m", "repa", "train", "--config", "/etc/repa/config.yaml"]
     assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == t["gpus"]
     pod, nodes = trainjob_runtime.resolve(job, docs)

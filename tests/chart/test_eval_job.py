@@ -18,8 +18,8 @@ from chart_helpers import KUBE_VERSIONS, NAMESPACE, eval_job_template, one, rend
 
 from repa import checkpoint as ckpt
 from repa.cli import main as repa_main
+from repa.cluster import jobs
 from repa.config import load_config
-from repa.eval import jobs
 
 STEPS = (400000, 410000)  # committed steps of the fixture's run
 

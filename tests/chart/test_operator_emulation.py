@@ -300,12 +300,13 @@ def stop_all(containers: list[Container]) -> None:
             c.proc.wait(timeout=30)
 
 
-def wait_all(containers: list[Container], timeout: float) -> dict[str, int]:
+def wait_all(containers: list[Container], timeout: float, stop_on_failure: bool = True) -> dict[str, int]:
     """Exit codes once all have exited; the first failure stops the rest (a peer would wait for it until
-    the rendezvous join_timeout); a timeout fails the test with the logs."""
+    the rendezvous join_timeout) unless ``stop_on_failure`` is False; a timeout fails the test with the
+    logs."""
     deadline = time.monotonic() + timeout
     while any(c.proc.poll() is None for c in containers):
-        if any(c.proc.poll() not in (None, 0) for c in containers):
+        if stop_on_failure and any(c.proc.poll() not in (None, 0) for c in containers):
             stop_all(containers)
             break
         if time.monotonic() > deadline:
@@ -456,7 +457,7 @@ def test_rendered_pytorchjob_trains_on_two_elastic_workers_and_its_eval_job_scor
 
     # --- the eval launcher (`repa watch --launch-jobs`, its rendered args + --once) creates the Jobs
     from repa.cli import main as repa_main
-    from repa.eval import jobs
+    from repa.cluster import jobs
 
     launcher = one(docs, "Deployment", "eval-launcher")
     launcher_root = pods / "eval-launcher"
@@ -620,18 +621,6 @@ def _start_trainjob(
     return job, started
 
 
-def _wait_exits(containers: list[Container], timeout: float) -> dict[str, int]:
-    """Exit codes of all (none is stopped early, unlike wait_all); a timeout fails with the logs."""
-    deadline = time.monotonic() + timeout
-    while any(c.proc.poll() is None for c in containers):
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {c.name}:\n{c.output()[-3000:]}" for c in containers)
-            stop_all(containers)
-            raise AssertionError(f"still running after {timeout} s\n{logs}")
-        time.sleep(0.2)
-    return {c.name: c.proc.returncode for c in containers}
-
-
 def _latest_step(run_url: str) -> int:
     committed, _ = ckpt.list_checkpoints(run_url)
     return committed[-1].step if committed else 0
@@ -673,7 +662,7 @@ def test_a_second_trainjob_release_on_the_same_run_url_exits_5_on_every_node_and
             "first checkpoint of the first release", lambda: _latest_step(run_url) > 0, first, TRAIN_TIMEOUT_S
         )
         _, second = _start_trainjob(second_docs, "uid-second", pods, identity)
-        codes = _wait_exits(second, TRAIN_TIMEOUT_S)
+        codes = wait_all(second, TRAIN_TIMEOUT_S, stop_on_failure=False)
         second_logs = "\n".join(f"--- {c.name}:\n{c.output()[-3000:]}" for c in second)
         assert set(codes.values()) == {5}, f"second release: exit codes {codes}\n{second_logs}"
         assert "is being trained by another process" in second_logs, second_logs
@@ -685,7 +674,7 @@ def test_a_second_trainjob_release_on_the_same_run_url_exits_5_on_every_node_and
         )
         for c in first:  # preemption of the first (the kubelet's SIGTERM to PID 1: repa torchrun)
             c.proc.send_signal(signal.SIGTERM)
-        first_codes = _wait_exits(first, TRAIN_TIMEOUT_S)
+        first_codes = wait_all(first, TRAIN_TIMEOUT_S, stop_on_failure=False)
     finally:
         stop_all(first + second)
     first_logs = "\n".join(f"--- {c.name}:\n{c.output()[-3000:]}" for c in first)

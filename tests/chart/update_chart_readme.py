@@ -135,20 +135,12 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from update_values_schema import update_file
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only report drift (exit 1), do not write")
     args = parser.parse_args(argv)
-    new = render()
-    old = README.read_text(encoding="utf-8") if README.exists() else ""
-    if new == old:
-        print(f"{README}: up to date")
-        return 0
-    if args.check:
-        print(f"{README}: drifted from values.yaml / Chart.yaml; run {__file__}")
-        return 1
-    README.write_text(new, encoding="utf-8")
-    print(f"{README}: regenerated")
-    return 0
+    return update_file(README, render(), args.check, "the values table (values.yaml, Chart.yaml)")
 
 
 if __name__ == "__main__":

@@ -254,7 +254,7 @@ operator requires it) or `node` (the container the v2 torch plugin injects into)
 {{- $env := list (dict "name" "TORCH_NCCL_ASYNC_ERROR_HANDLING" "value" (ternary "1" "0" $t.nccl.asyncErrorHandling)) (dict "name" "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" "value" "1") }}
 {{- /* torchrun SIGKILLs its workers this long after forwarding SIGTERM (torch's default 30 s would cut a
        large preemption checkpoint short, whatever the grace period; docs/kubernetes.md "Preemption").
-       `repa torchrun` is torchrun that then exits 143 instead of 1 (repa/launch.py). */}}
+       `repa torchrun` is torchrun that then exits 143 instead of 1 (repa/cluster/launch.py). */}}
 {{- $env = append $env (dict "name" "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" "value" (toString (max 1 (sub (int $t.terminationGracePeriodSeconds) (int $t.shutdownMarginSeconds))))) }}
 {{- /* The run lease's job identity (repa/lease.py, docs/kubernetes.md "Preemption and restarts"): a pod
        of the same job takes the lease over, any other writer is refused with exit 5. TrainJob: the

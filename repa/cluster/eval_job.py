@@ -4,8 +4,8 @@
 
 The Job is exactly the one ``repa watch --launch-jobs`` creates for that checkpoint (docs/kubernetes.md
 "Evaluation"): the chart's eval Job template (ConfigMap ``<fullname>-eval-job`` of ``--release``, or
-``--job-template FILE``) rendered by :func:`repa.eval.jobs.render_job` and named
-``<prefix>-step-NNNNNNN-<protocol digest>`` by :func:`repa.eval.jobs.job_name`. The name depends only on
+``--job-template FILE``) rendered by :func:`repa.cluster.jobs.render_job` and named
+``<prefix>-step-NNNNNNN-<protocol digest>`` by :func:`repa.cluster.jobs.job_name`. The name depends only on
 the run, the step and the evaluation protocol, and the output on nothing else (no timestamps), so a second
 ``kubectl apply`` of the same checkpoint is a no-op and a Job the watcher made is not duplicated.
 The run config (for the digest) is the release's ConfigMap ``<fullname>-config`` or ``--config``.
@@ -28,9 +28,9 @@ from typing import Any
 import yaml
 
 from repa import checkpoint as ckpt
-from repa import kube, storage
+from repa import storage
+from repa.cluster import jobs, kube
 from repa.config import ConfigError, RunConfig, add_config_arguments, load_config
-from repa.eval import jobs
 
 __all__ = ["add_arguments", "eval_job", "refuse_unless_committed", "run"]
 
@@ -92,6 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--fullname", help="the release's fullnameOverride, if it set one")
     parser.add_argument("-n", "--namespace", help="namespace (default: the template's, else the context's)")
+    parser.add_argument("--context", help="with --release: kubeconfig context (default: the current one)")
+    parser.add_argument("--kubeconfig", metavar="PATH", help="with --release: kubeconfig file (as kubectl's)")
     parser.add_argument(
         "--job-template",
         default=None,
@@ -106,8 +108,8 @@ def _from_release(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any], 
     from kubernetes import client
 
     names = kube.ReleaseNames.of(args.release, args.fullname)
-    namespace = args.namespace or kube.current_namespace()
-    core = client.CoreV1Api(kube.api_client())
+    namespace = args.namespace or kube.current_namespace(context=args.context, kubeconfig=args.kubeconfig)
+    core = client.CoreV1Api(kube.api_client(args.context, args.kubeconfig))
     data = {}
     for cm, key in ((names.config_map, "config.yaml"), (names.eval_job_config_map, "eval-job.yaml")):
         what = f"configmap {namespace}/{cm}"
