@@ -542,8 +542,6 @@ def test_rendered_trainjob_trains_on_two_nodes_of_the_torch_distributed_runtime_
 ):
     docs = _render(tmp_path, s3_server, s3_bucket, **TRAINJOB_VALUES)
     assert not [d for d in docs if d["kind"] in ("PyTorchJob", "TrainingRuntime")]
-    cluster = Cluster(NAMESPACE)
-    cluster.configmaps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
     cfg_file = tmp_path / "config.yaml"
     cfg_file.write_text(one(docs, "ConfigMap", "config")["data"]["config.yaml"])
     cfg = load_config(str(cfg_file))
@@ -564,20 +562,8 @@ def test_rendered_trainjob_trains_on_two_nodes_of_the_torch_distributed_runtime_
     assert env["PET_NNODES"]["value"] == "2" and env["PET_NPROC_PER_NODE"]["value"] == "1"
     assert env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == trainjob_runtime.COMPLETION_INDEX
     # No cluster DNS here: the JobSet's headless Service of pod 0 is loopback; the identity is the moto keys.
-    local = {"PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(_free_port())}
     identity = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    pods = tmp_path / "pods"
-    nodes_started = [
-        start_container(
-            f"{name}-node-0-{index}",
-            pod_spec,
-            cluster,
-            pods,
-            {**identity, **local},
-            fields={trainjob_runtime.COMPLETION_INDEX: str(index)},
-        )
-        for index in range(nodes)
-    ]
+    _, nodes_started = _start_trainjob(docs, "uid-myrun", tmp_path / "pods", identity)
     try:
         codes = wait_all(nodes_started, TRAIN_TIMEOUT_S)
     finally:
