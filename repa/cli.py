@@ -6,7 +6,7 @@ chosen verb's module is imported, so ``repa --help`` and ``repa config`` stay fa
 Every failure becomes one line on stderr (what failed, which URL or file, what to do) and an exit code
 (``EXIT_CODES``, documented in docs/kubernetes.md); the traceback is logged only with
 ``--log-level DEBUG``. ``repa torchrun ARGS`` is torchrun (``torch.distributed.run``) with a
-preemption-safe exit code (``repa.launch``).
+preemption-safe exit code (``repa.cluster.launch``).
 """
 
 from __future__ import annotations
@@ -63,13 +63,13 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("repa.eval.evaluate", "FID / IS / precision-recall of samples vs reference statistics"),
     "watch": Command("repa.eval.watch", "evaluate every new committed checkpoint of a run once"),
     "eval-job": Command(
-        "repa.eval.eval_job",
+        "repa.cluster.eval_job",
         "print the Kubernetes Job that evaluates one checkpoint (for kubectl apply -f -)",
     ),
     "status": Command(
-        "repa.status", "how a Helm release's run is doing: its TrainJob/PyTorchJob and storage"
+        "repa.cluster.status", "how a Helm release's run is doing: its TrainJob/PyTorchJob and storage"
     ),
-    "logs": Command("repa.logs", "the trainer's worker logs of a Helm release (-f follows)"),
+    "logs": Command("repa.cluster.logs", "the trainer's worker logs of a Helm release (-f follows)"),
     "weights": Command(
         "repa.hub", "fetch encoder, SD-VAE and Inception weights (Hugging Face Hub) to storage, print --set"
     ),
@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = _chosen_verb(argv, [*COMMANDS, "torchrun"])
     if verb == "torchrun":  # torchrun's own flags follow; argparse must not see them
-        from repa.launch import main as torchrun_main
+        from repa.cluster.launch import main as torchrun_main
 
         return torchrun_main(argv[argv.index("torchrun") + 1 :])
     parser = build_parser(argv)

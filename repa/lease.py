@@ -46,8 +46,23 @@ class LeaseError(RuntimeError):
 
 
 def job_identity() -> str | None:
-    """This process's job: ``REPA_JOB_ID``, else ``TORCHELASTIC_RUN_ID`` (torchrun), else None."""
-    return os.environ.get("REPA_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or None
+    """This process's job: ``REPA_JOB_ID``, else torchrun's ``TORCHELASTIC_RUN_ID``, else None.
+
+    torchrun's default run id (``--rdzv-id``) is the literal ``none``: every plain ``torchrun`` (and the
+    Kubeflow Trainer's torch runtime, whose static rendezvous passes no id) has it, so it names no job.
+    Then the job is this launch of torchrun: its elastic agent (our parent process) on this host, which
+    stays the same across the agent's restart rounds and differs for every new launch. The chart sets
+    ``REPA_JOB_ID`` for both backends (docs/kubernetes.md "One writer per run").
+    """
+    explicit = os.environ.get("REPA_JOB_ID")
+    if explicit:
+        return explicit
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not run_id:
+        return None
+    if run_id == "none":
+        return f"torchrun-{socket.gethostname()}-{os.getppid()}"
+    return run_id
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ committed checkpoint (``COMMITTED`` marker; uncommitted folders are never read) 
 
 - in-process (default): ``repa eval`` of that checkpoint; done = its result JSON exists
   (``{run_url}/eval/step-NNNNNNN/result-<digest>.json``, see ``repa.eval.evaluate``);
-- ``--launch-jobs``: one Kubernetes Job per checkpoint (``repa.eval.jobs``), followed through a marker
+- ``--launch-jobs``: one Kubernetes Job per checkpoint (``repa.cluster.jobs``), followed through a marker
   ``job-<digest>.json`` beside the result (:class:`JobTracker`): done = the result JSON, or the Job
   Complete; a Failed Job (or one gone without a result) is deleted and created again after a backoff,
   at most ``max_attempts`` times, then marked ``failed``; a checkpoint deleted by retention before its
@@ -43,9 +43,9 @@ import torch
 import repa.eval.evaluate as E
 from repa import checkpoint as ckpt
 from repa import storage
+from repa.cluster.jobs import JobStatus
 from repa.config import ConfigError, RunConfig
 from repa.eval import sample as S
-from repa.eval.jobs import JobStatus
 from repa.runtime import DistInfo, resolve_device
 
 log = logging.getLogger(__name__)
@@ -422,7 +422,7 @@ class JobTracker:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from repa.eval.jobs import DEFAULT_TEMPLATE_PATH
+    from repa.cluster.jobs import DEFAULT_TEMPLATE_PATH
 
     S.add_sampling_arguments(parser)
     E.add_eval_arguments(parser)
@@ -467,7 +467,7 @@ def run(args: argparse.Namespace) -> int:
     launcher = None
     try:
         if args.launch_jobs:
-            from repa.eval import jobs
+            from repa.cluster import jobs
 
             template = jobs.load_job_template(args.job_template)
             launcher = jobs.JobLauncher(

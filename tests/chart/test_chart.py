@@ -263,7 +263,7 @@ def test_pytorchjob_is_elastic_workers_only_running_repa_under_torchrun(profile:
     assert "standalone" not in ep and "nProcPerNode" not in ep  # PET_STANDALONE="" crashes torchrun
     assert spec["nprocPerNode"] == str(t["nprocPerNode"])
     (container,) = worker["template"]["spec"]["containers"]
-    assert container["command"] == ["repa", "torchrun"]  # torchrun that exits 143 on SIGTERM (repa.launch)
+    assert container["command"] == ["repa", "torchrun"]  # exits 143 on SIGTERM (repa.cluster.launch)
     assert container["args"] == ["-m", "repa", "train", "--config", "/etc/repa/config.yaml"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
@@ -400,7 +400,7 @@ def test_trainjob_runs_repa_under_torchrun_on_a_fixed_node_count(profile: str) -
     trainer = job["spec"]["trainer"]
     assert trainer["numNodes"] == t["maxReplicas"] == t["minReplicas"]
     assert trainer["numProcPerNode"] == int(t["nprocPerNode"])
-    assert trainer["command"] == ["repa", "torchrun"]  # exits 143 after SIGTERM (repa.launch)
+    assert trainer["command"] == ["repa", "torchrun"]  # exits 143 after SIGTERM (repa.cluster.launch)
     assert trainer["args"] == ["-m", "repa", "train", "--config", "/etc/repa/config.yaml"]
     assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == t["gpus"]
     pod, nodes = trainjob_runtime.resolve(job, docs)
@@ -417,12 +417,54 @@ def test_trainjob_runs_repa_under_torchrun_on_a_fixed_node_count(profile: str) -
     assert pod["spec"]["serviceAccountName"] == f"{RELEASE}-repa"
 
 
+@pytest.mark.parametrize("profile", PROFILES)
+def test_trainer_pods_of_either_backend_carry_a_job_identity_for_the_run_lease(profile: str) -> None:
+    """REPA_JOB_ID (repa.lease.job_identity): a TrainJob's from its JobSet's name and uid labels (same
+    across the JobSet's restarts, new for every TrainJob), a PyTorchJob's from its namespace and name."""
+    docs = render(profile)
+    job = trainer_job(docs)
+    name = job["metadata"]["name"]
+    if job["kind"] == "TrainJob":
+        pods = [trainjob_runtime.resolve(job, docs, uid=uid)[0] for uid in ("uid-a", "uid-a", "uid-b")]
+        ids = []
+        for pod in pods:
+            (node,) = pod["spec"]["containers"]
+            env = {e["name"]: e for e in node["env"]}
+            ids.append(
+                expand_env(
+                    env["REPA_JOB_ID"]["value"],
+                    {
+                        v: trainjob_runtime.downward_fields(pod)[env[v]["valueFrom"]["fieldRef"]["fieldPath"]]
+                        for v in ("REPA_JOBSET_NAME", "REPA_JOBSET_UID")
+                    },
+                )
+            )
+            order = [e["name"] for e in node["env"]]  # $(VAR) expands only from variables defined before
+            assert order.index("REPA_JOBSET_UID") < order.index("REPA_JOB_ID")
+        assert ids[0] == ids[1] == f"trainjob/{NAMESPACE}/{name}/uid-a"
+        assert ids[2] == f"trainjob/{NAMESPACE}/{name}/uid-b"
+    else:
+        (container,) = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["REPA_JOB_ID"] == f"pytorchjob/{NAMESPACE}/{name}"
+
+
+def expand_env(text: str, env: dict[str, str]) -> str:
+    for key, value in env.items():
+        text = text.replace(f"$({key})", value)
+    return text
+
+
 def comparable(pod: dict) -> dict:
-    """A trainer pod template without what differs by backend only: container name, PET_* env."""
+    """A trainer pod template without what differs by backend only: container name, PET_* env, the job
+    identity (REPA_JOB_ID and the JobSet labels it is made of)."""
     pod = copy.deepcopy(pod)
     for c in pod["spec"]["containers"]:
         c["name"] = "trainer"
-        c["env"] = [e for e in c["env"] if not e["name"].startswith("PET_")]
+        c["env"] = [e for e in c["env"] if not e["name"].startswith(("PET_", "REPA_JOB"))]
+    labels = pod["metadata"].get("labels", {})
+    for key in (trainjob_runtime.JOBSET_NAME_LABEL, trainjob_runtime.JOBSET_UID_LABEL):
+        labels.pop(key, None)
     return pod
 
 
@@ -593,11 +635,14 @@ def test_config_map_loads_with_repa_config(profile: str, tmp_path: Path) -> None
 
 
 PRESET_VALUES = {
+    "image": {"repository": "registry.example.com/ml/repa"},
     "config": {
         "preset": "sit-b-2-repa",
         "data": {"url": "s3://my-bucket/imagenet-256"},
         "storage": {"run_url": "s3://my-bucket/runs/b2"},
-    }
+        # no preset carries reference statistics: without them the evaluator is refused (or disabled)
+        "eval": {"reference_stats_url": "s3://my-bucket/refstats/VIRTUAL_imagenet256_labeled.npz"},
+    },
 }
 
 
@@ -629,8 +674,33 @@ def test_a_preset_and_the_two_storage_urls_install_without_repa_on_the_helm_mach
     path = tmp_path / "config.yaml"
     path.write_text(cm["data"]["config.yaml"])
     assert config.load_config(path) == config.load_config(
-        "sit-b-2-repa", ["data.url=s3://my-bucket/imagenet-256", "storage.run_url=s3://my-bucket/runs/b2"]
+        "sit-b-2-repa",
+        [
+            "data.url=s3://my-bucket/imagenet-256",
+            "storage.run_url=s3://my-bucket/runs/b2",
+            f"eval.reference_stats_url={PRESET_VALUES['config']['eval']['reference_stats_url']}",
+        ],
     )
+
+
+@pytest.mark.parametrize("helm", HELMS)
+def test_a_preset_install_without_reference_statistics_fails_at_template_time_naming_the_value(
+    helm: str, tmp_path: Path
+) -> None:
+    """No preset carries eval.reference_stats_url: the evaluator would crash-loop, so `helm template`
+    refuses in one line naming the value (or the install turns the evaluator off)."""
+    values = tmp_path / "b2.yaml"
+    values.write_text(yaml.safe_dump(PRESET_VALUES))
+    proc = run(
+        template_cmd(helm, values=(str(values),), sets=("config.eval.reference_stats_url=",)), check=False
+    )
+    assert proc.returncode != 0
+    error = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and "config.eval.reference_stats_url" in error[0], proc.stderr
+    assert "config.preset sit-b-2-repa" in error[0] and "evaluator.enabled=false" in error[0]
+    sets = ("config.eval.reference_stats_url=", "evaluator.enabled=false")
+    docs = load_yaml_docs(run(template_cmd(helm, values=(str(values),), sets=sets)).stdout)
+    assert not [d for d in docs if d["metadata"]["name"].endswith(("-evaluator", "-eval-launcher"))]
 
 
 @pytest.mark.parametrize(
@@ -812,6 +882,11 @@ BAD_VALUES = {
         "config.eval.reference_stats_url",
     ),
     "empty_image_repository": (["image.repository="], "image.repository"),
+    "bad_image_repository": (["image.repository=Registry/Repa"], "image.repository"),
+    "preset_without_reference_stats": (
+        ["config.preset=sit-b-2-repa", "config.eval.reference_stats_url="],
+        "config.eval.reference_stats_url",
+    ),
     "short_digest": (["image.digest=sha256:abc"], "image.digest"),
     "secret_mount_without_secret": (["storageAuth.mountPath=/var/secrets"], "storageAuth.mountPath"),
     "bad_restart_policy": (["trainer.restartPolicy=Sometimes"], "trainer.restartPolicy"),
@@ -879,10 +954,26 @@ def test_kubernetes_older_than_the_oldest_tested_version_is_refused(helm: str) -
     assert proc.returncode != 0 and ">=1.28.0-0" in proc.stderr
 
 
-def test_chart_defaults_alone_are_rejected_until_storage_urls_are_set() -> None:
-    proc = run([tool("helm"), "template", RELEASE, str(CHART)], check=False)
+@pytest.mark.parametrize("helm", HELMS)
+def test_chart_defaults_alone_are_rejected_in_one_line_naming_every_required_value(helm: str) -> None:
+    """No placeholder image or bucket: `helm template` of the bare chart names image.repository (and the
+    image `make image` builds), config.data.url and config.storage.run_url in one line, no schema dump."""
+    proc = run([tool(helm), "template", RELEASE, str(CHART)], check=False)
     assert proc.returncode != 0
-    assert names_field(proc.stderr, "config.storage.run_url") and names_field(proc.stderr, "config.data.url")
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    for field in ("image.repository", "config.data.url", "config.storage.run_url"):
+        assert field in error, proc.stderr
+    assert "make image" in error and "localhost/repa:" in error
+    assert "pattern" not in proc.stderr and "allOf" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("helm", HELMS)
+def test_the_bare_chart_lints_strictly(helm: str) -> None:
+    """`helm lint --strict` of the chart's own defaults: no schema error, no warning (lint renders
+    leniently; `helm template` / `install` then stop at the required values above)."""
+    proc = run([tool(helm), "lint", "--strict", str(CHART)])
+    assert "0 chart(s) failed" in proc.stdout
+    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
 
 
 # ------------------------------------------------------------------------------------------------
@@ -918,6 +1009,36 @@ def test_every_value_is_documented_with_a_helm_docs_comment() -> None:
         stack.append((indent, documented))
         comment_block = []
     assert undocumented == []
+
+
+def test_chart_readme_is_generated_from_values_and_lists_every_value() -> None:
+    """`helm show readme` prints helm/repa/README.md: up to date with values.yaml (regenerate on drift)
+    and a table row for every value, or for the documented key whose default holds it."""
+    import update_chart_readme
+
+    readme = (CHART / "README.md").read_text()
+    assert update_chart_readme.render() == readme, (
+        "helm/repa/README.md drifted from values.yaml / Chart.yaml; run "
+        ".venv/bin/python tests/chart/update_chart_readme.py"
+    )
+    shown = run([tool("helm"), "show", "readme", str(CHART)]).stdout
+    assert shown.strip() == readme.strip()
+    rows = set(re.findall(r"^\| `([^`]+)` \|", shown, re.MULTILINE))
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    missing = [key for key, _ in walk(values) if not any(key == r or key.startswith(r + ".") for r in rows)]
+    assert missing == [], f"values without a README row: {missing}"
+    for required in ("image.repository", "config.data.url", "config.storage.run_url"):
+        assert required in rows
+    assert "make image" in shown and "localhost/repa:" in shown
+
+
+def test_chart_yaml_describes_the_default_backend() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    default = yaml.safe_load((CHART / "values.yaml").read_text())["trainer"]["backend"]
+    assert default == "trainjob"
+    description = " ".join(chart["description"].split())
+    assert "TrainJob (default" in description, description
+    assert "trainjob" in chart["keywords"]
 
 
 def test_notes_print_this_releases_real_names() -> None:

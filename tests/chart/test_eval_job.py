@@ -2,7 +2,8 @@
 
 From the chart's own eval Job template and run config (rendered by helm): the output validates as a core
 Job, is the same for the same checkpoint (so a second apply is a no-op), is the Job the watcher would create,
-and its pod spec is the chart's eval Job pod spec with the checkpoint filled in.
+and its pod spec is the chart's eval Job pod spec with the checkpoint filled in. A checkpoint the watcher
+would not evaluate (missing, not committed, quarantined) gets no Job: one line, exit code 3.
 """
 
 from __future__ import annotations
@@ -15,33 +16,51 @@ import pytest
 import yaml
 from chart_helpers import KUBE_VERSIONS, NAMESPACE, eval_job_template, one, render
 
+from repa import checkpoint as ckpt
 from repa.cli import main as repa_main
+from repa.cluster import jobs
 from repa.config import load_config
-from repa.eval import jobs
 
-RUN_URL = "s3://repa-ci/runs/minimal"
+STEPS = (400000, 410000)  # committed steps of the fixture's run
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory) -> tuple[Path, Path, dict]:
+def release(tmp_path_factory) -> tuple[Path, Path, dict, str]:
+    """The chart's run config and eval Job template, and a run (a local folder) with committed steps."""
     docs = render("minimal")
     folder = tmp_path_factory.mktemp("release")
     (folder / "config.yaml").write_text(one(docs, "ConfigMap", "config")["data"]["config.yaml"])
     (folder / "eval-job.yaml").write_text(one(docs, "ConfigMap", "eval")["data"]["eval-job.yaml"])
-    return folder / "config.yaml", folder / "eval-job.yaml", eval_job_template(docs)
+    run_url = str(folder / "run")
+    for step in STEPS:
+        step_dir = folder / "run" / "checkpoints" / ckpt.step_dir_name(step)
+        step_dir.mkdir(parents=True)
+        (step_dir / ckpt.MARKER).write_text("{}")
+    return folder / "config.yaml", folder / "eval-job.yaml", eval_job_template(docs), run_url
 
 
 def eval_job(capsys, release, checkpoint: str) -> tuple[int, str, str]:
-    config, template, _ = release
+    config, template, _, run_url = release
     code = repa_main(
-        ["eval-job", "--config", str(config), "--job-template", str(template), "--checkpoint", checkpoint]
+        [
+            "eval-job",
+            "--config",
+            str(config),
+            "--set",
+            f"storage.run_url={run_url}",
+            "--job-template",
+            str(template),
+            "--checkpoint",
+            checkpoint,
+        ]
     )
     out, err = capsys.readouterr()
     return code, out, err
 
 
 def test_eval_job_prints_a_valid_job_named_after_run_step_and_protocol(capsys, release) -> None:
-    code, out, _ = eval_job(capsys, release, f"{RUN_URL}/checkpoints/step-0400000")
+    run_url = release[3]
+    code, out, _ = eval_job(capsys, release, f"{run_url}/checkpoints/step-0400000")
     assert code == 0
     job = yaml.safe_load(out)
     kubernetes_validate.validate(job, KUBE_VERSIONS[-1], strict=True)
@@ -49,21 +68,20 @@ def test_eval_job_prints_a_valid_job_named_after_run_step_and_protocol(capsys, r
     assert name.startswith("myrun-repa-eval-step-0400000-") and len(name) <= 63
     assert job["metadata"]["namespace"] == NAMESPACE and "generateName" not in job["metadata"]
     # idempotent: the same checkpoint gives the same manifest, byte for byte; another step another name
-    assert eval_job(capsys, release, f"{RUN_URL}/checkpoints/step-0400000/")[1] == out
-    other = yaml.safe_load(eval_job(capsys, release, f"{RUN_URL}/checkpoints/step-0410000")[1])
+    assert eval_job(capsys, release, f"{run_url}/checkpoints/step-0400000/")[1] == out
+    other = yaml.safe_load(eval_job(capsys, release, f"{run_url}/checkpoints/step-0410000")[1])
     assert other["metadata"]["name"].startswith("myrun-repa-eval-step-0410000-")
 
 
 def test_eval_job_is_the_job_the_watcher_creates_with_the_chart_pod_spec(capsys, release) -> None:
-    config, template_path, chart_template = release
-    url = f"{RUN_URL}/checkpoints/step-0400000"
+    config, template_path, chart_template, run_url = release
+    url = f"{run_url}/checkpoints/step-0400000"
     job = yaml.safe_load(eval_job(capsys, release, url)[1])
 
-    from repa import checkpoint as ckpt
     from repa.eval.evaluate import plan_evaluation
 
-    cfg = load_config(config)
-    plan = plan_evaluation(cfg, ckpt.CheckpointSource(url, "run", 400000, RUN_URL))
+    cfg = load_config(config, [f"storage.run_url={run_url}"])
+    plan = plan_evaluation(cfg, ckpt.CheckpointSource(url, "run", 400000, run_url))
     created = []
 
     class Api:
@@ -91,3 +109,35 @@ def test_a_checkpoint_outside_the_run_is_one_line_naming_the_flag(capsys, releas
     code, out, err = eval_job(capsys, release, "s3://elsewhere/checkpoints/step-0400000")
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "--checkpoint" in err and "Traceback" not in err
+
+
+def _watcher_would_evaluate(run_url: str, step: int) -> bool:
+    """The watcher's own selection: the committed steps of its listing (repa.eval.watch.poll_once)."""
+    committed, _ = ckpt.list_checkpoints(run_url)
+    return step in [ref.step for ref in committed]
+
+
+@pytest.mark.parametrize("case", ["missing", "uncommitted", "quarantined"])
+def test_a_checkpoint_the_watcher_would_skip_gets_no_job_one_line_exit_3(capsys, release, case) -> None:
+    run_url = release[3]
+    step = {"missing": 420000, "uncommitted": 430000, "quarantined": 440000}[case]
+    step_dir = Path(run_url) / "checkpoints" / ckpt.step_dir_name(step)
+    if case != "missing":
+        step_dir.mkdir(parents=True, exist_ok=True)
+        (step_dir / "state.pt").write_bytes(b"half an upload")
+    if case == "quarantined":
+        (step_dir / ckpt.MARKER).write_text("{}")
+        (step_dir / ckpt.QUARANTINE).write_text('{"reason": "sha256 of state.pt does not match"}')
+    assert not _watcher_would_evaluate(run_url, step)
+    code, out, err = eval_job(capsys, release, f"{run_url}/checkpoints/{ckpt.step_dir_name(step)}")
+    assert (code, out) == (3, ""), err
+    assert err.count("\n") == 1 and "Traceback" not in err and ckpt.step_dir_name(step) in err
+    assert {"missing": "does not exist", "uncommitted": "not committed", "quarantined": "quarantined"}[
+        case
+    ] in err
+    if case == "missing":
+        assert f"latest committed is step {STEPS[-1]}" in err
+    if case == "quarantined":
+        assert "sha256 of state.pt does not match" in err
+    # ... and the committed ones still get their Job, as the watcher would launch it
+    assert all(_watcher_would_evaluate(run_url, s) for s in STEPS)

@@ -158,6 +158,7 @@ def chart_like_base_text() -> str:
     base = yaml.safe_load((K8S / "base" / "config.yaml").read_text())
     sets = (
         "fullnameOverride=repa",
+        "image.repository=ghcr.io/example/repa",  # the base's placeholder image (overlays set their own)
         "trainer.backend=pytorchjob",  # the base's Secret needs envFrom; the trainer is not compared
         "serviceAccount.name=repa",
         "storageAuth.existingSecret=repa-storage",

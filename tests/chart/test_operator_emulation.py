@@ -300,12 +300,13 @@ def stop_all(containers: list[Container]) -> None:
             c.proc.wait(timeout=30)
 
 
-def wait_all(containers: list[Container], timeout: float) -> dict[str, int]:
+def wait_all(containers: list[Container], timeout: float, stop_on_failure: bool = True) -> dict[str, int]:
     """Exit codes once all have exited; the first failure stops the rest (a peer would wait for it until
-    the rendezvous join_timeout); a timeout fails the test with the logs."""
+    the rendezvous join_timeout) unless ``stop_on_failure`` is False; a timeout fails the test with the
+    logs."""
     deadline = time.monotonic() + timeout
     while any(c.proc.poll() is None for c in containers):
-        if any(c.proc.poll() not in (None, 0) for c in containers):
+        if stop_on_failure and any(c.proc.poll() not in (None, 0) for c in containers):
             stop_all(containers)
             break
         if time.monotonic() > deadline:
@@ -345,7 +346,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _render(tmp_path: Path, s3_server: str, bucket: str, **more: Any) -> list[dict]:
+def _render(
+    tmp_path: Path,
+    s3_server: str,
+    bucket: str,
+    *,
+    release: str = "myrun",
+    sets: tuple[str, ...] = (),
+    **more: Any,
+) -> list[dict]:
     overrides: dict[str, Any] = {
         "config": {
             "data": {"url": f"{bucket}/shards"},
@@ -359,9 +368,10 @@ def _render(tmp_path: Path, s3_server: str, bucket: str, **more: Any) -> list[di
     }
     for key, value in more.items():
         overrides[key] = {**overrides.get(key, {}), **value}
-    values = tmp_path / "emulation-overrides.yaml"
+    values = tmp_path / f"emulation-overrides-{release}.yaml"
     values.write_text(yaml.safe_dump(overrides))
-    return load_yaml_docs(run(template_cmd(values=(str(profile_file(PROFILE)), str(values)))).stdout)
+    cmd = template_cmd(values=(str(profile_file(PROFILE)), str(values)), sets=sets, release=release)
+    return load_yaml_docs(run(cmd).stdout)
 
 
 def _prepare_data(tmp_path: Path, data_url: str) -> None:
@@ -447,7 +457,7 @@ def test_rendered_pytorchjob_trains_on_two_elastic_workers_and_its_eval_job_scor
 
     # --- the eval launcher (`repa watch --launch-jobs`, its rendered args + --once) creates the Jobs
     from repa.cli import main as repa_main
-    from repa.eval import jobs
+    from repa.cluster import jobs
 
     launcher = one(docs, "Deployment", "eval-launcher")
     launcher_root = pods / "eval-launcher"
@@ -532,8 +542,6 @@ def test_rendered_trainjob_trains_on_two_nodes_of_the_torch_distributed_runtime_
 ):
     docs = _render(tmp_path, s3_server, s3_bucket, **TRAINJOB_VALUES)
     assert not [d for d in docs if d["kind"] in ("PyTorchJob", "TrainingRuntime")]
-    cluster = Cluster(NAMESPACE)
-    cluster.configmaps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
     cfg_file = tmp_path / "config.yaml"
     cfg_file.write_text(one(docs, "ConfigMap", "config")["data"]["config.yaml"])
     cfg = load_config(str(cfg_file))
@@ -554,20 +562,8 @@ def test_rendered_trainjob_trains_on_two_nodes_of_the_torch_distributed_runtime_
     assert env["PET_NNODES"]["value"] == "2" and env["PET_NPROC_PER_NODE"]["value"] == "1"
     assert env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == trainjob_runtime.COMPLETION_INDEX
     # No cluster DNS here: the JobSet's headless Service of pod 0 is loopback; the identity is the moto keys.
-    local = {"PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(_free_port())}
     identity = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    pods = tmp_path / "pods"
-    nodes_started = [
-        start_container(
-            f"{name}-node-0-{index}",
-            pod_spec,
-            cluster,
-            pods,
-            {**identity, **local},
-            fields={trainjob_runtime.COMPLETION_INDEX: str(index)},
-        )
-        for index in range(nodes)
-    ]
+    _, nodes_started = _start_trainjob(docs, "uid-myrun", tmp_path / "pods", identity)
     try:
         codes = wait_all(nodes_started, TRAIN_TIMEOUT_S)
     finally:
@@ -583,3 +579,92 @@ def test_rendered_trainjob_trains_on_two_nodes_of_the_torch_distributed_runtime_
     assert state["step"] == cfg.train.max_steps
     assert state["world_size"] == 2, "both nodes must have joined one process group"
     assert state["config"] == cfg.to_dict(), "the trainer must run the ConfigMap's config"
+
+
+def _start_trainjob(
+    docs: list[dict], uid: str, pods: Path, extra_env: dict[str, str]
+) -> tuple[dict, list[Container]]:
+    """The Trainer controller, the JobSet controller (pod labels: name and ``uid``) and the kubelet start
+    every node of the rendered TrainJob; the master address is loopback."""
+    cluster = Cluster(NAMESPACE)
+    cluster.configmaps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    job = one(docs, "TrainJob")
+    pod, nodes = trainjob_runtime.resolve(job, docs, uid=uid)
+    name = job["metadata"]["name"]
+    local = {"PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(_free_port())}
+    fields = trainjob_runtime.downward_fields(pod)
+    started = [
+        start_container(
+            f"{name}-node-0-{index}",
+            pod["spec"],
+            cluster,
+            pods,
+            {**extra_env, **local},
+            fields={**fields, trainjob_runtime.COMPLETION_INDEX: str(index)},
+        )
+        for index in range(nodes)
+    ]
+    return job, started
+
+
+def _latest_step(run_url: str) -> int:
+    committed, _ = ckpt.list_checkpoints(run_url)
+    return committed[-1].step if committed else 0
+
+
+def _until(what: str, ready, running: list[Container], timeout: float) -> None:
+    """Poll ``ready()`` while every container of ``running`` still runs (a test of liveness, not speed)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        exited = {c.name: c.proc.returncode for c in running if c.proc.poll() is not None}
+        logs = "\n".join(f"--- {c.name}:\n{c.output()[-3000:]}" for c in running)
+        assert not exited, f"exited before {what}: {exited}\n{logs}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s\n{logs}"
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_a_second_trainjob_release_on_the_same_run_url_exits_5_on_every_node_and_the_first_trains_on(
+    tmp_path, s3_server, s3_bucket, one_thread
+):
+    """Two releases, one run_url, 2 nodes each (issue 21): the chart's REPA_JOB_ID differs by TrainJob
+    (torchrun's run id is "none" in both), so the second is refused by the run lease on every node."""
+    sets = ("config.train.max_steps=1000000",)  # the first trains until this test stops it (SIGTERM)
+    first_docs = _render(tmp_path, s3_server, s3_bucket, release="first", sets=sets, **TRAINJOB_VALUES)
+    second_docs = _render(tmp_path, s3_server, s3_bucket, release="second", sets=sets, **TRAINJOB_VALUES)
+    cfg_file = tmp_path / "config.yaml"
+    cfg_file.write_text(one(first_docs, "ConfigMap", "config")["data"]["config.yaml"])
+    cfg = load_config(str(cfg_file))
+    assert one(second_docs, "ConfigMap", "config")["data"]["config.yaml"] == cfg_file.read_text()
+    _prepare_data(tmp_path, cfg.data.url)
+    run_url = cfg.storage.run_url
+    identity = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    pods = tmp_path / "pods"
+
+    _, first = _start_trainjob(first_docs, "uid-first", pods, identity)
+    second: list[Container] = []
+    try:
+        _until(
+            "first checkpoint of the first release", lambda: _latest_step(run_url) > 0, first, TRAIN_TIMEOUT_S
+        )
+        _, second = _start_trainjob(second_docs, "uid-second", pods, identity)
+        codes = wait_all(second, TRAIN_TIMEOUT_S, stop_on_failure=False)
+        second_logs = "\n".join(f"--- {c.name}:\n{c.output()[-3000:]}" for c in second)
+        assert set(codes.values()) == {5}, f"second release: exit codes {codes}\n{second_logs}"
+        assert "is being trained by another process" in second_logs, second_logs
+        assert "job trainjob/" in second_logs, second_logs  # the owner is named by its job identity
+        # The first keeps training: it commits a newer checkpoint after the second is gone.
+        after = _latest_step(run_url)
+        _until(
+            "checkpoint after the second release exited", lambda: _latest_step(run_url) > after, first, 120
+        )
+        for c in first:  # preemption of the first (the kubelet's SIGTERM to PID 1: repa torchrun)
+            c.proc.send_signal(signal.SIGTERM)
+        first_codes = wait_all(first, TRAIN_TIMEOUT_S, stop_on_failure=False)
+    finally:
+        stop_all(first + second)
+    first_logs = "\n".join(f"--- {c.name}:\n{c.output()[-3000:]}" for c in first)
+    assert set(first_codes.values()) <= {0, 143}, f"first release: exit codes {first_codes}\n{first_logs}"
+    assert "taken over" not in first_logs, first_logs
+    committed, _ = ckpt.list_checkpoints(run_url)
+    assert committed and committed[-1].step > after

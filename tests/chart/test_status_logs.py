@@ -9,12 +9,17 @@ pod templates; storage holds a committed checkpoint, an FID result and a given-u
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import trainjob_runtime
 import yaml
-from chart_helpers import NAMESPACE, one, render
+from chart_helpers import NAMESPACE, ROOT, one, render
 
 from repa.cli import main as repa_main
 from tests.support.fake_kube import FakeKube
@@ -166,11 +171,128 @@ def test_logs_prints_the_first_workers_log(backend, cluster, tmp_path, capsys) -
     assert out.strip() == ("node 0 step 200 | loss 0.5" if backend == "trainjob" else "worker 0 step 200")
 
 
-def test_a_missing_job_and_a_forbidden_one_are_one_line_errors(cluster, capsys) -> None:
+def test_a_missing_release_and_a_forbidden_one_are_one_line_errors(cluster, capsys) -> None:
     code, out, err = repa(capsys, "status", "nosuchrun")
     assert code == 2 and out == "" and err.count("\n") == 1
-    assert "no trainjob or pytorchjob repa-ci/nosuchrun-repa" in err and "Traceback" not in err
-    cluster.forbidden.add("/apis/trainer.kubeflow.org")
+    assert (
+        "no such release: no trainjob or pytorchjob repa-ci/nosuchrun-repa" in err and "Traceback" not in err
+    )
+    assert "CRD" not in err
+    cluster.forbidden.add("/apis/trainer.kubeflow.org/v1alpha1/namespaces")
     code, _, err = repa(capsys, "logs", "myrun")
     assert code == 2 and err.count("\n") == 1
     assert "no permission to read trainjob repa-ci/myrun-repa (HTTP 403)" in err
+
+
+@pytest.mark.parametrize("verb", ["status", "logs"])
+def test_a_cluster_without_the_trainjob_crd_is_told_apart_from_a_missing_release(
+    verb, cluster, capsys
+) -> None:
+    cluster.served.clear()  # neither Kubeflow API installed
+    code, out, err = repa(capsys, verb, "myrun")
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "the TrainJob CRD is not installed" in err and "no such release" not in err
+    cluster.served.add("kubeflow.org/v1")  # only the Training Operator: the release is just not there
+    code, out, err = repa(capsys, verb, "myrun")
+    assert code == 2 and err.count("\n") == 1
+    assert "no such release: no pytorchjob repa-ci/myrun-repa" in err
+    assert "the TrainJob CRD is not installed on this cluster" in err
+
+
+def _kubeconfig(path: Path, contexts: dict[str, tuple[str, str]], current: str) -> str:
+    """A kubeconfig with one cluster per context: name -> (server URL, namespace)."""
+    text = yaml.safe_dump(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": n, "cluster": {"server": url}} for n, (url, _) in contexts.items()],
+            "users": [{"name": "u", "user": {"token": "fake"}}],
+            "contexts": [
+                {"name": n, "context": {"cluster": n, "user": "u", "namespace": ns}}
+                for n, (_, ns) in contexts.items()
+            ],
+            "current-context": current,
+        }
+    )
+    path.write_text(text)
+    return str(path)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when this returns: connections are refused
+
+
+@pytest.mark.parametrize("backend", ["trainjob", "pytorchjob"])
+def test_context_and_kubeconfig_pick_the_cluster_and_namespace_as_kubectl_does(
+    backend, cluster, tmp_path, capsys
+) -> None:
+    docs = render("minimal", sets=(f"trainer.backend={backend}",))
+    _storage(tmp_path / "run")
+    _cluster(cluster, docs, tmp_path / "run")
+    down = f"http://127.0.0.1:{_closed_port()}"
+    config = _kubeconfig(
+        tmp_path / "two-clusters",
+        {"down": (down, "elsewhere"), "lab": (cluster.url, NAMESPACE)},
+        current="down",
+    )
+    code, out, err = repa(capsys, "status", "myrun", "--kubeconfig", config, "--context", "lab")
+    assert code == 0, err
+    assert "repa-ci/myrun-repa" in out  # the context's namespace
+    code, out, err = repa(capsys, "logs", "myrun", "--kubeconfig", config, "--context", "lab")
+    assert code == 0 and "step 200" in out, err
+    code, _, err = repa(capsys, "status", "myrun", "--kubeconfig", config)  # the current context: down
+    assert code == 2 and "cannot reach the Kubernetes API server" in err
+    code, _, err = repa(capsys, "status", "myrun", "--kubeconfig", config, "--context", "nosuch")
+    assert code == 2 and err.count("\n") == 1 and "context nosuch" in err
+
+
+def test_an_api_server_that_is_down_is_one_line_without_retry_warnings(tmp_path) -> None:
+    """A real process (logging as the CLI configures it): urllib3's default retries would log three
+    `Retrying (Retry(total=...))` warnings before the error."""
+    port = _closed_port()
+    config = _kubeconfig(tmp_path / "down", {"down": (f"http://127.0.0.1:{port}", NAMESPACE)}, current="down")
+    env = {**os.environ, "KUBECONFIG": config, "PYTHONPATH": str(ROOT)}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    for verb in ("status", "logs"):
+        started = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "repa", verb, "myrun"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr
+        assert f"cannot reach the Kubernetes API server (127.0.0.1:{port}: " in proc.stderr
+        assert "Connection refused" in proc.stderr and "Retrying" not in proc.stderr
+        print(f"repa {verb} against a down API server: exit 2 in {time.monotonic() - started:.1f} s")
+
+
+@pytest.mark.parametrize("backend", ["trainjob", "pytorchjob"])
+def test_logs_take_tail_since_previous_and_follow_with_kubectls_meanings(
+    backend, cluster, tmp_path, capsys
+) -> None:
+    docs = render("minimal", sets=(f"trainer.backend={backend}",))
+    _cluster(cluster, docs, tmp_path / "run")
+    pod, container = next(k for k in cluster.logs if k[1].endswith(("-0-0-x7k2q", "-worker-0")))[1:]
+    cluster.logs[(NAMESPACE, pod, container)] = "".join(f"step {i}\n" for i in range(1, 6))
+    cluster.previous_logs[(NAMESPACE, pod, container)] = "before the restart: CUDA error\n"
+    code, out, err = repa(capsys, "logs", "myrun", "--tail", "2")
+    assert code == 0 and out == "step 4\nstep 5\n", err
+    code, out, err = repa(capsys, "logs", "myrun", "--previous")
+    assert code == 0 and out == "before the restart: CUDA error\n", err
+    code, out, err = repa(capsys, "logs", "myrun", "--since", "1h30m", "-f")
+    assert code == 0 and out.endswith("step 5\n"), err
+    query = [r for r in cluster.requests if "/log?" in r][-1]
+    assert "sinceSeconds=5400" in query and "follow=true" in query.lower()
+    code, _, err = repa(capsys, "logs", "myrun", "--since", "5")  # kubectl wants a unit
+    assert code == 2 and "--since" in err
+    del cluster.previous_logs[(NAMESPACE, pod, container)]
+    code, _, err = repa(capsys, "logs", "myrun", "-p")
+    assert code == 2 and err.count("\n") == 1
+    assert f'previous terminated container "{container}" in pod "{pod}" not found' in err
+    code, _, err = repa(capsys, "logs", "myrun", "--node", "7")
+    assert code == 2 and "no pod for" in err and "7" in err

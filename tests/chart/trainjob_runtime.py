@@ -13,7 +13,10 @@ Read from kubeflow/trainer v2.3.0 (docs/kubernetes.md "Two backends"; the vendor
 4. the torch plugin injects PET_NNODES, PET_NPROC_PER_NODE (numProcPerNode, default "auto"),
    PET_NODE_RANK (the Job completion index, through the pod annotation), PET_MASTER_ADDR
    (`<trainjob>-node-0-0.<trainjob>`: pod 0 of Job 0 behind the JobSet's headless Service) and
-   PET_MASTER_PORT (29500) into container `node`, and the Job runs numNodes Indexed pods.
+   PET_MASTER_PORT (29500) into container `node`, and the Job runs numNodes Indexed pods;
+5. the JobSet controller labels every pod with the JobSet's name (the TrainJob's) and uid
+   (`jobset.sigs.k8s.io/jobset-name`, `jobset.sigs.k8s.io/jobset-uid`): one uid per TrainJob, kept
+   across the JobSet's restarts (sigs.k8s.io/jobset, "JobSet labels").
 
 A plain module (not conftest.py) shared by tests/chart/test_chart.py and test_operator_emulation.py.
 """
@@ -29,6 +32,8 @@ ASSETS = Path(__file__).parent / "assets" / "trainer-v2.3.0"
 NODE = "node"  # replicated job and container the torch plugin targets
 MASTER_PORT = 29500
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
+JOBSET_UID_LABEL = "jobset.sigs.k8s.io/jobset-uid"
 TORCH_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
 _KEYED_LISTS = ("containers", "initContainers", "volumes", "imagePullSecrets", "schedulingGates")
 
@@ -95,8 +100,9 @@ def runtime_of(trainjob: dict, objects: list[dict]) -> dict:
     return runtimes[ref["name"]]
 
 
-def resolve(trainjob: dict, objects: list[dict]) -> tuple[dict, int]:
-    """(the pod template of the `node` Job with PET_* injected, numNodes)."""
+def resolve(trainjob: dict, objects: list[dict], uid: str = "0000-emulated-uid") -> tuple[dict, int]:
+    """(the pod template of the `node` Job with PET_* injected and the JobSet labels set, numNodes).
+    ``uid``: the uid the API server gave the TrainJob's JobSet (a new one per TrainJob)."""
     runtime = runtime_of(trainjob, objects)
     (rjob,) = [r for r in runtime["spec"]["template"]["spec"]["replicatedJobs"] if r["name"] == NODE]
     pod = copy.deepcopy(rjob["template"]["spec"]["template"])
@@ -128,4 +134,16 @@ def resolve(trainjob: dict, objects: list[dict]) -> tuple[dict, int]:
     if "resourcesPerNode" in trainer:
         node["resources"] = copy.deepcopy(trainer["resourcesPerNode"])
     node["env"] = _merge_by("name", node.get("env") or [], [*env, *torch_env], lambda a, b: copy.deepcopy(b))
+    labels = pod.setdefault("metadata", {}).setdefault("labels", {})
+    labels.update({JOBSET_NAME_LABEL: name, JOBSET_UID_LABEL: uid})
     return pod, nodes
+
+
+def downward_fields(pod: dict) -> dict[str, str]:
+    """The downward API's ``metadata.labels['k']`` / ``metadata.annotations['k']`` of a pod template."""
+    meta = pod.get("metadata") or {}
+    return {
+        f"metadata.{kind}['{key}']": str(value)
+        for kind in ("labels", "annotations")
+        for key, value in (meta.get(kind) or {}).items()
+    }

@@ -34,24 +34,28 @@ def render(current: dict[str, Any]) -> str:
     return json.dumps(updated, indent=2, ensure_ascii=False) + "\n"
 
 
+def update_file(path: Path, new: str, check: bool, what: str) -> int:
+    """Write ``new`` to ``path`` (or with ``check`` only report a difference, exit code 1)."""
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    if new == old:
+        print(f"{path}: up to date")
+        return 0
+    if check:
+        print(f"{path}: {what} drifted; run {sys.argv[0]}")
+        return 1
+    path.write_text(new, encoding="utf-8")
+    print(f"{path}: regenerated {what}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only report drift (exit 1), do not write")
     args = parser.parse_args(argv)
-    text = SCHEMA_PATH.read_text(encoding="utf-8")
-    new = render(json.loads(text))
-    if new == text:
-        print(f"{SCHEMA_PATH}: up to date")
-        return 0
-    if args.check:
-        print(
-            f"{SCHEMA_PATH}: definitions.repaRunConfig drifted from "
-            f"repa.config_export.json_schema(); run {__file__}"
-        )
-        return 1
-    SCHEMA_PATH.write_text(new, encoding="utf-8")
-    print(f"{SCHEMA_PATH}: regenerated definitions.repaRunConfig")
-    return 0
+    new = render(json.loads(SCHEMA_PATH.read_text(encoding="utf-8")))
+    return update_file(
+        SCHEMA_PATH, new, args.check, "definitions.repaRunConfig (repa.config_export.json_schema())"
+    )
 
 
 if __name__ == "__main__":

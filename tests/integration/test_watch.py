@@ -308,7 +308,7 @@ COMPLETE = [{"type": "Complete", "status": "True"}]
 
 
 def test_launch_jobs_creates_one_job_per_checkpoint_and_409_means_done(tmp_path, reference):
-    from repa.eval import jobs
+    from repa.cluster import jobs
     from repa.eval.watch import launch_marker_url, make_watcher
 
     run_url = str(tmp_path / "run")
@@ -351,7 +351,7 @@ def test_launch_jobs_creates_one_job_per_checkpoint_and_409_means_done(tmp_path,
 
 
 def test_a_failed_eval_job_is_retried_after_a_backoff_and_the_retry_succeeds(tmp_path, reference, caplog):
-    from repa.eval import jobs
+    from repa.cluster import jobs
     from repa.eval.evaluate import plan_evaluation
     from repa.eval.watch import JobTracker, Watcher, launch_marker_url
 
@@ -390,7 +390,7 @@ def test_a_failed_eval_job_is_retried_after_a_backoff_and_the_retry_succeeds(tmp
 def test_an_eval_job_that_keeps_failing_is_given_up_and_a_deleted_checkpoint_is_not_retried(
     tmp_path, reference, caplog
 ):
-    from repa.eval import jobs
+    from repa.cluster import jobs
     from repa.eval.evaluate import plan_evaluation
     from repa.eval.watch import JobTracker, Watcher, launch_marker_url
 
@@ -417,7 +417,7 @@ def test_an_eval_job_that_keeps_failing_is_given_up_and_a_deleted_checkpoint_is_
 
 
 def test_an_eval_job_whose_checkpoint_vanished_is_reported_as_deleted_not_failed(tmp_path, reference):
-    from repa.eval import jobs
+    from repa.cluster import jobs
     from repa.eval.evaluate import plan_evaluation
     from repa.eval.watch import JobTracker, launch_marker_url
 
@@ -437,7 +437,7 @@ def test_an_eval_job_whose_checkpoint_vanished_is_reported_as_deleted_not_failed
 
 
 def test_job_names_are_dns_1123_labels_even_for_long_prefixes():
-    from repa.eval.jobs import job_name
+    from repa.cluster.jobs import job_name
 
     name = job_name("A_Very.Long-Release-Name-That-Goes-On-And-On-And-On-eval", 4_000_000, "AbCdEf0123")
     assert len(name) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name)
@@ -445,7 +445,7 @@ def test_job_names_are_dns_1123_labels_even_for_long_prefixes():
 
 
 def test_forbidden_job_creation_names_the_missing_permission(tmp_path):
-    from repa.eval import jobs
+    from repa.cluster import jobs
 
     (tmp_path / "t.yaml").write_text(JOB_TEMPLATE)
 

@@ -5,10 +5,15 @@
         kube.add(obj)                                  # any object with apiVersion/kind/metadata
         kube.logs[("ns", "pod", "container")] = "..."   # pod logs
         kube.forbidden.add("/apis/trainer.kubeflow.org")  # 403 for paths under a prefix
+        kube.served.discard("trainer.kubeflow.org/v1alpha1")  # as if that CRD were not installed
+        kube.previous_logs[("ns", "pod", "container")] = "..."  # the terminated container's (--previous)
         cfg = kube.configuration()                     # kubernetes.client.Configuration for the SDKs
 
 Paths follow the Kubernetes REST layout (/api/v1/..., /apis/<group>/<version>/[namespaces/<ns>/]<plural>);
-list calls honour `labelSelector` with `k=v`, `k!=v`, `k in (a,b)` and `k` clauses.
+list calls honour `labelSelector` with `k=v`, `k!=v`, `k in (a,b)` and `k` clauses; API discovery
+(`/apis/<group>/<version>`) lists the resources of the served group/versions (`served`), and any path of a
+group/version that is not served is a plain-text 404, as a real API server answers for a CRD that is not
+installed. Pod logs honour `tailLines` and `previous`.
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ PLURALS = {
     "TrainingRuntime": "trainingruntimes",
     "ClusterTrainingRuntime": "clustertrainingruntimes",
     "Event": "events",
+}
+# The custom resources of the two Kubeflow APIs, by group/version (what their CRDs install).
+CRD_GROUPS = {
+    "trainer.kubeflow.org/v1alpha1": ("TrainJob", "TrainingRuntime", "ClusterTrainingRuntime"),
+    "kubeflow.org/v1": ("PyTorchJob",),
 }
 _PATH = re.compile(
     r"^/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
@@ -62,6 +72,8 @@ class FakeKube:
         self.objects: dict[tuple[str, str | None, str], dict] = {}  # (plural, namespace, name)
         self.logs: dict[tuple[str, str, str], str] = {}
         self.forbidden: set[str] = set()
+        self.previous_logs: dict[tuple[str, str, str], str] = {}
+        self.served: set[str] = set(CRD_GROUPS)  # the custom group/versions whose CRDs are installed
         self.requests: list[str] = []
         fake = self
 
@@ -95,6 +107,13 @@ class FakeKube:
                 fake.requests.append(self.path)
                 if any(url.path.startswith(p) for p in fake.forbidden):
                     return self._status(403, "Forbidden", f"forbidden: {url.path}")
+                group_version = re.match(r"^/apis/([^/]+/[^/]+)(/|$)", url.path)
+                if group_version and group_version.group(1) not in CRD_GROUPS:
+                    group_version = None  # built-in groups (batch/v1, ...) are always served
+                if group_version and group_version.group(1) not in fake.served:
+                    return self._send(404, "404 page not found\n", "text/plain")  # CRD not installed
+                if group_version and url.path.rstrip("/") == f"/apis/{group_version.group(1)}":
+                    return self._send(200, fake.discovery(group_version.group(1)))
                 m = _PATH.match(url.path)
                 if not m:
                     return self._status(404, "NotFound", f"no route {url.path}")
@@ -117,9 +136,20 @@ class FakeKube:
                     return self._status(404, "NotFound", f'{plural} "{name}" not found')
                 if sub == "log":
                     container = query.get("container", [""])[0]
-                    text = fake.logs.get((ns, name, container))
+                    previous = query.get("previous", ["false"])[0].lower() == "true"  # the client sends True
+                    text = (fake.previous_logs if previous else fake.logs).get((ns, name, container))
+                    if text is None and previous:
+                        return self._status(
+                            400,
+                            "BadRequest",
+                            f'previous terminated container "{container}" in pod "{name}" not found',
+                        )
                     if text is None:
                         return self._status(400, "BadRequest", f"container {container} is not valid")
+                    if "tailLines" in query:
+                        lines = text.splitlines(keepends=True)
+                        tail = int(query["tailLines"][0])
+                        text = "".join(lines[len(lines) - tail :] if tail else [])
                     return self._send(200, text, "text/plain")
                 return self._send(200, obj)
 
@@ -129,6 +159,25 @@ class FakeKube:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def discovery(self, group_version: str) -> dict:
+        """The APIResourceList of a served custom group/version."""
+        resources = [
+            {
+                "name": PLURALS[kind],
+                "singularName": "",
+                "namespaced": True,
+                "kind": kind,
+                "verbs": ["get", "list"],
+            }
+            for kind in CRD_GROUPS[group_version]
+        ]
+        return {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": group_version,
+            "resources": resources,
+        }
 
     def add(self, obj: dict) -> dict:
         md = obj["metadata"]

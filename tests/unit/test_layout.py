@@ -156,3 +156,34 @@ def test_loading_validating_and_showing_a_config_imports_no_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_cluster_wing_is_one_package_with_one_api_client_loader():
+    """kube, status, logs, launch, jobs and eval_job live in repa/cluster/; only ``kube`` loads a
+    kubeconfig or the in-cluster config, the trainer never imports the wing, and the evaluator only its
+    Job launcher (``repa watch --launch-jobs``)."""
+    graph = import_graph()
+    wing = {m for m in graph if m.startswith("repa.cluster.")}
+    assert wing == {f"repa.cluster.{m}" for m in ("kube", "status", "logs", "launch", "jobs", "eval_job")}
+    for old in (
+        "repa.kube",
+        "repa.status",
+        "repa.logs",
+        "repa.launch",
+        "repa.eval.jobs",
+        "repa.eval.eval_job",
+    ):
+        assert old not in graph, f"{old} is back outside repa/cluster/"
+    loaders = sorted(
+        name
+        for name, (path, _) in module_files(PACKAGE_DIR).items()
+        if "load_kube_config" in path.read_text() or "load_incluster_config" in path.read_text()
+    )
+    assert loaders == ["repa.cluster.kube"]
+    for name, deps in graph.items():
+        cluster_deps = {d for d in deps if d.startswith("repa.cluster")}
+        if name.startswith("repa.train"):
+            assert not cluster_deps, f"{name} imports the cluster wing"
+        if name.startswith("repa.eval"):
+            assert cluster_deps <= {"repa.cluster.jobs"}, f"{name} imports {cluster_deps}"
+    assert not {d for d in graph["repa.cluster.kube"] if d.startswith("repa.")}, "kube is the wing's floor"

@@ -92,8 +92,30 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- include "repa.componentName" (list . "eval-launcher") }}
 {{- end }}
 
+{{/*
+The values a release cannot do without, all named in one message with what to set (helm lint --strict on
+the bare chart says exactly this). No defaults: a placeholder image or bucket would render fine and fail
+later in the cluster (ImagePullBackOff, a trainer that cannot write).
+*/}}
+{{- define "repa.requireValues" -}}
+{{- $missing := list }}
+{{- if not .Values.image.repository }}
+{{- $missing = append $missing (printf "image.repository (the repa image in your registry: `make image` builds localhost/repa:%s; push it and set e.g. image.repository=ghcr.io/<you>/repa)" .Chart.AppVersion) }}
+{{- end }}
+{{- if not (dig "data" "url" "" .Values.config) }}
+{{- $missing = append $missing "config.data.url (the dataset `repa prepare` wrote, e.g. s3://bucket/imagenet-256)" }}
+{{- end }}
+{{- if not (dig "storage" "run_url" "" .Values.config) }}
+{{- $missing = append $missing "config.storage.run_url (where the run writes checkpoints, e.g. s3://bucket/runs/myrun)" }}
+{{- end }}
+{{- if $missing }}
+{{- fail (printf "required values not set: %s" (join "; " $missing)) }}
+{{- end }}
+{{- end }}
+
 {{/* image reference: repository@digest, or repository:tag (tag defaults to appVersion). */}}
 {{- define "repa.image" -}}
+{{- include "repa.requireValues" . }}
 {{- if .Values.image.digest }}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
 {{- else }}
@@ -119,6 +141,7 @@ app.kubernetes.io/component: {{ index . 1 }}
 Cross-field rules that values.schema.json cannot express. Each message names the field and the fix.
 */}}
 {{- define "repa.validate" -}}
+{{- include "repa.requireValues" . }}
 {{- $t := .Values.trainer }}
 {{- $min := int64 $t.minReplicas }}
 {{- $max := int64 $t.maxReplicas }}
@@ -160,9 +183,11 @@ Cross-field rules that values.schema.json cannot express. Each message names the
 {{- end }}
 {{- if .Values.evaluator.enabled }}
 {{- $refstats := dig "eval" "reference_stats_url" "" .Values.config }}
-{{- /* With config.preset the resolved config is only known in the pod (`repa` checks it there and NOTES warns). */}}
-{{- if and (not $refstats) (not .Values.config.preset) }}
-{{- fail "evaluator.enabled is true but config.eval.reference_stats_url is empty: `repa eval` needs reference statistics; set it or set evaluator.enabled=false" }}
+{{- /* Also with config.preset: no preset carries reference statistics (they are the user's files), so a
+       preset install without them would only start an evaluator that crash-loops. */}}
+{{- if not $refstats }}
+{{- $preset := ternary (printf " (config.preset %s carries none)" (toString .Values.config.preset)) "" (not (empty .Values.config.preset)) }}
+{{- fail (printf "evaluator.enabled is true but config.eval.reference_stats_url is empty%s: `repa eval` needs reference statistics; set config.eval.reference_stats_url, or set evaluator.enabled=false" $preset) }}
 {{- end }}
 {{- end }}
 {{- if and .Values.gangScheduling.queue (not .Values.gangScheduling.enabled) }}
@@ -229,8 +254,21 @@ operator requires it) or `node` (the container the v2 torch plugin injects into)
 {{- $env := list (dict "name" "TORCH_NCCL_ASYNC_ERROR_HANDLING" "value" (ternary "1" "0" $t.nccl.asyncErrorHandling)) (dict "name" "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" "value" "1") }}
 {{- /* torchrun SIGKILLs its workers this long after forwarding SIGTERM (torch's default 30 s would cut a
        large preemption checkpoint short, whatever the grace period; docs/kubernetes.md "Preemption").
-       `repa torchrun` is torchrun that then exits 143 instead of 1 (repa/launch.py). */}}
+       `repa torchrun` is torchrun that then exits 143 instead of 1 (repa/cluster/launch.py). */}}
 {{- $env = append $env (dict "name" "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" "value" (toString (max 1 (sub (int $t.terminationGracePeriodSeconds) (int $t.shutdownMarginSeconds))))) }}
+{{- /* The run lease's job identity (repa/lease.py, docs/kubernetes.md "Preemption and restarts"): a pod
+       of the same job takes the lease over, any other writer is refused with exit 5. TrainJob: the
+       JobSet the Trainer makes of it (named after the TrainJob) labels every pod with its name and uid,
+       so a JobSet restart (failurePolicy) is the same job and a new TrainJob, even of the same release,
+       is not; torchrun's own run id there is "none" for every TrainJob. PyTorchJob: the job's
+       namespace/name (its pods carry no uid label; the operator's rendezvous id is the job name too). */}}
+{{- if eq $t.backend "trainjob" }}
+{{- $env = append $env (dict "name" "REPA_JOBSET_NAME" "valueFrom" (dict "fieldRef" (dict "fieldPath" "metadata.labels['jobset.sigs.k8s.io/jobset-name']"))) }}
+{{- $env = append $env (dict "name" "REPA_JOBSET_UID" "valueFrom" (dict "fieldRef" (dict "fieldPath" "metadata.labels['jobset.sigs.k8s.io/jobset-uid']"))) }}
+{{- $env = append $env (dict "name" "REPA_JOB_ID" "value" (printf "trainjob/%s/$(REPA_JOBSET_NAME)/$(REPA_JOBSET_UID)" .Release.Namespace)) }}
+{{- else }}
+{{- $env = append $env (dict "name" "REPA_JOB_ID" "value" (printf "pytorchjob/%s/%s" .Release.Namespace (include "repa.jobName" .))) }}
+{{- end }}
 {{- with $t.nccl.debug }}
 {{- $env = append $env (dict "name" "NCCL_DEBUG" "value" .) }}
 {{- end }}

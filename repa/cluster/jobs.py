@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from repa.cluster import kube
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -44,7 +46,6 @@ __all__ = [
 ]
 
 DEFAULT_TEMPLATE_PATH = "/etc/repa/eval-job.yaml"
-SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 MAX_NAME = 63  # DNS-1123 label: also the limit of the `job-name` label the Job controller adds
 _INVALID = re.compile(r"[^a-z0-9-]+")
 
@@ -130,28 +131,17 @@ def render_job(
 
 def current_namespace() -> str | None:
     """The pod's namespace (from its service-account mount), or None outside a cluster."""
-    try:
-        with open(SERVICE_ACCOUNT_NAMESPACE, encoding="utf-8") as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
+    return kube.pod_namespace()
 
 
 def batch_api() -> Any:
     """``kubernetes.client.BatchV1Api`` with the in-cluster config (a kubeconfig outside a cluster)."""
-    from kubernetes import client, config
+    from kubernetes import client
 
     try:
-        config.load_incluster_config()
-    except config.ConfigException as in_cluster:
-        try:
-            config.load_kube_config()
-        except Exception as e:
-            raise JobLaunchError(
-                f"no Kubernetes API access for --launch-jobs: not in a cluster ({in_cluster}) and no usable "
-                f"kubeconfig ({e})"
-            ) from e
-    return client.BatchV1Api()
+        return client.BatchV1Api(kube.api_client())
+    except kube.KubeError as e:
+        raise JobLaunchError(f"{e} (needed by --launch-jobs)") from None
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,16 @@
 
 The Job is exactly the one ``repa watch --launch-jobs`` creates for that checkpoint (docs/kubernetes.md
 "Evaluation"): the chart's eval Job template (ConfigMap ``<fullname>-eval-job`` of ``--release``, or
-``--job-template FILE``) rendered by :func:`repa.eval.jobs.render_job` and named
-``<prefix>-step-NNNNNNN-<protocol digest>`` by :func:`repa.eval.jobs.job_name`. The name depends only on
+``--job-template FILE``) rendered by :func:`repa.cluster.jobs.render_job` and named
+``<prefix>-step-NNNNNNN-<protocol digest>`` by :func:`repa.cluster.jobs.job_name`. The name depends only on
 the run, the step and the evaluation protocol, and the output on nothing else (no timestamps), so a second
 ``kubectl apply`` of the same checkpoint is a no-op and a Job the watcher made is not duplicated.
 The run config (for the digest) is the release's ConfigMap ``<fullname>-config`` or ``--config``.
+
+Only a checkpoint the watcher would evaluate gets a Job: one that ``repa.checkpoint.list_checkpoints``
+(the watcher's listing) counts as committed. A step folder that does not exist, has no ``COMMITTED``
+marker (still uploading) or is quarantined is refused with one line and exit code 3, before any Job is
+printed, so a typo in the step or an upload in flight never becomes a GPU Job that fails in the cluster.
 """
 
 from __future__ import annotations
@@ -23,11 +28,11 @@ from typing import Any
 import yaml
 
 from repa import checkpoint as ckpt
-from repa import kube, storage
+from repa import storage
+from repa.cluster import jobs, kube
 from repa.config import ConfigError, RunConfig, add_config_arguments, load_config
-from repa.eval import jobs
 
-__all__ = ["add_arguments", "eval_job", "run"]
+__all__ = ["add_arguments", "eval_job", "refuse_unless_committed", "run"]
 
 _STEP = re.compile(r"/checkpoints/step-(\d{7,})/?$")
 
@@ -47,12 +52,34 @@ def eval_job(cfg: RunConfig, template: dict[str, Any], checkpoint_url: str, name
         )
     step = int(m.group(1))
     url = storage.join(ckpt.checkpoints_url(run_url), ckpt.step_dir_name(step))  # the watcher's spelling
+    refuse_unless_committed(cfg.storage.locate(run_url), step)
     plan = plan_evaluation(cfg, ckpt.CheckpointSource(url, "run", step, run_url))
     launcher = jobs.JobLauncher(None, template, namespace=namespace)
     name = jobs.job_name(launcher.name_prefix, step, plan.digest)
     body = jobs.render_job(template, name=name, checkpoint_url=url, step=step, digest=plan.digest)
     body["metadata"]["namespace"] = launcher.namespace
     return body
+
+
+def refuse_unless_committed(run: storage.Location, step: int) -> None:
+    """CheckpointError (exit code 3) unless the watcher would evaluate step ``step`` of ``run``: the same
+    listing it polls (committed = a ``COMMITTED`` marker and no ``QUARANTINED`` one); then say why."""
+    committed, _ = ckpt.list_checkpoints(run)
+    if any(ref.step == step for ref in committed):
+        return
+    folder = storage.join(ckpt.checkpoints_url(run), ckpt.step_dir_name(step))
+    if not storage.exists(folder):
+        latest = f"the latest committed is step {committed[-1].step}" if committed else "none is committed"
+        raise ckpt.CheckpointError(f"checkpoint {folder} does not exist ({latest}); no Job printed")
+    reason = ckpt.quarantine_reason(folder)
+    if reason is not None:
+        raise ckpt.CheckpointError(
+            f"checkpoint {folder} is quarantined ({reason}); the watcher skips it, so no Job printed"
+        )
+    raise ckpt.CheckpointError(
+        f"checkpoint {folder} is not committed (no {ckpt.MARKER} marker: still uploading, or abandoned); "
+        "rerun once it is committed; no Job printed"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--fullname", help="the release's fullnameOverride, if it set one")
     parser.add_argument("-n", "--namespace", help="namespace (default: the template's, else the context's)")
+    parser.add_argument("--context", help="with --release: kubeconfig context (default: the current one)")
+    parser.add_argument("--kubeconfig", metavar="PATH", help="with --release: kubeconfig file (as kubectl's)")
     parser.add_argument(
         "--job-template",
         default=None,
@@ -79,8 +108,8 @@ def _from_release(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any], 
     from kubernetes import client
 
     names = kube.ReleaseNames.of(args.release, args.fullname)
-    namespace = args.namespace or kube.current_namespace()
-    core = client.CoreV1Api(kube.api_client())
+    namespace = args.namespace or kube.current_namespace(context=args.context, kubeconfig=args.kubeconfig)
+    core = client.CoreV1Api(kube.api_client(args.context, args.kubeconfig))
     data = {}
     for cm, key in ((names.config_map, "config.yaml"), (names.eval_job_config_map, "eval-job.yaml")):
         what = f"configmap {namespace}/{cm}"

@@ -3,10 +3,13 @@
 From the cluster, through the kubeflow SDKs: the trainer's phase, conditions, pods and restarts, for a
 TrainJob (``kubeflow.trainer.TrainerClient`` + ``kubeflow_trainer_api`` models) or a PyTorchJob
 (``kubeflow.training.TrainingClient``), whichever the release has (docs/kubernetes.md "Two backends").
+Which of the two CRDs the cluster has is asked first (API discovery), so "the TrainJob CRD is not
+installed" (install Kubeflow Trainer) is told apart from "no such release" (the name or namespace).
 From storage (the run config is the release's ConfigMap ``<fullname>-config``): the latest committed
 checkpoint, images/s from the last TensorBoard log, the last FID per checkpoint and the eval Jobs that
 failed or whose checkpoint was deleted (the watcher's ``job-<digest>.json`` markers, repa.eval.watch).
-Errors (not found, no permission, no API access) are one line and exit code 2.
+``--context`` / ``--kubeconfig`` / ``-n`` as kubectl's. Errors (not found, no permission, no CRD, an API
+server that does not answer) are one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -19,10 +22,19 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from repa import kube, storage
+from repa import storage
+from repa.cluster import kube
 from repa.config import ConfigError, RunConfig
 
-__all__ = ["JobView", "add_arguments", "cluster_view", "run", "storage_view"]
+__all__ = [
+    "JobView",
+    "add_arguments",
+    "add_cluster_arguments",
+    "cluster_view",
+    "run",
+    "storage_view",
+    "trainer_kind",
+]
 
 TRAINJOB_POD_SELECTOR = "jobset.sigs.k8s.io/jobset-name={name}"
 PYTORCHJOB_POD_SELECTOR = "training.kubeflow.org/job-name={name}"
@@ -94,31 +106,74 @@ def _pytorchjob(conf: Any, name: str, namespace: str) -> JobView:
     return JobView("PyTorchJob", name, namespace, phase, conditions, pods, sizes, "pytorch")
 
 
+TRAINJOB_API = ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
+PYTORCHJOB_API = ("kubeflow.org", "v1", "pytorchjobs")
+
+
+def installed_backends(conf: Any) -> list[str]:
+    """The trainer kinds whose CRD the API server serves: ``TrainJob``, ``PyTorchJob`` (in that order)."""
+    from kubernetes import client
+
+    api = client.ApiClient(conf)
+    kinds = (("TrainJob", TRAINJOB_API), ("PyTorchJob", PYTORCHJOB_API))
+    return [kind for kind, (group, version, plural) in kinds if kube.served(api, group, version, plural)]
+
+
+def not_installed(namespace: str, name: str) -> kube.KubeError:
+    return kube.KubeError(
+        f"the TrainJob CRD is not installed on this cluster ({TRAINJOB_API[2]}.{TRAINJOB_API[0]}), nor "
+        f"the PyTorchJob CRD, so there is no {namespace}/{name} to show: install Kubeflow Trainer v2 "
+        '(docs/kubernetes.md "Cluster prerequisites"), or check --context'
+    )
+
+
+def no_such_release(namespace: str, name: str, backends: list[str]) -> kube.KubeError:
+    kinds = " or ".join(k.lower() for k in backends)
+    crd = "" if "TrainJob" in backends else "; the TrainJob CRD is not installed on this cluster"
+    return kube.KubeError(
+        f"no such release: no {kinds} {namespace}/{name} (check the release name, -n and --context: "
+        f"`helm list -n {namespace}`){crd}"
+    )
+
+
+def trainer_kind(conf: Any, name: str, namespace: str) -> str:
+    """``TrainJob`` or ``PyTorchJob``: the kind of the release's trainer ``namespace/name``; KubeError when
+    neither CRD is installed, neither object exists, or it may not be read."""
+    from kubernetes import client
+
+    backends = installed_backends(conf)
+    if not backends:
+        raise not_installed(namespace, name)
+    custom = client.CustomObjectsApi(client.ApiClient(conf))
+    apis = {"TrainJob": TRAINJOB_API, "PyTorchJob": PYTORCHJOB_API}
+    for kind in backends:
+        group, version, plural = apis[kind]
+        try:
+            custom.get_namespaced_custom_object(group, version, namespace, plural, name)
+            return kind
+        except Exception as e:
+            if not kube.is_not_found(e):
+                raise kube.api_error(e, f"{kind.lower()} {namespace}/{name}") from None
+    raise no_such_release(namespace, name, backends)
+
+
 def cluster_view(conf: Any, name: str, namespace: str) -> JobView:
-    """The release's TrainJob, else its PyTorchJob; KubeError when neither exists or may be read."""
+    """The release's TrainJob, else its PyTorchJob (see :func:`trainer_kind`)."""
+    kind = trainer_kind(conf, name, namespace)
     try:
-        return _trainjob(conf, name, namespace)
+        return (_trainjob if kind == "TrainJob" else _pytorchjob)(conf, name, namespace)
     except Exception as e:
-        if not kube.is_not_found(e):
-            raise kube.api_error(e, f"trainjob {namespace}/{name}") from None
-    try:
-        return _pytorchjob(conf, name, namespace)
-    except Exception as e:
-        if kube.is_not_found(e):
-            raise kube.KubeError(
-                f"no trainjob or pytorchjob {namespace}/{name} (is the release name right?)"
-            ) from None
-        raise kube.api_error(e, f"pytorchjob {namespace}/{name}") from None
+        raise kube.api_error(e, f"{kind.lower()} {namespace}/{name}") from None
 
 
 def storage_view(cfg: RunConfig) -> list[str]:
     """Lines about the run's progress read from ``cfg.storage.run_url``."""
     from repa import checkpoint as ckpt
 
-    so = cfg.storage.storage_options or None
     run_url = cfg.storage.run_url.rstrip("/")
+    run = cfg.storage.locate(run_url)
     lines = [f"storage {run_url}"]
-    committed, _ = ckpt.list_checkpoints(run_url, so)
+    committed, _ = ckpt.list_checkpoints(run)
     if committed:
         lines.append(f"  latest checkpoint: step {committed[-1].step} ({len(committed)} committed)")
     else:
@@ -126,20 +181,20 @@ def storage_view(cfg: RunConfig) -> list[str]:
     with contextlib.suppress(Exception):  # no events yet, or TensorBoard unreadable: say nothing
         from repa.tensorboard import read_scalars
 
-        speed = read_scalars(storage.join(run_url, "tensorboard"), so).get("perf/images_per_second")
+        speed = read_scalars(storage.join(run, "tensorboard")).get("perf/images_per_second")
         if speed:
             lines.append(f"  throughput: {speed[-1][1]:.1f} samples/s (step {speed[-1][0]})")
     fids, failed = [], []
-    eval_url = storage.join(run_url, "eval")
-    folders = storage.listdir(eval_url, so) if storage.exists(eval_url, so) else []
+    evals = storage.join(run, "eval")
+    folders = storage.listdir(evals) if storage.exists(evals) else []
     for folder in sorted(folders):
         step_dir = folder.rstrip("/").rsplit("/", 1)[-1]
         if not step_dir.startswith("step-"):
             continue
         step = int(step_dir.removeprefix("step-"))
-        for url in sorted(storage.listdir(storage.join(eval_url, step_dir), so)):
+        for url in sorted(storage.listdir(storage.join(evals, step_dir))):
             leaf = url.rstrip("/").rsplit("/", 1)[-1]
-            data = json.loads(storage.read_bytes(storage.join(eval_url, step_dir, leaf), so))
+            data = json.loads(storage.read_bytes(storage.join(evals, step_dir, leaf)))
             if leaf.startswith("result-") and "fid" in data:
                 fids.append(f"step {step}: {data['fid']:.2f}")
             elif leaf.startswith("job-") and data.get("state") in ("failed", "checkpoint-deleted"):
@@ -163,10 +218,19 @@ def render(view: JobView) -> list[str]:
     return lines
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """RELEASE, -n, --fullname, --context, --kubeconfig: kubectl's meanings (shared with `repa logs`)."""
     parser.add_argument("release", help="Helm release of helm/repa")
     parser.add_argument("-n", "--namespace", help="namespace (default: the kubeconfig context's)")
     parser.add_argument("--fullname", help="the release's fullnameOverride, if it set one")
+    parser.add_argument("--context", help="kubeconfig context to use (default: the current context)")
+    parser.add_argument(
+        "--kubeconfig", metavar="PATH", help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config)"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_cluster_arguments(parser)
 
 
 def release_config(conf: Any, names: kube.ReleaseNames, namespace: str) -> RunConfig:
@@ -186,9 +250,9 @@ def release_config(conf: Any, names: kube.ReleaseNames, namespace: str) -> RunCo
 
 def run(args: argparse.Namespace) -> int:
     names = kube.ReleaseNames.of(args.release, args.fullname)
-    namespace = args.namespace or kube.current_namespace()
+    namespace = args.namespace or kube.current_namespace(context=args.context, kubeconfig=args.kubeconfig)
     try:
-        conf = kube.configuration()
+        conf = kube.configuration(args.context, args.kubeconfig)
         lines = render(cluster_view(conf, names.job, namespace))
         cfg = release_config(conf, names, namespace)
         if cfg.storage.run_url:
