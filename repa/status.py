@@ -118,7 +118,7 @@ def storage_view(cfg: RunConfig) -> list[str]:
     so = cfg.storage.storage_options or None
     run_url = cfg.storage.run_url.rstrip("/")
     lines = [f"storage {run_url}"]
-    committed, _ = ckpt.list_checkpoints(run_url, so)
+    committed, _ = ckpt.list_checkpoints(cfg.storage.locate(run_url))
     if committed:
         lines.append(f"  latest checkpoint: step {committed[-1].step} ({len(committed)} committed)")
     else:
