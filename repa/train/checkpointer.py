@@ -157,16 +157,6 @@ class Checkpointer:
             state = ckpt.load_checkpoint_state(ref)
         self.load_state_dict(state)
         self.last_committed = ref
-        log.info(
-            "resumed from %s (step %d, %d samples consumed)",
-            ref.url,
-            int(state["step"]),
-            int(
-                state["samples_consumed"]
-                if "samples_consumed" in state
-                else state["reader"]["samples_consumed"]
-            ),
-        )
         return ref
 
     # ------------------------------------------------------------------ saves

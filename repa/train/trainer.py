@@ -189,6 +189,16 @@ class Trainer:
         assert self.checkpointer is not None, "build() first"
         return self.checkpointer.saver
 
+    def resume(self) -> ckpt.CheckpointRef | None:
+        """Continue from the newest committed checkpoint that verifies (``Checkpointer.resume``)."""
+        assert self.checkpointer is not None, "build() first"
+        ref = self.checkpointer.resume()
+        if ref is not None:
+            log.info(
+                "resumed from %s (step %d, %d samples consumed)", ref.url, self.step, self.samples_consumed
+            )
+        return ref
+
     def save(self, *, wait: bool = False) -> ckpt.CheckpointRef | None:
         """Checkpoint the current step (``Checkpointer.save``)."""
         assert self.checkpointer is not None, "build() first"
@@ -309,7 +319,7 @@ class Trainer:
         try:
             self.build()
             assert self.checkpointer is not None
-            resumed = self.checkpointer.resume()
+            resumed = self.resume()
             self.stops.install()
             if self.info.is_main:
                 log.info(self.geometry.describe() + f"; {self.manifest.num_samples:,} samples/epoch")
@@ -441,7 +451,7 @@ class Trainer:
         at_step = self.step
         self.checkpointer.delete_after(first_step)
         history = self.health.history()
-        ref = self.checkpointer.resume()
+        ref = self.resume()
         start, end = self.health.rolled_back(history, at_step, self.step)
         log.warning(
             "health: rolled back from step %d to %s (step %d); samples [%d, %d) are skipped (rollback %d)",
