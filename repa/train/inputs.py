@@ -95,7 +95,7 @@ def _check_encoders(cfg: RunConfig) -> None:
 
 class ReaderPart:
     """The reader's part of a checkpoint. Saving asks the loader; loading keeps the state for the next
-    :func:`make_loader` (a running loop's loader is moved by ``Trainer.make_batches`` from
+    :func:`make_rank_loader` (a running loop's loader is moved by ``Trainer.make_batches`` from
     ``samples_consumed``: loading a state into a loader under a live iterator would not move it)."""
 
     def __init__(self) -> None:
@@ -109,7 +109,7 @@ class ReaderPart:
         self.resumed = dict(state)
 
 
-def make_loader(
+def make_rank_loader(
     cfg: RunConfig,
     info: D.DistInfo,
     geometry: BatchGeometry,

@@ -54,7 +54,7 @@ from repa.lease import Lease
 from repa.train.checkpointer import Checkpointer, claim_run
 from repa.train.ema import make_ema, update_ema
 from repa.train.health import HEALTH_EXIT_CODE, BadStep, HealthGuard
-from repa.train.inputs import BatchGeometry, ReaderPart, check_inputs, inject_fault, make_loader
+from repa.train.inputs import BatchGeometry, ReaderPart, check_inputs, inject_fault, make_rank_loader
 from repa.train.metrics import MetricsProcessor, flops_per_image, sample_grid
 from repa.train.stops import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Stops, UploadFailedError
 
@@ -324,7 +324,7 @@ class Trainer:
             if self.info.is_main:
                 log.info(self.geometry.describe() + f"; {self.manifest.num_samples:,} samples/epoch")
             self.metrics.open(self.step, resumed is not None)
-            self.reader.loader = make_loader(
+            self.reader.loader = make_rank_loader(
                 self.cfg,
                 self.info,
                 self.geometry,
