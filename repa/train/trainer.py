@@ -380,10 +380,12 @@ class Trainer:
     def _close(self, failed: BaseException | None) -> None:
         """Flush TensorBoard and drop the lease; after a storage failure touch the store no more (each
         call would wait out another deadline and its error would hide the first one). A failing run's
-        upload in flight commits nothing (fenced); with the store up its thread is joined first."""
+        upload in flight commits nothing (fenced); with the store up (and no second Ctrl-C) its thread is
+        joined first."""
         store_down = failed is not None and _is_storage_failure(failed)
         if failed is not None and self.info.is_main and self.checkpointer is not None:
-            self.checkpointer.abandon(join=not store_down)
+            aborted = isinstance(failed, KeyboardInterrupt)  # a second Ctrl-C: at once, no waiting
+            self.checkpointer.abandon(join=not store_down and not aborted)
         try:
             if hasattr(self, "metrics"):
                 self.metrics.close(upload=not store_down)
