@@ -143,7 +143,7 @@ def _measure(args: argparse.Namespace) -> int:
     manifest = SimpleNamespace(moments_shape=(8, latent, latent), class_names=[f"c{i}" for i in range(1000)])
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), manifest)
     trainer.build()
-    trainer.loader = SimpleNamespace(state_dict=lambda: {"samples_consumed": 0})
+    trainer.reader.loader = SimpleNamespace(state_dict=lambda: {"samples_consumed": 0})
     batch = {
         "image": torch.zeros(args.batch_size, 3, args.resolution, args.resolution, dtype=torch.uint8),
         "moments": torch.cat(

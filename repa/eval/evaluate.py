@@ -351,7 +351,7 @@ def evaluate_checkpoint(
         log.info("%s already evaluated: %s", source.url, plan.result_url)
         return EvalOutcome(plan.result_url, existing, skipped=True) if info.is_main else None
 
-    loaded = ckpt.load_model(cfg, source, device=info.device, check_config=check_config, storage_options=so)
+    loaded = ckpt.load_model(cfg, source, device=info.device, check_config=check_config)
     produced = int(loaded.model.input_size) * VAE_DOWNSAMPLE[S.decoder_vae_identity(cfg)["name"]]
     if produced != image_size:
         raise EvalError(
@@ -625,9 +625,9 @@ def run(args: argparse.Namespace) -> int:
     cfg.require_for("eval")
     info = D.init_distributed(cfg.train.device, cfg.train.process_group_timeout_seconds)
     try:
-        so = cfg.storage.storage_options or None
         source = ckpt.resolve_checkpoint(
-            args.checkpoint or cfg.sample.checkpoint_url, cfg.storage.run_url, so
+            cfg.storage.locate(args.checkpoint or cfg.sample.checkpoint_url),
+            cfg.storage.locate(cfg.storage.run_url),
         )
         outcome = evaluate_checkpoint(
             cfg,

@@ -407,7 +407,7 @@ def resolve_config(
     checkpoint = getattr(args, "checkpoint", None) or cfg.sample.checkpoint_url
     if checkpoint:
         with contextlib.suppress(ValueError, FileNotFoundError):  # reported properly by the caller
-            src = ckpt.resolve_checkpoint(checkpoint, None, so)
+            src = ckpt.resolve_checkpoint(cfg.storage.locate(checkpoint), None)
             run_url = src.run_url or run_url
     if run_url:
         config_url = storage.join(run_url, "config.yaml")
@@ -428,9 +428,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         so = cfg.storage.storage_options or None
         source = ckpt.resolve_checkpoint(
-            args.checkpoint or cfg.sample.checkpoint_url, cfg.storage.run_url, so
+            cfg.storage.locate(args.checkpoint or cfg.sample.checkpoint_url),
+            cfg.storage.locate(cfg.storage.run_url),
         )
-        loaded = ckpt.load_model(cfg, source, device=info.device, check_config=explicit, storage_options=so)
+        loaded = ckpt.load_model(cfg, source, device=info.device, check_config=explicit)
         runtime.enable_tf32(info.device, cfg.train.allow_tf32)
         vae, vae_identity = build_decoder_vae(cfg, info.device)
         spec = SampleSpec.from_config(cfg)

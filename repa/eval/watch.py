@@ -140,7 +140,7 @@ class Watcher:
         for ref in refs:
             if ref.step in self.finished:
                 continue
-            source = ckpt.CheckpointSource(ref.url, "run", ref.step, self.run_url)
+            source = ckpt.CheckpointSource(ref.url, "run", ref.step, self.run_url, ref.options)
             plan = self.plan(source)
             if self.is_done(plan):
                 self.finished.add(ref.step)
@@ -151,7 +151,7 @@ class Watcher:
     # ------------------------------------------------------------------ one poll
     def poll_once(self, report: WatchReport) -> None:
         """List once and handle every pending checkpoint. Listing errors propagate (the caller backs off)."""
-        committed, partial = ckpt.list_checkpoints(self.run_url, self.storage_options)
+        committed, partial = ckpt.list_checkpoints(storage.Location(self.run_url, self.storage_options or {}))
         report.polls += 1
         if partial:
             log.debug("ignoring %d uncommitted checkpoint folder(s): %s", len(partial), partial[:3])
@@ -177,9 +177,7 @@ class Watcher:
                 if storage.is_transient(e):
                     raise  # storage trouble: back off and retry the whole poll
                 if isinstance(e, ckpt.CorruptCheckpointError):  # verification failed: never again
-                    ckpt.quarantine_checkpoint(
-                        ckpt.CheckpointRef(step, source.url), str(e), self.storage_options
-                    )
+                    ckpt.quarantine_checkpoint(ckpt.CheckpointRef(step, source.url, source.options), str(e))
                     self.attempts[step] = self.max_attempts - 1
                 self.attempts[step] = self.attempts.get(step, 0) + 1
                 left = self.max_attempts - self.attempts[step]

@@ -1,5 +1,5 @@
-"""SiT models: the network (``sit.py``), its torch-free size table (``sizes.py``) and the official
-checkpoint layout (``reference.py``).
+"""SiT models: the network (``sit.py``) and its torch-free size table (``sizes.py``); plain ``nn``
+(the official checkpoint layout is read by ``repa.checkpoint.model``).
 
 Importing the package is cheap: the torch modules load on first use of their names, so
 ``repa.models.sizes`` serves config validation without torch.
@@ -18,7 +18,6 @@ __all__ = [
     "SiT_models",
     "build_mlp",
     "build_model",
-    "load_reference_state_dict",
     "num_parameters",
 ]
 
@@ -28,7 +27,6 @@ _LAZY = {
     "build_mlp": "repa.models.sit",
     "build_model": "repa.models.sit",
     "num_parameters": "repa.models.sit",
-    "load_reference_state_dict": "repa.models.reference",
 }
 
 

@@ -73,14 +73,16 @@ class BadStep:
     checks: list[str]
     loss: float
     grad_norm: float
-    keys: list[str] = field(default_factory=list)  # sample keys of rank 0's part of the batch
+    # sample keys, gathered from every rank: those of the ranks whose loss was not finite (all ranks'
+    # for a spike or a non-finite gradient, which belong to the whole batch)
+    keys: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         keys = ", ".join(self.keys[:8]) + (", ..." if len(self.keys) > 8 else "")
         return (
             f"step {self.step}: {'+'.join(self.checks)} (loss {self.loss:.4g}, "
             f"grad norm {self.grad_norm:.4g}); samples [{self.start}, {self.end}) skipped "
-            f"(rank 0 keys: {keys})"
+            f"(keys: {keys})"
         )
 
 

@@ -7,6 +7,11 @@ One optimiser step, as the reference ``train.py`` (sihyun-yu/REPA; docs/architec
     L   = denoising + proj_coeff * projection      repa.objective.REPALoss
     AdamW step after clipping the grad norm to max_grad_norm; EMA (fp32) every step.
 
+The loop is five calls (torchtitan's shape): step -> health verdict -> stops -> metrics -> checkpointer,
+each a component with one job: ``repa.train.health`` (which steps to skip, when to roll back),
+``repa.train.stops`` (signals, a failed upload, a lost lease), ``repa.train.metrics`` (log, TensorBoard,
+throughput, MFU), ``repa.train.checkpointer`` (the Stateful parts, resume, background saves, fencing).
+
 Design choices that make restarts exact and elastic:
 - Randomness is a function of progress: before each micro-batch the global RNG is seeded from
   (seed, step, rank, micro-batch) (edm2's approach), so resuming needs no RNG blobs and a resumed
@@ -16,25 +21,14 @@ Design choices that make restarts exact and elastic:
   and offsets for any world size, and a resume whose order settings changed is refused.
 - Every process resumes from the newest *committed* checkpoint found at start (rank 0 looks,
   all ranks load the same one), so a torchrun restart after a member died simply continues.
-- Before every update the health guard (``repa.train.health``, docs/training-health.md) judges the
-  step from the same all-reduced loss and grad norm on every rank: a non-finite or spiking step is
-  skipped (no AdamW, no EMA), repeated ones roll back to the checkpoint before them past the bad data,
-  and too many rollbacks stop the run with exit code 3. ``self.step`` counts applied updates.
-- All ranks stop at the same step (they run in lock-step), so the elastic PyTorchJob, which
-  succeeds as soon as ANY worker exits 0, only succeeds when the run is really finished. A
-  preempted run (SIGTERM) commits a checkpoint and exits 143, never 0.
-
-Production faults (docs/kubernetes.md, "Preemption and restarts"):
-- Saves do not stall training: rank 0 copies the state to CPU and a background thread serializes,
-  uploads and commits it (``repa.checkpoint.BackgroundSaver``); a later save, the end of the run and
-  SIGTERM wait for it. No rank waits in a collective with the process-group timeout for an upload:
-  waits happen in a barrier of a gloo group whose timeout covers the storage deadline. A failed upload
-  (after the storage retries) stops every rank at the next step (exit code 4).
-- Resume loads the newest checkpoint that verifies against ``COMMITTED``; broken ones are quarantined
-  (``repa.checkpoint.load_latest_verified``); rank 0 chooses, every rank loads that one.
-- Rank 0 holds the run's lease (``repa.lease``) from before its first write to exit.
-- On a storage failure the cleanup (TensorBoard upload, lease removal) is skipped, so the error that
-  ends the run is the first one, not a later one of the cleanup.
+- One collective per step, before the update: the mean losses, the grad norm, the count of ranks with a
+  non-finite loss and every rank's stop flags travel in one all-reduce, so the guard's verdict and the
+  decision to stop are the same on every rank; all ranks stop at the same step, so the elastic
+  PyTorchJob (which succeeds as soon as ANY worker exits 0) only succeeds when the run is finished. A
+  preempted run (SIGTERM) commits a checkpoint and exits 143, a Ctrl-C'd one 130; never 0.
+- Rank 0 holds the run's lease (``repa.lease``) from before its first write to exit; on a storage
+  failure the cleanup (TensorBoard upload, lease removal) is skipped, so the error that ends the run is
+  the first one, not a later one of the cleanup.
 """
 
 from __future__ import annotations
@@ -42,13 +36,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
-import signal
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -59,121 +48,26 @@ from torch.nn.parallel import DistributedDataParallel
 from repa import checkpoint as ckpt
 from repa import runtime as D
 from repa import storage
-from repa.config import ConfigError, RunConfig, TrainConfig, add_config_arguments, config_from_args
+from repa.config import RunConfig, add_config_arguments, config_from_args
 from repa.data.format import Manifest
-from repa.lease import Lease, LeaseError
-from repa.tensorboard import TensorBoardLogger
+from repa.lease import Lease
+from repa.train.checkpointer import Checkpointer, claim_run
 from repa.train.ema import make_ema, update_ema
 from repa.train.health import HEALTH_EXIT_CODE, BadStep, HealthGuard
-from repa.train.throughput import Throughput, gpu_memory_gib
+from repa.train.inputs import BatchGeometry, ReaderPart, check_inputs, inject_fault, make_rank_loader
+from repa.train.metrics import MetricsProcessor, flops_per_image, sample_grid
+from repa.train.stops import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Stops, UploadFailedError
+
+__all__ = ["PREEMPTED_EXIT_CODE", "BatchGeometry", "Trainer", "UploadFailedError", "check_inputs", "run"]
 
 log = logging.getLogger(__name__)
 
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the operator recreates the pod; 0 would end the job
-
-
-@dataclass(frozen=True)
-class BatchGeometry:
-    """How the global batch is split: global = micro_batch x accumulation x world_size."""
-
-    global_batch_size: int
-    world_size: int
-    micro_batch: int
-    accumulation: int
-
-    @staticmethod
-    def from_config(train: TrainConfig, world_size: int) -> BatchGeometry:
-        micro, accumulation = train.batch_plan(world_size)
-        return BatchGeometry(train.global_batch_size, world_size, micro, accumulation)
-
-    def describe(self) -> str:
-        return (
-            f"images/step {self.global_batch_size} = {self.micro_batch} per micro-batch x "
-            f"{self.accumulation} accumulation x {self.world_size} processes"
-        )
+METRICS = ("loss", "denoising_loss", "projection_loss", "alignment", "grad_norm")  # all-reduced per step
 
 
 def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
     """A well-mixed 63-bit seed for one micro-batch (numpy's SeedSequence hashes the tuple)."""
     return int(np.random.SeedSequence([seed, step, rank, micro]).generate_state(2, dtype=np.uint64)[0] >> 1)
-
-
-class _Preemption:
-    """Records SIGTERM; the loop checks it at step boundaries and every rank agrees before stopping."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def install(self) -> None:
-        def handler(signum: int, frame: Any) -> None:
-            log.warning(
-                "received signal %d: will commit a checkpoint at the end of this step and exit", signum
-            )
-            self.requested = True
-
-        signal.signal(signal.SIGTERM, handler)
-
-
-def check_inputs(cfg: RunConfig) -> Manifest:
-    """Everything that can fail cheaply fails here, before the process group, models or data.
-
-    Runs before ``init_distributed``: under torchrun a bad config then costs each (pointless)
-    restart a second, not a process-group timeout.
-    """
-    from repa.data.format import read_manifest
-
-    cfg.require_for("train")
-    try:
-        manifest = read_manifest(cfg.data.url, cfg.data.storage_options or None)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError("data.url", str(e)) from e
-    if manifest.vae is None:
-        raise ConfigError("data.url", f"{cfg.data.url} has no latents yet; run `repa prepare latents` first")
-    if manifest.vae != cfg.vae.name:
-        raise ConfigError(
-            "vae.name", f"{cfg.vae.name!r}, but the latents in {cfg.data.url} were made with {manifest.vae!r}"
-        )
-    if manifest.resolution != cfg.data.resolution:
-        raise ConfigError(
-            "data.resolution",
-            f"{cfg.data.resolution}, but {cfg.data.url} holds {manifest.resolution}px images",
-        )
-    if manifest.num_classes > cfg.model.num_classes:
-        raise ConfigError(
-            "model.num_classes", f"{cfg.model.num_classes} < {manifest.num_classes} classes in the data"
-        )
-    channels, side, _ = cfg.latent_shape()
-    if tuple(manifest.moments_shape) != (2 * channels, side, side):
-        raise ConfigError(
-            "data.url",
-            f"{cfg.data.url} holds moments of shape {tuple(manifest.moments_shape)}, but vae.name="
-            f"{cfg.vae.name!r} at data.resolution={cfg.data.resolution} gives {(2 * channels, side, side)}",
-        )
-    _check_encoders(cfg)
-    # The same Locations (URL + storage.storage_options) are used to load the weights in Trainer.build.
-    for i, url in enumerate(cfg.encoder.weights_urls):
-        if url and not storage.exists(cfg.storage.locate(url)):
-            raise ConfigError(f"encoder.weights_urls[{i}]", f"{url} does not exist")
-    if cfg.vae.weights_url and not storage.exists(cfg.storage.locate(cfg.vae.weights_url)):
-        raise ConfigError("vae.weights_url", f"{cfg.vae.weights_url} does not exist")
-    return manifest
-
-
-def _check_encoders(cfg: RunConfig) -> None:
-    """Encoder names and ``encoder.model_kwargs`` that timm rejects fail here, naming the key."""
-    from repa.encoders import UnknownEncoderError, check_encoder
-
-    for i, name in enumerate(cfg.encoder.names):
-        try:
-            check_encoder(name, cfg.data.resolution, cfg.encoder.kwargs(i))
-        except UnknownEncoderError as e:
-            raise ConfigError(f"encoder.names[{i}]", str(e)) from None
-        except ValueError as e:
-            raise ConfigError(f"encoder.model_kwargs[{i}]", str(e)) from None
-
-
-class UploadFailedError(storage.StorageError):
-    """Rank 0's background checkpoint upload failed; raised on the other ranks (rank 0 raises the cause)."""
 
 
 class Trainer:
@@ -183,66 +77,31 @@ class Trainer:
         self.info = info
         self.device = info.device
         self.geometry = BatchGeometry.from_config(cfg.train, info.world_size)
-        self.storage_options = cfg.storage.storage_options or None
         self.step = 0
         self.samples_consumed = 0
-        self.resumed_reader_state: dict[str, Any] | None = None
-        self.preemption = _Preemption()
         self.health = HealthGuard(cfg.health)
-        self.saver = ckpt.BackgroundSaver()
-        self._snapshot_pool: dict[tuple, torch.Tensor] = {}
-        self.lease: Lease | None = None
-        self._wait_group: Any = None  # gloo group for barriers that wait on uploads (see _wait_barrier)
+        self.reader = ReaderPart()
+        self.lease: Lease | None = None  # rank 0's (claim_run)
+        self.checkpointer: Checkpointer | None = None  # built with the model (build)
+
+    # ------------------------------------------------------------------ Stateful
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's own entries of a checkpoint (top level of ``state.pt``)."""
+        return {
+            "step": self.step,
+            "samples_consumed": self.samples_consumed,
+            # RNG is reseeded from (train.seed, step, rank, micro-batch) every micro-batch, so the
+            # step is the whole RNG state; recorded here so a reader of the file knows.
+            "rng": {"scheme": "per-micro-batch reseed", "seed": self.cfg.train.seed},
+            "config": self.cfg.to_dict(),
+            "world_size": self.info.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.samples_consumed = int(state["reader"]["samples_consumed"])  # the reader's is authoritative
 
     # ------------------------------------------------------------------ set-up
-    def check_run_url_writable(self) -> None:
-        """Rank 0 writes (and removes) a probe object, takes the run's lease and records the resolved
-        config beside the run; every rank learns the outcome (so none waits in a collective for a
-        rank 0 that failed)."""
-        failure: tuple[str, str] | None = None
-        error: Exception | None = None
-        if self.info.is_main:
-            try:
-                self._probe_and_lease()
-            except (ConfigError, LeaseError, storage.StorageError) as e:
-                error = e
-                kind = (
-                    "config" if isinstance(e, ConfigError) else "lease" if isinstance(e, LeaseError) else "io"
-                )
-                failure = (kind, str(e))
-        failure = D.broadcast_object(self.info, failure)
-        if error is not None:
-            raise error
-        if failure is not None:  # rank 0 failed; the others end with its message
-            kind, message = failure
-            if kind == "config":
-                raise ConfigError(message)
-            if kind == "lease":
-                raise LeaseError(message)
-            raise storage.StorageError(message, operation="(rank 0)")
-
-    def _probe_and_lease(self) -> None:
-        cfg = self.cfg
-        probe = storage.join(cfg.storage.run_url, f".write-probe-{uuid.uuid4().hex}")
-        try:
-            storage.write_bytes_atomic(probe, b"ok", self.storage_options)
-            storage.remove(probe, storage_options=self.storage_options)
-        except storage.StorageError:
-            raise
-        except Exception as e:
-            raise ConfigError("storage.run_url", f"{cfg.storage.run_url} is not writable: {e}") from e
-        lease = Lease(
-            cfg.storage.run_url,
-            stale_seconds=cfg.storage.lease_stale_seconds,
-            renew_seconds=cfg.storage.lease_renew_seconds,
-            storage_options=self.storage_options,
-        )
-        lease.acquire()
-        self.lease = lease
-        storage.write_bytes_atomic(
-            storage.join(cfg.storage.run_url, "config.yaml"), cfg.to_yaml().encode(), self.storage_options
-        )
-
     def build(self) -> None:
         from repa.encoders import build_encoder
         from repa.models import build_model
@@ -296,171 +155,58 @@ class Trainer:
             proj_coeff=cfg.objective.proj_coeff,
             align_until_step=cfg.objective.align_until_step,
         )
-        self.flops_per_image = self._flops_per_image()
-
-    def _flops_per_image(self) -> float:
-        from repa.flops import sit_forward_flops, vit_forward_flops
-
-        m = self.raw_model
-        total = 3 * sit_forward_flops(
-            input_size=self.model_args["input_size"],
-            patch_size=m.patch_size,
-            in_channels=m.in_channels,
-            hidden_size=m.hidden_size,
-            depth=m.depth,
-            mlp_ratio=m.blocks[0].mlp.fc1.out_features / m.hidden_size,
-            z_dims=self.model_args["z_dims"],
-            projector_dim=self.model_args["projector_dim"],
+        self.flops_per_image = flops_per_image(self.raw_model, self.model_args, self.encoders)
+        parts = {
+            "model": self.raw_model,
+            "ema": self.ema,
+            "optimizer": self.optimizer,
+            "reader": self.reader,  # position + the settings that define the data order (checked on resume)
+            "health": self.health,  # running statistics, counters, skipped samples
+        }
+        self.checkpointer = Checkpointer(cfg, self.info, parts, self, self.model_args)
+        self.checkpointer.lease = self.lease
+        self.stops = Stops(
+            self.checkpointer.saver,
+            lambda: self.lease,
+            self.checkpointer.describe_last_committed,
+            is_main=self.info.is_main,
         )
-        for enc in self.encoders:
-            vit = getattr(enc, "model", None)
-            if vit is not None and hasattr(vit, "blocks"):
-                patch = vit.patch_embed.patch_size
-                total += vit_forward_flops(
-                    image_size=enc.input_size,
-                    patch_size=patch[0] if isinstance(patch, tuple) else patch,
-                    embed_dim=enc.embed_dim,
-                    depth=len(vit.blocks),
-                    prefix_tokens=getattr(vit, "num_prefix_tokens", 1),
-                )
-        return total
+        self.metrics = MetricsProcessor(
+            cfg,
+            self.info,
+            self.health,
+            lambda: self.optimizer.param_groups[0]["lr"],
+            self.flops_per_image,
+            getattr(self.manifest, "num_samples", 0),
+            self.sample_grid,
+        )
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return D.autocast(self.device, self.cfg.train.precision)
 
-    # ------------------------------------------------------------------ checkpoints
+    @property
+    def saver(self) -> ckpt.BackgroundSaver:
+        assert self.checkpointer is not None, "build() first"
+        return self.checkpointer.saver
+
     def resume(self) -> ckpt.CheckpointRef | None:
-        """Load the newest committed checkpoint that verifies (rank 0 chooses, quarantining broken
-        ones; every rank loads the chosen one, verified again)."""
-        state: dict[str, Any] | None = None
-        ref: ckpt.CheckpointRef | None = None
-        if self.info.is_main:
-            ref, state = ckpt.load_latest_verified(self.cfg.storage.run_url, self.storage_options)
-        ref = D.broadcast_object(self.info, ref)
-        if ref is None:
-            return None
-        if state is None:
-            state = ckpt.load_checkpoint_state(ref, self.storage_options)
-        self.raw_model.load_state_dict(state["model"], strict=True)
-        self.ema.load_state_dict(state["ema"], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.health.load_state_dict(state.get("health"))
-        self.step = int(state["step"])
-        self.samples_consumed = int(state["reader"]["samples_consumed"])
-        self.resumed_reader_state = dict(state["reader"])
-        log.info("resumed from %s (step %d, %d samples consumed)", ref.url, self.step, self.samples_consumed)
+        """Continue from the newest committed checkpoint that verifies (``Checkpointer.resume``)."""
+        assert self.checkpointer is not None, "build() first"
+        ref = self.checkpointer.resume()
+        if ref is not None:
+            log.info(
+                "resumed from %s (step %d, %d samples consumed)", ref.url, self.step, self.samples_consumed
+            )
         return ref
 
-    def save(self, *, wait: bool = False) -> None:
-        """Checkpoint this step: rank 0 snapshots the state to CPU and uploads it in the background
-        (``wait``: and blocks until it is committed). Every rank then meets in a barrier without the
-        process-group timeout, so a slow upload of the previous save never times out the others."""
-        if self.info.is_main:
-            self.saver.wait()  # the previous upload must be committed (its error raised) first
-            state = {
-                "model": self.raw_model.state_dict(),
-                "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                # position + the settings that define the data order (checked on resume)
-                "reader": self.loader.state_dict(),
-                "health": self.health.state_dict(),  # running statistics, counters, skipped samples
-                # RNG is reseeded from (train.seed, step, rank, micro-batch) every micro-batch, so the
-                # step is the whole RNG state; recorded here so a reader of the file knows.
-                "rng": {"scheme": "per-micro-batch reseed", "seed": self.cfg.train.seed},
-                "config": self.cfg.to_dict(),
-                "world_size": self.info.world_size,
-            }
-            snapshot = ckpt.cpu_snapshot(state, self._snapshot_pool)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # the pinned copies are complete
-            step, cfg, options = self.step, self.cfg, self.storage_options
-            reference_args = dict(self.model_args)
-
-            def upload() -> ckpt.CheckpointRef:
-                started = time.monotonic()
-                ref = ckpt.save_checkpoint(
-                    cfg.storage.run_url,
-                    step,
-                    snapshot,
-                    snapshot["ema"] if cfg.checkpoint.export_ema else None,
-                    reference_args,
-                    options,
-                )
-                ckpt.apply_retention(
-                    cfg.storage.run_url, cfg.checkpoint.keep_latest, cfg.checkpoint.keep_every_steps, options
-                )
-                log.info("checkpoint step %d saved in %.1f s", step, time.monotonic() - started)
-                return ref
-
-            self.saver.submit(step, upload)
-            if wait:
-                self.saver.wait()
-        self._wait_barrier()
-
-    def finish_saves(self) -> None:
-        """Wait for the upload in flight (rank 0), then let every rank go on together."""
-        if self.info.is_main:
-            self.saver.wait()
-        self._wait_barrier()
-
-    def _wait_barrier(self) -> None:
-        """A barrier of every rank whose timeout covers an upload (the storage deadline, x2 for the two
-        files and the marker, plus a margin), not the process-group timeout meant for lost peers."""
-        if not self.info.distributed:
-            return
-        import torch.distributed as dist
-
-        if self._wait_group is None:
-            seconds = 2 * self.cfg.storage.deadline_seconds + self.cfg.train.process_group_timeout_seconds
-            self._wait_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
-        dist.barrier(group=self._wait_group)
-
-    def _agree(self, *flags: bool) -> list[bool]:
-        """Each flag true on every rank if it is true on any (one all-reduce per step)."""
-        if not self.info.distributed:
-            return list(flags)
-        import torch.distributed as dist
-
-        device = self.device if self.device.type == "cuda" else "cpu"
-        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [bool(v > 0) for v in t.tolist()]
+    def save(self, *, wait: bool = False) -> ckpt.CheckpointRef | None:
+        """Checkpoint the current step (``Checkpointer.save``)."""
+        assert self.checkpointer is not None, "build() first"
+        return self.checkpointer.save(self.step, wait=wait)
 
     # ------------------------------------------------------------------ data
-    def make_loader(self) -> Any:
-        """The rank's streaming loader at ``samples_consumed``; a resumed run's reader state must match
-        this config's data order (ConfigError naming the key otherwise)."""
-        from repa.data.reader import StreamingDataset, make_loader
-
-        dataset = StreamingDataset(
-            self.cfg.data.url,
-            rank=self.info.rank,
-            world_size=self.info.world_size,
-            batch_size=self.geometry.micro_batch,
-            seed=self.cfg.data.seed,
-            samples_consumed=self.samples_consumed,
-            shards_in_flight=self.cfg.data.shards_in_flight,
-            chunk_size=self.cfg.data.chunk_size,
-            storage_options=self.cfg.data.storage_options or None,
-            manifest=self.manifest,
-        )
-        loader = make_loader(
-            dataset,
-            num_workers=self.cfg.data.num_workers,
-            prefetch_factor=self.cfg.data.prefetch_factor,
-            pin_memory=self.device.type == "cuda",
-        )
-        if self.resumed_reader_state is not None:
-            try:
-                loader.load_state_dict(self.resumed_reader_state)
-            except ValueError as e:
-                raise ConfigError(
-                    f"cannot resume step {self.step} of {self.cfg.storage.run_url}: {e}"
-                ) from None
-        return loader
-
     def make_batches(self) -> Iterator[list[dict[str, torch.Tensor]]]:
-        """Per-step lists of ``accumulation`` micro-batches from ``self.loader``.
+        """Per-step lists of ``accumulation`` micro-batches from the reader's loader.
 
         Each step starts at ``self.samples_consumed`` moved past the stream ranges never trained on
         (those the health guard skipped, and ``health.skip_sample_ranges``); when that is not where the
@@ -469,27 +215,13 @@ class Trainer:
         iterator = None
         while True:
             position = self.health.next_position(self.samples_consumed, self.cfg.health.skip_sample_ranges)
-            if position != self.loader.samples_consumed():
-                self.loader.load_state_dict({"samples_consumed": position})
+            if position != self.reader.loader.samples_consumed():
+                self.reader.loader.load_state_dict({"samples_consumed": position})
                 iterator = None
             self.samples_consumed = position
             if iterator is None:
-                iterator = iter(self.loader)
+                iterator = iter(self.reader.loader)
             yield [next(iterator) for _ in range(self.geometry.accumulation)]
-
-    def _inject_fault(self, batch: dict[str, Any]) -> torch.Tensor:
-        """``health.inject_sample_ranges`` (for tests): corrupt the moments of the samples at those stream
-        positions, as a poisoned sample would (``health.inject_fault``)."""
-        moments = batch["moments"]
-        position = batch["position"]
-        hit = torch.zeros_like(position, dtype=torch.bool)
-        for start, end in self.cfg.health.inject_sample_ranges:
-            hit |= (position >= start) & (position < end)
-        if not hit.any():
-            return moments
-        moments = moments.clone()
-        moments[hit] = float("nan") if self.cfg.health.inject_fault == "nan" else moments[hit] * 1000.0
-        return moments
 
     # ------------------------------------------------------------------ one step
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
@@ -501,7 +233,7 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             torch.manual_seed(step_seed(cfg.train.seed, self.step, self.info.rank, i))
             image = batch["image"].to(self.device, non_blocking=True)
-            moments = self._inject_fault(batch) if cfg.health.inject_sample_ranges else batch["moments"]
+            moments = inject_fault(cfg.health, batch) if cfg.health.inject_sample_ranges else batch["moments"]
             moments = moments.to(self.device, non_blocking=True)
             y = batch["label"].to(self.device, non_blocking=True)
             with torch.no_grad():
@@ -522,10 +254,22 @@ class Trainer:
         # The global (pre-clip) norm; max_grad_norm 0 = no clipping, but the guard still needs the norm.
         max_norm = cfg.train.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
-        # The step's one collective, before the update: every rank gets the same mean losses, norm and
-        # count of ranks with a non-finite loss, so the guard's verdict is the same everywhere.
-        values = D.all_reduce_mean(self.info, torch.cat([sums / len(micro_batches), grad_norm.reshape(1)]))
-        loss, den, proj, align, nonfinite, norm = values.tolist()
+        # The step's one collective, before the update: every rank gets the same mean losses, norm, count
+        # of ranks with a non-finite loss and stop flags (repa.train.stops), so the guard's verdict and the
+        # decision to stop are the same everywhere. The flags are set on the device (no host-to-device copy).
+        local_flags = self.stops.flags()
+        flags = torch.zeros(len(local_flags), device=self.device)
+        for i, flag in enumerate(local_flags):
+            if flag:
+                flags[i] = 1.0
+        local = torch.cat([sums / len(micro_batches), grad_norm.reshape(1)])
+        values = D.all_reduce_mean(self.info, torch.cat([local, flags]))
+        # The step's one host sync: the verdict decides in Python whether AdamW and the EMA run. On the
+        # device only the non-finite check could gate them (the fused AdamW's ``found_inf``, which also
+        # undoes its step count); the spike checks compare with the median/MAD of the last W applied
+        # steps and feed the rollback bookkeeping, and the stop flags end the loop: host decisions, every
+        # step. Reading the values once serves the guard, the stops and the logged metrics alike.
+        loss, den, proj, align, nonfinite, norm, *stops = values.tolist()
         failed = self.health.judge(loss, norm, nonfinite)
         if not failed:
             self.optimizer.step()
@@ -539,130 +283,112 @@ class Trainer:
             "alignment": align,
             "grad_norm": norm,
             "failed": failed,  # the guard's failed checks: non-empty = skipped (no update, no EMA)
-            "keys": [k for batch in micro_batches for k in batch.get("key", [])] if failed else [],
+            "keys": self._bad_keys(micro_batches, float(sums[4])) if failed else [],
+            "stops": stops,  # the all-reduced flags of repa.train.stops.FLAGS
         }
 
-    # ------------------------------------------------------------------ sample grid
-    @torch.no_grad()
-    def sample_grid(self) -> torch.Tensor:
-        """Grid for TensorBoard (EMA weights by default); fixed noise and labels, comparable across steps."""
-        from torchvision.utils import make_grid
+    def _bad_keys(self, micro_batches: list[dict[str, Any]], nonfinite: float) -> list[str]:
+        """Sample keys of a skipped step (a rare event: one more collective): those of the ranks whose
+        loss was not finite, gathered from every rank; every rank's when none was (a spike or a
+        non-finite gradient belongs to the whole batch)."""
+        keys = [k for batch in micro_batches for k in batch.get("key", [])]
+        if not self.info.distributed:
+            return keys
+        import torch.distributed as dist
 
-        from repa.sampling import sample
+        gathered: list[Any] = [None] * self.info.world_size
+        dist.all_gather_object(gathered, (nonfinite > 0, keys))
+        culprits = [k for bad, rank_keys in gathered if bad for k in rank_keys]
+        return culprits or [k for _, rank_keys in gathered for k in rank_keys]
+
+    # ------------------------------------------------------------------ sample grid
+    def sample_grid(self) -> torch.Tensor:
+        """Grid for TensorBoard (EMA weights by default; ``repa.train.metrics.sample_grid``)."""
         from repa.vae import build_vae
 
         cfg = self.cfg
         if not hasattr(self, "_grid_vae"):
             self._grid_vae = build_vae(cfg.vae.name, cfg.storage.locate(cfg.vae.weights_url)).to(self.device)
-        n = cfg.log.sample_num_images
-        gen = torch.Generator().manual_seed(cfg.train.seed)
-        m = self.ema
-        z = torch.randn(n, m.in_channels, m.input_size, m.input_size, generator=gen).to(self.device)
-        y = (torch.arange(n) % len(self.manifest.class_names)).to(self.device)
         model = self.ema if cfg.log.sample_weights == "ema" else self.raw_model
-        model.eval()
-        latents = sample(
-            model,
-            z,
-            y,
-            sampler=cfg.log.sample_sampler,
-            num_steps=cfg.log.sample_num_steps,
-            cfg_scale=cfg.log.sample_cfg_scale,
-            path_type=cfg.objective.path_type,
-        ).float()
-        images = self._grid_vae.decode_to_uint8(latents, cfg.vae.latents_scale, cfg.vae.latents_bias)
-        return make_grid(images.cpu(), nrow=math.ceil(math.sqrt(n)))
+        return sample_grid(cfg, model, len(self.manifest.class_names), self.device, self._grid_vae)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> int:
-        cfg = self.cfg
-        self.check_run_url_writable()
-        self.tb: TensorBoardLogger | None = None
+        self.lease = claim_run(self.cfg, self.info)
         failed: BaseException | None = None
         try:
             self.build()
+            assert self.checkpointer is not None
             resumed = self.resume()
-            self.preemption.install()
+            self.stops.install()
             if self.info.is_main:
                 log.info(self.geometry.describe() + f"; {self.manifest.num_samples:,} samples/epoch")
-                if cfg.log.tensorboard:
-                    self.tb = TensorBoardLogger(
-                        storage.join(cfg.storage.run_url, "tensorboard"),
-                        purge_step=self.step + 1 if resumed else None,
-                        storage_options=self.storage_options,
-                    )
-                    self.tb.run_started(cfg, self.step)  # config text, custom-scalars layout
+            self.metrics.open(self.step, resumed is not None)
+            self.reader.loader = make_rank_loader(
+                self.cfg,
+                self.info,
+                self.geometry,
+                self.manifest,
+                self.samples_consumed,
+                self.step,
+                self.reader.resumed,
+            )
             return self._loop()
         except BaseException as e:
             failed = e
             raise
         finally:
-            self._close(self.tb, failed)
+            self._close(failed)
 
     def _loop(self) -> int:
-        cfg = self.cfg
-        meter = Throughput()
-        self.loader = self.make_loader()
+        assert self.checkpointer is not None
         batches = self.make_batches()
-        while self.step < cfg.train.max_steps:
-            metrics = self.train_step(next(batches))
-            bad, keys = metrics.pop("failed"), metrics.pop("keys")
+        while self.step < self.cfg.train.max_steps:
+            out = self.train_step(next(batches))  # the step's one all-reduce: metrics, verdict, stop flags
             self.samples_consumed += self.geometry.global_batch_size
-            if bad:  # skipped: the step counter stays (it counts optimiser updates)
-                verdict = self.on_bad_step(bad, keys, metrics, self.tb)
-                if verdict == "stop":
-                    self.finish_saves()
+            if out["failed"]:  # skipped: the step counter stays (it counts optimiser updates)
+                if self.on_bad_step(out) == "stop":
+                    self.checkpointer.finish()
                     return HEALTH_EXIT_CODE
-                if verdict == "rolled back" and self.tb is not None:  # drop the abandoned steps' events
-                    self.tb.close()
-                    self.tb = TensorBoardLogger(
-                        storage.join(cfg.storage.run_url, "tensorboard"),
-                        purge_step=self.step + 1,
-                        storage_options=self.storage_options,
-                    )
                 continue
             self.step += 1
-            meter.update(self.geometry.global_batch_size, metrics)
-            tb = self.tb
-            upload_failed = self.info.is_main and self.saver.failed()
-            lease_lost = bool(self.info.is_main and self.lease is not None and self.lease.lost)
-            preempted, upload_failed, lease_lost = self._agree(
-                self.preemption.requested, upload_failed, lease_lost
-            )
-            if upload_failed:
-                if self.info.is_main:
-                    self.saver.wait()  # raises the upload's own error (operation + URL)
-                raise UploadFailedError("rank 0's checkpoint upload failed (its log names the operation)")
-            if lease_lost:
-                raise LeaseError(
-                    self.lease.lost if self.lease is not None and self.lease.lost else "lease lost"
-                )
-            if preempted:
-                log.warning("preempted at step %d: committing a checkpoint, then exiting", self.step)
-                if tb is not None:
-                    tb.scalars({"train/preempted_at_step": float(self.step)}, self.step)
-                self.save(wait=True)
-                return PREEMPTED_EXIT_CODE
-            if self.step % cfg.log.every_steps == 0 or self.step == cfg.train.max_steps:
-                self._log(meter.summary(), tb)
-            if tb is not None and cfg.log.sample_every_steps and self.step % cfg.log.sample_every_steps == 0:
-                tb.image(f"samples/{cfg.log.sample_weights}", self.sample_grid(), self.step)
-            if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.max_steps:
-                self.save(wait=self.step == cfg.train.max_steps or not cfg.checkpoint.background_upload)
-            if tb is not None and self.step % cfg.log.tensorboard_flush_every_steps == 0:
-                tb.flush()
-        self.finish_saves()
+            code = self.stops.poll(out["stops"])  # raises after a failed upload or with the lease lost
+            last = code is not None or self.step == self.cfg.train.max_steps
+            self.metrics.step_end(self.step, {k: out[k] for k in METRICS}, self.samples_consumed, last=last)
+            if code is not None:
+                return self._stop(code)
+            self.checkpointer.step_end(self.step)
+        self.checkpointer.finish()
         return 0
 
-    def _close(self, tb: TensorBoardLogger | None, failed: BaseException | None) -> None:
+    def _stop(self, code: int) -> int:
+        """A signal: commit this step (its scalars are logged already), say which, exit ``code``."""
+        assert self.checkpointer is not None
+        what = "interrupted (Ctrl-C)" if code == INTERRUPTED_EXIT_CODE else "preempted"
+        log.warning("%s at step %d: committing a checkpoint, then exiting", what, self.step)
+        self.metrics.scalars({"train/preempted_at_step": float(self.step)}, self.step)
+        ref = self.checkpointer.save(self.step, wait=True)
+        if ref is not None:
+            log.warning(
+                "committed step %d (%s); exit code %d: run the same command again to continue",
+                ref.step,
+                ref.url,
+                code,
+            )
+        return code
+
+    def _close(self, failed: BaseException | None) -> None:
         """Flush TensorBoard and drop the lease; after a storage failure touch the store no more (each
-        call would wait out another deadline and its error would hide the first one)."""
+        call would wait out another deadline and its error would hide the first one). A failing run's
+        upload in flight commits nothing (fenced); with the store up (and no second Ctrl-C) its thread is
+        joined first."""
         store_down = failed is not None and _is_storage_failure(failed)
-        if failed is not None and self.info.is_main and self.saver.busy:
-            log.warning("abandoning the checkpoint upload of step %s in flight", self.saver.step)
+        if failed is not None and self.info.is_main and self.checkpointer is not None:
+            aborted = isinstance(failed, KeyboardInterrupt)  # a second Ctrl-C: at once, no waiting
+            self.checkpointer.abandon(join=not store_down and not aborted)
         try:
-            if tb is not None:
-                tb.close(upload=not store_down)
+            if hasattr(self, "metrics"):
+                self.metrics.close(upload=not store_down)
         except Exception as e:
             if failed is None:
                 raise
@@ -672,20 +398,19 @@ class Trainer:
                 self.lease.release(remove=not store_down)
 
     # ------------------------------------------------------------------ health guard
-    def on_bad_step(
-        self, failed: list[str], keys: list[str], metrics: dict[str, float], tb: TensorBoardLogger | None
-    ) -> str:
+    def on_bad_step(self, out: dict[str, Any]) -> str:
         """Record a skipped step (every rank: the guard's state is the same everywhere) and roll back
         after ``health.max_bad_steps`` of them; ``"skipped"``, ``"rolled back"`` or ``"stop"``."""
         G = self.geometry.global_batch_size
+        failed = out["failed"]
         bad = BadStep(
             self.step,
             self.samples_consumed - G,
             self.samples_consumed,
             failed,
-            metrics["loss"],
-            metrics["grad_norm"],
-            keys,
+            out["loss"],
+            out["grad_norm"],
+            out["keys"],
         )
         log.warning("health: skipped %s", bad.describe())
         verdict = "skipped"
@@ -709,29 +434,24 @@ class Trainer:
                     HEALTH_EXIT_CODE,
                 )
                 verdict = "stop"
-        if tb is not None and self.info.is_main:
-            tb.scalars(self.health.scalars(), self.step)
+        if self.info.is_main:
+            self.metrics.scalars(self.health.scalars(), self.step)
+        if verdict == "rolled back":  # drop the abandoned steps' events
+            self.metrics.reopen(self.step)
         return verdict
 
     def rollback(self) -> None:
-        """Reload the newest committed checkpoint written before the episode's first bad step, through
-        :meth:`resume`, and move the data past the episode's window.
+        """Reload the newest committed checkpoint written before the episode's first bad step and move
+        the data past the episode's window.
 
         Checkpoints committed after that step belong to the abandoned timeline (their steps are trained
         again), so they are deleted first, marker first as retention does; the newest committed one is
         then the target. Without one the state stays and only the window is skipped.
         """
+        assert self.checkpointer is not None
         first_step, _, _ = self.health.episode()
         at_step = self.step
-        self.finish_saves()  # an upload in flight belongs to the timeline being abandoned or kept
-        if self.info.is_main:
-            committed, _ = ckpt.list_checkpoints(self.cfg.storage.run_url, self.storage_options)
-            for ref in committed:
-                if ref.step > first_step:
-                    log.warning("health: deleting %s (written after the first bad step)", ref.url)
-                    storage.remove(storage.join(ref.url, ckpt.MARKER), storage_options=self.storage_options)
-                    storage.remove(ref.url, recursive=True, storage_options=self.storage_options)
-        D.barrier(self.info)
+        self.checkpointer.delete_after(first_step)
         history = self.health.history()
         ref = self.resume()
         start, end = self.health.rolled_back(history, at_step, self.step)
@@ -743,48 +463,6 @@ class Trainer:
             start,
             end,
             len(self.health.rollbacks),
-        )
-
-    def _log(self, summary: dict[str, float], tb: TensorBoardLogger | None) -> None:
-        if not self.info.is_main:
-            return
-        from repa.flops import mfu
-
-        images_per_second = summary.pop("images_per_second")
-        scalars = {f"train/{k}": v for k, v in summary.items()}
-        scalars["train/lr"] = self.optimizer.param_groups[0]["lr"]
-        scalars["perf/images_per_second"] = images_per_second
-        scalars.update(self.health.scalars())
-        max_steps = self.cfg.train.max_steps
-        steps_per_second = images_per_second / self.geometry.global_batch_size
-        eta = (max_steps - self.step) / steps_per_second if steps_per_second > 0 else None
-        scalars["progress/step_of_max"] = self.step / max_steps
-        scalars["progress/eta_hours"] = None if eta is None else eta / 3600
-        if self.device.type == "cuda":
-            scalars["perf/gpu_memory_gib"] = gpu_memory_gib(self.device)
-            scalars["perf/mfu"] = mfu(
-                self.flops_per_image,
-                images_per_second,
-                self.info.world_size,
-                torch.cuda.get_device_name(self.device),
-            )
-        if tb is not None:
-            tb.scalars(scalars, self.step)
-        epoch = self.samples_consumed / max(self.manifest.num_samples, 1)
-        eta_text = "?" if eta is None else f"{int(eta // 3600)}h{int(eta % 3600 // 60):02d}m"
-        log.info(
-            "step %8d of %d %5.1f%% | ETA %s | epoch %6.2f | loss %.4f | den %.4f | proj %.4f | grad %.3f"
-            " | %8.1f img/s",
-            self.step,
-            max_steps,
-            100 * self.step / max_steps,
-            eta_text,
-            epoch,
-            summary["loss"],
-            summary["denoising_loss"],
-            summary["projection_loss"],
-            summary["grad_norm"],
-            images_per_second,
         )
 
 

@@ -103,7 +103,7 @@ def _fault_at_save(monkeypatch, step: int, action) -> list[float]:
 
 
 def _state(run_url: str, options: dict) -> dict:
-    ref, state = ckpt.load_latest_verified(run_url, options, quarantine=False)
+    ref, state = ckpt.load_latest_verified(storage.Location(run_url, options or {}), quarantine=False)
     assert ref is not None
     return state
 
@@ -123,7 +123,7 @@ def test_training_survives_an_8s_outage_bit_identically(
     assert repa_main(_argv(data, run_url, *extra)) == 0
     assert hit and time.monotonic() - hit[0] >= 8.0, "the outage must have been waited out"
     options = {"client_kwargs": {"endpoint_url": s3_proxy.url}}
-    assert [r.step for r in ckpt.list_checkpoints(run_url, options)[0]] == [4, 8]
+    assert [r.step for r in ckpt.list_checkpoints(storage.Location(run_url, options or {}))[0]] == [4, 8]
     _assert_states_identical(_state(run_url, options), straight)
 
 
@@ -272,7 +272,9 @@ def test_sigterm_to_torchrun_commits_a_slow_checkpoint_exits_143_and_resumes_bit
     assert proc.returncode == 143, output[-6000:]
     assert took > 30.0, f"the save took {took:.0f} s: not slow enough to test the shutdown timeout"
     s3_proxy.throttle(None)
-    ref, state = ckpt.load_latest_verified(run_url, options, quarantine=False)  # verified against COMMITTED
+    ref, state = ckpt.load_latest_verified(
+        storage.Location(run_url, options or {}), quarantine=False
+    )  # verified against COMMITTED
     assert ref is not None and state["world_size"] == 2 and ref.step >= 3, output[-6000:]
     assert "Traceback" not in output and "SignalException" not in output, output[-6000:]
     assert [s for s, _ in _scalars(run_url, options, "train/preempted_at_step")] == [ref.step]

@@ -96,9 +96,9 @@ def _train(data_url: str, run_url: str, *extra: str) -> int:
 
 
 def _final_state(run_url: str, options: dict | None = None) -> dict:
-    ref = ckpt.latest_checkpoint(run_url, options)
+    ref = ckpt.latest_checkpoint(storage.Location(run_url, options or {}))
     assert ref is not None
-    return ckpt.load_checkpoint_state(ref, options)
+    return ckpt.load_checkpoint_state(ref)
 
 
 def test_train_on_gcs_resumes_from_the_bucket_bit_identically(tmp_path, gcs_bucket, caplog):

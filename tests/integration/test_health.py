@@ -183,6 +183,10 @@ def test_torchrun_ranks_skip_the_same_step_when_only_rank_1_sees_the_nan(data, t
     state = _final_state(f"file://{tmp_path}/run")
     (bad,) = state["health"]["skipped"]
     assert (bad["step"], bad["start"], bad["end"]) == (5, 20, 24) and state["step"] == 8
+    # the record and both ranks' log lines name rank 1's keys (gathered), not each rank its own
+    assert len(bad["keys"]) == 2  # rank 1's micro-batch of 2, not the whole batch of 4
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "health: skipped" in line]
+    assert len(lines) == 2 and all(f"keys: {', '.join(bad['keys'])})" in line for line in lines), lines
 
 
 def test_sample_and_eval_refuse_a_checkpoint_with_a_nan_in_the_ema(tmp_path, feats, capsys):

@@ -264,9 +264,9 @@ def test_s3_endpoint_given_only_in_the_config_reaches_data_weights_and_checkpoin
     argv = ["train", "--config", "toy-cpu", *[a for s in sets for a in ("--set", s)]]
     assert repa_main(argv) == 0
     with_options = {"client_kwargs": {"endpoint_url": s3_server}}
-    ref = ckpt.latest_checkpoint(run_url, with_options)
+    ref = ckpt.latest_checkpoint(storage.Location(run_url, with_options))
     assert ref is not None and ref.step == 2
-    state = ckpt.load_checkpoint_state(ref, with_options)
+    state = ckpt.load_checkpoint_state(ref)
     assert state["config"]["encoder"]["weights_urls"] == [f"{s3_bucket}/weights/encoder.pt"]
     assert "train/loss" in read_scalars(f"{run_url}/tensorboard", with_options)
 

@@ -175,11 +175,11 @@ def test_listing_errors_back_off_exponentially_up_to_a_cap(tmp_path, reference, 
     calls = []
     real = ckpt.list_checkpoints
 
-    def flaky(url, storage_options=None):
-        calls.append(url)
+    def flaky(run):
+        calls.append(run)
         if len(calls) <= 4:  # four failed listings (e.g. the object store is throttling), then healthy
             raise ConnectionResetError(104, "Connection reset by peer")
-        return real(url, storage_options)
+        return real(run)
 
     monkeypatch.setattr(W.ckpt, "list_checkpoints", flaky)
     stop = RecordingStop(stop_after=6)

@@ -187,3 +187,40 @@ def test_the_cluster_wing_is_one_package_with_one_api_client_loader():
         if name.startswith("repa.eval"):
             assert cluster_deps <= {"repa.cluster.jobs"}, f"{name} imports {cluster_deps}"
     assert not {d for d in graph["repa.cluster.kube"] if d.startswith("repa.")}, "kube is the wing's floor"
+
+
+def test_the_checkpoint_package_is_layered_and_models_are_plain_nn():
+    """store (commit, verify, quarantine, retention) <- model (which SiT a file holds); the saver stands
+    alone; nothing in the package reaches up to a verb; repa.models imports no checkpoint code."""
+    graph = import_graph()
+    parts = ("repa.checkpoint.store", "repa.checkpoint.saver", "repa.checkpoint.model")
+    package = {name: {d for d in graph[name] if d.startswith("repa.checkpoint")} for name in parts}
+    assert package == {
+        "repa.checkpoint.store": set(),
+        "repa.checkpoint.saver": set(),
+        "repa.checkpoint.model": {"repa.checkpoint.store"},
+    }
+    for name in parts:
+        assert not {d for d in graph[name] if d.startswith(("repa.train", "repa.eval", "repa.data"))}, name
+    for name, deps in graph.items():
+        if name.startswith("repa.models"):
+            assert not {d for d in deps if d.startswith("repa.checkpoint")}, f"{name} imports checkpoint code"
+    assert not (PACKAGE_DIR / "models" / "reference.py").exists()
+
+
+def test_the_trainer_is_a_loop_over_components():
+    """trainer.py <= 500 lines, its loop body <= 20; the components import neither the trainer nor each
+    other (stops may use the saver and the lease it is given)."""
+    train = PACKAGE_DIR / "train"
+    source = (train / "trainer.py").read_text()
+    assert len(source.splitlines()) <= 500
+    loop = next(
+        node
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef) and node.name == "_loop"
+    )
+    assert loop.end_lineno - loop.body[0].lineno + 1 <= 20
+    graph = import_graph()
+    components = ("repa.train.checkpointer", "repa.train.stops", "repa.train.metrics", "repa.train.inputs")
+    for name in components:
+        assert not {d for d in graph[name] if d in (*components, "repa.train.trainer")}, name

@@ -7,7 +7,8 @@ import argparse
 import pytest
 import torch
 
-from repa.models import SiT, SiT_models, build_model, load_reference_state_dict, num_parameters
+from repa.checkpoint import load_reference_state_dict
+from repa.models import SiT, SiT_models, build_model, num_parameters
 from repa.models.sit import LabelEmbedder
 from repa.weights import WeightsError, load_torch_file
 from tests.support.golden import (

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from repa import checkpoint as ckpt
+from repa.checkpoint import model_args_from_recorded, z_dims_from_enc_type
 from repa.config import ConfigError, load_config
 from repa.eval import sample as S
 from repa.models import build_model
-from repa.models.reference import model_args_from_recorded, z_dims_from_enc_type
 
 
 def official_train_py_args(**changes) -> argparse.Namespace:

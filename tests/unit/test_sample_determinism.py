@@ -23,9 +23,9 @@ import torch
 import yaml
 
 from repa import checkpoint as ckpt
+from repa.checkpoint import model_args_from_recorded
 from repa.config import RunConfig
 from repa.eval import sample as S
-from repa.models.reference import model_args_from_recorded
 from tests.support.tiny_runs import NUM_CLASSES, commit_tiny_checkpoint, tiny_run_config
 
 REPO = Path(__file__).resolve().parents[2]

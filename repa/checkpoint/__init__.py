@@ -1,0 +1,96 @@
+"""Checkpoints: the store (``store``: commit, verify, quarantine, retention), the background saver
+(``saver``) and the model a checkpoint holds (``model``: config -> SiT arguments, rebuilding a SiT from
+repa's step folders or the official REPA layout).
+
+Every name is re-exported here, so ``from repa import checkpoint as ckpt; ckpt.list_checkpoints(...)``
+is the way the rest of repa reads checkpoints.
+"""
+
+from __future__ import annotations
+
+from repa.checkpoint.model import (
+    CheckpointSource,
+    LoadedModel,
+    first_nonfinite,
+    infer_model_args,
+    load_model,
+    load_reference_state_dict,
+    model_args_from_recorded,
+    model_kwargs,
+    resolve_checkpoint,
+    with_table_sizes,
+    z_dims_from_enc_type,
+)
+from repa.checkpoint.saver import BackgroundSaver, cpu_snapshot
+from repa.checkpoint.store import (
+    EMA_FILE,
+    FORMAT,
+    MARKER,
+    QUARANTINE,
+    QUARANTINE_DIR,
+    STATE_FILE,
+    CheckpointError,
+    CheckpointRef,
+    CorruptCheckpointError,
+    Fence,
+    ModelMismatchError,
+    apply_retention,
+    checkpoints_url,
+    delete_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint_state,
+    load_latest_verified,
+    locate,
+    quarantine_checkpoint,
+    quarantine_reason,
+    read_marker,
+    read_verified,
+    reference_args,
+    save_checkpoint,
+    serialize_checkpoint,
+    step_dir_name,
+)
+
+__all__ = [
+    "EMA_FILE",
+    "FORMAT",
+    "MARKER",
+    "QUARANTINE",
+    "QUARANTINE_DIR",
+    "STATE_FILE",
+    "BackgroundSaver",
+    "CheckpointError",
+    "CheckpointRef",
+    "CheckpointSource",
+    "CorruptCheckpointError",
+    "Fence",
+    "LoadedModel",
+    "ModelMismatchError",
+    "apply_retention",
+    "checkpoints_url",
+    "cpu_snapshot",
+    "delete_checkpoint",
+    "first_nonfinite",
+    "infer_model_args",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint_state",
+    "load_latest_verified",
+    "load_model",
+    "load_reference_state_dict",
+    "locate",
+    "model_args_from_recorded",
+    "model_kwargs",
+    "quarantine_checkpoint",
+    "quarantine_reason",
+    "read_marker",
+    "read_verified",
+    "reference_args",
+    "resolve_checkpoint",
+    "save_checkpoint",
+    "serialize_checkpoint",
+    "step_dir_name",
+    "with_table_sizes",
+    "z_dims_from_enc_type",
+]
