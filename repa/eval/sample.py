@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import logging
 import re
 import sys
@@ -43,7 +42,8 @@ from torch import nn
 
 from repa import checkpoint as ckpt
 from repa import runtime, storage
-from repa.config import ConfigError, RunConfig, load_config
+from repa.config import ConfigError, RunConfig
+from repa.eval.args import add_sampling_arguments, cli_error, resolve_config
 from repa.eval.sample_set import (
     SampleSet,
     SampleSpec,
@@ -68,7 +68,6 @@ __all__ = [
     "SamplingInterrupted",
     "add_arguments",
     "build_decoder_vae",
-    "cli_error",
     "decoder_vae_identity",
     "default_output_url",
     "generate_samples",
@@ -154,7 +153,7 @@ def generate_samples(
     model: nn.Module,
     spec: SampleSpec,
     *,
-    out_url: str,
+    out: storage.Location | str,
     vae: Any,
     batch_size: int = 64,
     dist: DistInfo | None = None,
@@ -168,9 +167,8 @@ def generate_samples(
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
     wait_poll_seconds: float = 2.0,
-    storage_options: dict[str, Any] | None = None,
 ) -> SampleSet:
-    """Generate ``spec.num_samples`` images into ``out_url`` (chunked, resumable); returns the set.
+    """Generate ``spec.num_samples`` images into ``out`` (chunked, resumable); returns the set.
 
     ``model(x, t, y) -> (v, ...)`` with attributes ``in_channels``/``input_size`` (SiT), ``vae`` with
     ``decode_to_uint8(z, scale, bias)`` on the same device. ``dist``: this process's rank/world (None =
@@ -190,7 +188,8 @@ def generate_samples(
         raise SamplingError(f"sample.precision: {e}") from None
     if batch_size < 1:
         raise SamplingError(f"sample.batch_size_per_device: must be >= 1, got {batch_size}")
-    sample_set = SampleSet(out_url, sampling_identity(spec, checkpoint, vae_identity), storage_options)
+    sample_set = SampleSet(out, sampling_identity(spec, checkpoint, vae_identity))
+    out_url = sample_set.url
 
     # Rank 0 decides what is left; every rank gets the same list (or rank 0's error).
     pending: list[int] | None = None
@@ -264,7 +263,6 @@ def generate_samples(
                 storage.write_bytes_atomic(
                     sample_set.chunk_url(chunk),
                     encode_chunk(imgs, labels, idx, sample_set.digest),
-                    storage_options,
                 )
                 log.debug("rank %d committed chunk %d (%d images)", info.rank, chunk, len(idx))
     elapsed = time.perf_counter() - started
@@ -338,33 +336,6 @@ def default_output_url(cfg: RunConfig, source: ckpt.CheckpointSource, digest: st
 # CLI
 # ----------------------------------------------------------------------------------------------
 
-# Flags that are shorthands for config keys (`--chunk-size 50` == `--set sample.chunk_size=50`), so
-# every setting reaches sample/eval/watch through the config and nothing is passed alongside it.
-_FLAG_KEYS = {
-    "chunk_size": "sample.chunk_size",
-    "precision": "sample.precision",
-    "output": "sample.output_url",
-}
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by `repa sample`, `repa eval` and `repa watch`."""
-    from repa.config import add_config_arguments
-
-    add_config_arguments(parser)
-    parser.add_argument(
-        "--chunk-size",
-        type=int,
-        metavar="N",
-        help="samples per chunk file, the unit of resumption and of work per rank (sets sample.chunk_size)",
-    )
-    parser.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        help="autocast dtype of the model (sets sample.precision; default fp32, the paper's protocol)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
@@ -380,67 +351,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="URL", help="where samples go (sets sample.output_url)")
 
 
-def flag_overrides(args: argparse.Namespace, keys: dict[str, str] | None = None) -> list[str]:
-    """``--set`` lines for the shorthand flags given on the command line (``_FLAG_KEYS`` and ``keys``)."""
-    out = []
-    for attr, key in {**_FLAG_KEYS, **(keys or {})}.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            out.append(f"{key}={json.dumps(value)}")
-    return out
-
-
-def resolve_config(
-    args: argparse.Namespace, flag_keys: dict[str, str] | None = None
-) -> tuple[RunConfig, bool]:
-    """The config for a sampling verb and whether it was given explicitly.
-
-    Without ``--config``, a run checkpoint's own ``{run_url}/config.yaml`` is the base (so sampling a
-    run needs no flags besides the checkpoint), then ``--set`` and the shorthand flags apply.
-    """
-    overrides = list(getattr(args, "overrides", []) or []) + flag_overrides(args, flag_keys)
-    cfg = load_config(args.config, overrides)
-    if args.config is not None:
-        return cfg, True
-    so = cfg.storage.storage_options or None
-    run_url = cfg.storage.run_url
-    checkpoint = getattr(args, "checkpoint", None) or cfg.sample.checkpoint_url
-    if checkpoint:
-        with contextlib.suppress(ValueError, FileNotFoundError):  # reported properly by the caller
-            src = ckpt.resolve_checkpoint(checkpoint, None, so)
-            run_url = src.run_url or run_url
-    if run_url:
-        config_url = storage.join(run_url, "config.yaml")
-        if storage.exists(config_url, so):
-            log.info("using the run's config %s", config_url)
-            return load_config(config_url, overrides), False
-    return cfg, False
-
-
-def cli_error(verb: str, e: BaseException) -> int:
-    print(f"repa {verb}: error: {e}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
-    cfg, explicit = resolve_config(args)
-    info = runtime.init_distributed(cfg.train.device, cfg.train.process_group_timeout_seconds)
+    info = None
     try:
-        so = cfg.storage.storage_options or None
-        source = ckpt.resolve_checkpoint(
-            args.checkpoint or cfg.sample.checkpoint_url, cfg.storage.run_url, so
+        verb = resolve_config(args)
+        cfg, source = verb.cfg, verb.source
+        info = runtime.init_distributed(cfg.train.device, cfg.train.process_group_timeout_seconds)
+        loaded = ckpt.load_model(
+            cfg,
+            source,
+            device=info.device,
+            check_config=verb.explicit,
+            storage_options=cfg.storage.storage_options or None,
         )
-        loaded = ckpt.load_model(cfg, source, device=info.device, check_config=explicit, storage_options=so)
         runtime.enable_tf32(info.device, cfg.train.allow_tf32)
         vae, vae_identity = build_decoder_vae(cfg, info.device)
         spec = SampleSpec.from_config(cfg)
         checkpoint = source.describe(loaded.weights)
         digest = identity_digest(sampling_identity(spec, checkpoint, vae_identity))
-        out_url = default_output_url(cfg, source, digest)
         sample_set = generate_samples(
             loaded.model,
             spec,
-            out_url=out_url,
+            out=cfg.storage.locate(default_output_url(cfg, source, digest)),
             vae=vae,
             batch_size=cfg.sample.batch_size_per_device,
             dist=info,
@@ -451,14 +383,14 @@ def run(args: argparse.Namespace) -> int:
             checkpoint=checkpoint,
             vae_identity=vae_identity,
             progress=not args.no_progress,
-            storage_options=so,
         )
     except (SamplingError, ValueError, FileNotFoundError) as e:
         if isinstance(e, ConfigError):
             raise
         return cli_error("sample", e)
     finally:
-        runtime.shutdown()
+        if info is not None:
+            runtime.shutdown()
     if info.is_main:
         print(f"{sample_set.num_samples} samples in {sample_set.url}")
     return 0
