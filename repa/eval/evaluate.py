@@ -515,7 +515,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_eval_arguments(parser)
     parser.add_argument("--force", action="store_true", help="recompute even if the result file exists")
-    sub = parser.add_subparsers(dest="eval_command", metavar="[ref-stats|compare]", title="optional action")
+    sub = parser.add_subparsers(
+        dest="eval_command", metavar="[ref-stats|compare|sweep]", title="optional action"
+    )
     p = sub.add_parser(
         "ref-stats",
         help="reference statistics (mu, sigma, features) of a prepared dataset",
@@ -541,6 +543,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "differs (docs/evaluation.md); exit 0 when they were produced by the same protocol, 1 otherwise.",
     )
     c.add_argument("results", nargs="+", metavar="RESULT.json", help="result files (local paths or URLs)")
+    w = sub.add_parser(
+        "sweep",
+        help="score a checkpoint over CFG scales x guidance intervals (same labels and noises per cell)",
+        description="Evaluate the checkpoint once per cell of --cfg-scale x --guidance-high (guidance on "
+        "[0, high]), every cell on the same labels and noises; resumable cell by cell; writes a table, a "
+        "heat map and the best cell (repa.eval.sweep). Options go after `sweep`.",
+    )
+    add_sampling_arguments(w)
+    w.add_argument("--checkpoint", metavar="URL", help="as for `repa eval`")
+    add_eval_arguments(w)
+    w.add_argument("--cfg-scale", required=True, metavar="W1,W2,...", help="CFG scales (rows)")
+    w.add_argument("--guidance-high", required=True, metavar="H1,H2,...", help="interval ends (columns)")
+    w.add_argument("--num-samples", type=int, metavar="N", help="samples per cell (sets sample.num_samples)")
+    w.add_argument(
+        "--index", type=int, help="this process's share of the cells (default: $JOB_COMPLETION_INDEX, else 0)"
+    )
+    w.add_argument(
+        "--count", type=int, default=1, help="processes sharing the cells (an Indexed Job's completions)"
+    )
 
 
 def _run_ref_stats(args: argparse.Namespace) -> int:
@@ -589,6 +610,46 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0 if comparison.comparable else 1
 
 
+def _run_sweep(args: argparse.Namespace, user_errors: tuple[type[BaseException], ...]) -> int:
+    from repa.eval import sweep
+
+    info = None
+    try:
+        grid = sweep.SweepGrid(
+            sweep.parse_values(args.cfg_scale, "--cfg-scale"),
+            sweep.parse_values(args.guidance_high, "--guidance-high"),
+        )
+        keys = {**EVAL_FLAG_KEYS, "num_samples": "sample.num_samples"}
+        verb = resolve_config(args, keys, require_for="eval")
+        info = runtime.init_distributed(verb.cfg.train.device, verb.cfg.train.process_group_timeout_seconds)
+        summary = sweep.run_sweep(
+            verb.cfg,
+            verb.source,
+            grid,
+            info=info,
+            index=sweep.index_from_environment(args.index),
+            count=args.count,
+            check_config=verb.explicit,
+            progress=not args.no_progress,
+        )
+        folder = sweep.sweep_folder(verb.cfg, verb.source, grid) if summary else None
+    except ConfigError:
+        raise
+    except user_errors as e:
+        return cli_error("eval sweep", e)
+    finally:
+        if info is not None:
+            runtime.shutdown()
+    if summary is not None:
+        print("\n".join(sweep.best_lines(summary)))
+        print(f"{summary['score']}: {len(summary['cells'])} cells -> {folder}")
+    elif info is not None and info.is_main:
+        print(
+            "eval sweep: this index's cells are done; the summary is written by the index that finishes last"
+        )
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from repa.eval.errors import MetricsError
     from repa.weights import WeightsError
@@ -603,6 +664,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.eval_command == "compare":
         return _run_compare(args)
+    if args.eval_command == "sweep":
+        return _run_sweep(args, user_errors)
     if args.eval_command == "ref-stats":
         try:
             return _run_ref_stats(args)
