@@ -19,14 +19,11 @@ TensorBoard scalars go to the ``eval`` sub-folder (its own TensorBoard run): Ten
 the newest event file of a folder, so an event file of ours beside the trainer's active one would
 hide the training curves until TensorBoard restarts.
 
-Actions: ``repa eval ref-stats`` (reference statistics of a prepared dataset, ``repa.eval.refstats``;
-ADM's ``VIRTUAL_imagenet256_labeled.npz`` works as is) and ``repa eval compare A.json B.json ...``
-(whether scores are comparable, ``repa.eval.provenance``).
+The command line (``repa eval`` and its actions ref-stats, compare, sweep) is ``repa.eval.commands``.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import logging
@@ -42,15 +39,8 @@ import torch
 import repa
 from repa import checkpoint as ckpt
 from repa import runtime, storage
-from repa.config import VAE_DOWNSAMPLE, ConfigError, RunConfig
+from repa.config import VAE_DOWNSAMPLE, RunConfig
 from repa.eval import sample as S
-from repa.eval.args import (
-    EVAL_FLAG_KEYS,
-    add_eval_arguments,
-    add_sampling_arguments,
-    cli_error,
-    resolve_config,
-)
 from repa.eval.errors import EvalError
 from repa.eval.features import build_extractor, extractor_identity
 from repa.runtime import DistInfo, broadcast_object
@@ -61,15 +51,12 @@ __all__ = [
     "EvalError",
     "EvalOutcome",
     "EvalProtocol",
-    "add_arguments",
     "evaluate_checkpoint",
     "plan_evaluation",
-    "run",
 ]
 
 IS_SPLITS = 10  # ADM / torch-fidelity: 10 splits
 PR_K = 3  # ADM's ManifestEstimator k
-UINT8_CONVERSION = "clamp(255 * (x + 1) / 2, 0, 255), truncated (reference generate.py)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,7 +291,15 @@ def evaluate_checkpoint(
         return None
 
     from repa.eval.metrics import score_images, write_result_json
-    from repa.eval.report import metric_tags, result_text, sample_grid, score_label, write_tensorboard
+    from repa.eval.provenance import build_provenance, checkpoint_sha256
+    from repa.eval.report import (
+        metric_tags,
+        result_text,
+        sample_grid,
+        score_label,
+        score_line,
+        write_tensorboard,
+    )
 
     started = time.perf_counter()
     with_logits = "is" in cfg.eval.metrics and hasattr(extractor, "features_and_logits")
@@ -347,10 +342,10 @@ def evaluate_checkpoint(
     payload = result.to_dict()
     extra = {
         "score_label": score_label(payload),
-        "provenance": provenance(
+        "provenance": build_provenance(
             cfg,
             plan,
-            weights_sha256=_checkpoint_sha256(source, plan.sampling["checkpoint"]["weights"], cfg),
+            weights_sha256=checkpoint_sha256(source, plan.sampling["checkpoint"]["weights"], cfg),
             vae_sha256=vae_sha256,
             precision=precision,
             labels=np.concatenate(labels) if labels else np.zeros(0, np.int64),
@@ -369,16 +364,10 @@ def evaluate_checkpoint(
             run_at, source.step, scalars, best_of=best_of, grid=grid, text=result_text(payload), cfg=cfg
         )
     write_result_json(plan.result, result, protocol, extra=extra)
-    log.info("%s step %s: %s -> %s", source.url, source.step, _score_line(payload), plan.result_url)
+    log.info("%s step %s: %s -> %s", source.url, source.step, score_line(payload), plan.result_url)
     if not cfg.eval.keep_samples:
         storage.remove(plan.samples, recursive=True)
     return EvalOutcome(plan.result_url, json.loads(storage.read_bytes(plan.result)))
-
-
-def _score_line(payload: dict[str, Any]) -> str:
-    from repa.eval.report import score_line
-
-    return score_line(payload)
 
 
 def _images_keeping_labels(sample_set: Any, labels: list[np.ndarray]) -> Iterator[np.ndarray]:
@@ -405,294 +394,5 @@ def _code_version() -> dict[str, Any]:
     }
 
 
-def _checkpoint_sha256(source: ckpt.CheckpointSource, weights: str, cfg: RunConfig) -> str | None:
-    """sha256 of the weights file scored: from the step folder's ``COMMITTED`` record (no re-read), or
-    hashed while reading for a plain weights file."""
-    so = cfg.storage.storage_options or None
-    if source.kind == "run":
-        files = ckpt.read_marker(source.url, so).get("files") or {}
-        ema = files.get(ckpt.EMA_FILE) if weights == "ema" else None
-        record = ema or files.get(ckpt.STATE_FILE) or {}
-        return record.get("sha256")
-    return storage.read_bytes_hashed(cfg.storage.locate(source.url))[1]
-
-
-def count_nfe(spec: S.SampleSpec) -> int:
-    """Model calls one sample costs under ``spec``, counted by running the sampler on a stub model
-    (a CFG-doubled call counts once, as ``repa.sampling.SamplerTrace``)."""
-    from repa.sampling import SamplerTrace, sample
-
-    def stub(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor]:
-        return (torch.zeros_like(x),)
-
-    stub.null_class = spec.num_classes  # type: ignore[attr-defined]
-    trace = SamplerTrace()
-    z, y = torch.zeros(1, 1, 1, 1), torch.zeros(1, dtype=torch.int64)
-    noise = torch.zeros(spec.num_steps - 1, 1, 1, 1, 1) if spec.sampler == "sde" else None
-    sample(
-        stub,
-        z,
-        y,
-        sampler=spec.sampler,
-        num_steps=spec.num_steps,
-        cfg_scale=spec.cfg_scale,
-        guidance_low=spec.guidance_low,
-        guidance_high=spec.guidance_high,
-        path_type=spec.path_type,
-        noise=noise,
-        null_class=spec.num_classes,
-        trace=trace,
-    )
-    return trace.nfe
-
-
-def provenance(
-    cfg: RunConfig,
-    plan: EvalProtocol,
-    *,
-    weights_sha256: str | None,
-    vae_sha256: str | None,
-    precision: str,
-    labels: np.ndarray,
-    result: dict[str, Any],
-    extractors: list[Any],
-) -> dict[str, Any]:
-    """The result's provenance record (fields: ``repa.eval.provenance``; docs/evaluation.md)."""
-    from importlib.metadata import version
-
-    from repa.eval.provenance import extractor_record, label_distribution
-
-    spec, checkpoint = plan.spec, plan.sampling["checkpoint"]
-    return {
-        "checkpoint.url": checkpoint["url"],
-        "checkpoint.step": checkpoint["step"],
-        "checkpoint.weights_sha256": weights_sha256,
-        "checkpoint.weights": checkpoint["weights"],
-        "sampler.name": spec.sampler,
-        "sampler.num_steps": spec.num_steps,
-        "sampler.nfe": count_nfe(spec),
-        "guidance.scale": spec.cfg_scale,
-        "guidance.interval": [spec.guidance_low, spec.guidance_high],
-        "precision": precision,
-        "tf32": bool(cfg.train.allow_tf32),
-        "vae.name": plan.sampling["vae"]["name"],
-        "vae.weights_sha256": vae_sha256,
-        "uint8_conversion": UINT8_CONVERSION,
-        "samples.count": result["num_samples"],
-        "samples.seed": spec.seed,
-        "samples.index_range": [0, spec.num_samples],
-        "labels.distribution": {
-            "class_balanced": spec.class_balanced,
-            **label_distribution(labels.tolist(), spec.num_classes),
-        },
-        "reference.url": cfg.eval.reference_stats_url,
-        "reference.sha256": result.get("reference_sha256"),
-        "reference.count": result.get("num_reference_samples"),
-        "extractors": [extractor_record(e) for e in extractors],
-        "versions.repa": repa.__version__,
-        "versions.torch": torch.__version__,
-        "versions.torch_fidelity": version("torch-fidelity"),
-    }
-
-
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_sampling_arguments(parser)
-    parser.add_argument(
-        "--checkpoint",
-        "--reference-checkpoint",
-        dest="checkpoint",
-        metavar="URL",
-        help="step folder or weights file (see `repa sample`); default: the latest committed checkpoint",
-    )
-    add_eval_arguments(parser)
-    parser.add_argument("--force", action="store_true", help="recompute even if the result file exists")
-    sub = parser.add_subparsers(
-        dest="eval_command", metavar="[ref-stats|compare|sweep]", title="optional action"
-    )
-    p = sub.add_parser(
-        "ref-stats",
-        help="reference statistics (mu, sigma, features) of a prepared dataset",
-        description="Compute FID reference statistics of a `repa prepare` dataset with the feature "
-        "extractor. Options go after `ref-stats`.",
-    )
-    from repa.config import add_config_arguments
-
-    add_config_arguments(p)
-    p.add_argument("--data-url", metavar="URL", help="prepared dataset (default: data.url)")
-    p.add_argument("--out", required=True, metavar="URL", help="where to write the .npz")
-    p.add_argument("--feature-extractor", metavar="MODULE:CALLABLE", help="as for `repa eval`")
-    p.add_argument("--keep-features", type=int, default=10_000, help="features kept for precision/recall")
-    p.add_argument(
-        "--keep-images", type=int, default=0, help="images kept as arr_0 (ADM evaluator compatible)"
-    )
-    p.add_argument("--max-images", type=int, help="use only the first N images (tests, quick looks)")
-    p.add_argument("--batch-size", type=int, default=64)
-    c = sub.add_parser(
-        "compare",
-        help="are these scores comparable? (exit 0: yes; 1: no, naming the fields that differ)",
-        description="Print the scores of result JSONs side by side with every provenance field that "
-        "differs (docs/evaluation.md); exit 0 when they were produced by the same protocol, 1 otherwise.",
-    )
-    c.add_argument("results", nargs="+", metavar="RESULT.json", help="result files (local paths or URLs)")
-    w = sub.add_parser(
-        "sweep",
-        help="score a checkpoint over CFG scales x guidance intervals (same labels and noises per cell)",
-        description="Evaluate the checkpoint once per cell of --cfg-scale x --guidance-high (guidance on "
-        "[0, high]), every cell on the same labels and noises; resumable cell by cell; writes a table, a "
-        "heat map and the best cell (repa.eval.sweep). Options go after `sweep`.",
-    )
-    add_sampling_arguments(w)
-    w.add_argument("--checkpoint", metavar="URL", help="as for `repa eval`")
-    add_eval_arguments(w)
-    w.add_argument("--cfg-scale", required=True, metavar="W1,W2,...", help="CFG scales (rows)")
-    w.add_argument("--guidance-high", required=True, metavar="H1,H2,...", help="interval ends (columns)")
-    w.add_argument("--num-samples", type=int, metavar="N", help="samples per cell (sets sample.num_samples)")
-    w.add_argument(
-        "--index", type=int, help="this process's share of the cells (default: $JOB_COMPLETION_INDEX, else 0)"
-    )
-    w.add_argument(
-        "--count", type=int, default=1, help="processes sharing the cells (an Indexed Job's completions)"
-    )
-
-
-def _run_ref_stats(args: argparse.Namespace) -> int:
-    from repa.config import load_config
-    from repa.eval.args import flag_overrides
-    from repa.eval.refstats import compute_dataset_reference_stats
-
-    cfg = load_config(args.config, args.overrides + flag_overrides(args, EVAL_FLAG_KEYS))
-    data = (
-        cfg.data.location()
-        if not args.data_url
-        else storage.Location(args.data_url, cfg.data.storage_options)
-    )
-    if not data.url:
-        raise ConfigError("data.url", "required by `repa eval ref-stats` (or pass --data-url)")
-    extractor = build_extractor(cfg, runtime.resolve_device(cfg.train.device))
-    digest = compute_dataset_reference_stats(
-        data,
-        cfg.storage.locate(args.out),
-        extractor,
-        batch_size=args.batch_size,
-        keep_features=args.keep_features,
-        keep_images=args.keep_images,
-        max_images=args.max_images,
-    )
-    print(f"{args.out} sha256 {digest}")
-    return 0
-
-
-def _run_compare(args: argparse.Namespace) -> int:
-    from repa.eval.provenance import compare_results
-    from repa.eval.report import format_comparison
-
-    payloads = []
-    for url in args.results:
-        try:
-            payloads.append(json.loads(storage.read_bytes(url)))
-        except FileNotFoundError:
-            return cli_error("eval compare", EvalError(f"{url}: not found"))
-        except ValueError as e:
-            return cli_error("eval compare", EvalError(f"{url}: not a result JSON ({e})"))
-        if not isinstance(payloads[-1], dict) or "fid" not in payloads[-1]:
-            return cli_error("eval compare", EvalError(f"{url}: not a `repa eval` result (no fid)"))
-    comparison = compare_results(payloads)
-    print(format_comparison(args.results, comparison))
-    return 0 if comparison.comparable else 1
-
-
-def _run_sweep(args: argparse.Namespace, user_errors: tuple[type[BaseException], ...]) -> int:
-    from repa.eval import sweep
-
-    info = None
-    try:
-        grid = sweep.SweepGrid(
-            sweep.parse_values(args.cfg_scale, "--cfg-scale"),
-            sweep.parse_values(args.guidance_high, "--guidance-high"),
-        )
-        keys = {**EVAL_FLAG_KEYS, "num_samples": "sample.num_samples"}
-        verb = resolve_config(args, keys, require_for="eval")
-        info = runtime.init_distributed(verb.cfg.train.device, verb.cfg.train.process_group_timeout_seconds)
-        summary = sweep.run_sweep(
-            verb.cfg,
-            verb.source,
-            grid,
-            info=info,
-            index=sweep.index_from_environment(args.index),
-            count=args.count,
-            check_config=verb.explicit,
-            progress=not args.no_progress,
-        )
-        folder = sweep.sweep_folder(verb.cfg, verb.source, grid) if summary else None
-    except ConfigError:
-        raise
-    except user_errors as e:
-        return cli_error("eval sweep", e)
-    finally:
-        if info is not None:
-            runtime.shutdown()
-    if summary is not None:
-        print("\n".join(sweep.best_lines(summary)))
-        print(f"{summary['score']}: {len(summary['cells'])} cells -> {folder}")
-    elif info is not None and info.is_main:
-        print(
-            "eval sweep: this index's cells are done; the summary is written by the index that finishes last"
-        )
-    return 0
-
-
-def run(args: argparse.Namespace) -> int:
-    from repa.eval.errors import MetricsError
-    from repa.weights import WeightsError
-
-    user_errors = (
-        S.SamplingError,
-        ckpt.CheckpointError,
-        EvalError,
-        MetricsError,
-        WeightsError,
-        FileNotFoundError,
-    )
-    if args.eval_command == "compare":
-        return _run_compare(args)
-    if args.eval_command == "sweep":
-        return _run_sweep(args, user_errors)
-    if args.eval_command == "ref-stats":
-        try:
-            return _run_ref_stats(args)
-        except ConfigError:
-            raise
-        except (*user_errors, ValueError) as e:
-            return cli_error("eval ref-stats", e)
-    info = None
-    try:
-        verb = resolve_config(args, EVAL_FLAG_KEYS, require_for="eval")
-        info = runtime.init_distributed(verb.cfg.train.device, verb.cfg.train.process_group_timeout_seconds)
-        outcome = evaluate_checkpoint(
-            verb.cfg,
-            verb.source,
-            info=info,
-            check_config=verb.explicit,
-            force=args.force,
-            progress=not args.no_progress,
-        )
-    except ConfigError:
-        raise
-    except user_errors as e:
-        return cli_error("eval", e)
-    finally:
-        if info is not None:
-            runtime.shutdown()
-    if outcome is not None:
-        done = " (already evaluated)" if outcome.skipped else ""
-        print(f"{_score_line(outcome.result)}{done} -> {outcome.result_url}")
-    return 0

@@ -19,12 +19,23 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
+import repa
+from repa import checkpoint as ckpt
+from repa import storage
+from repa.eval.sample import run_sampler
+from repa.eval.sample_set import SampleSpec
+
 __all__ = [
     "INFO_FIELDS",
     "PROTOCOL_FIELDS",
     "SUBJECT_FIELDS",
     "Comparison",
+    "build_provenance",
+    "checkpoint_sha256",
     "compare_results",
+    "count_nfe",
     "extractor_record",
     "provenance_rows",
 ]
@@ -54,6 +65,7 @@ PROTOCOL_FIELDS = (
 INFO_FIELDS = ("versions.repa", "versions.torch", "versions.torch_fidelity")
 ALL_FIELDS = SUBJECT_FIELDS + PROTOCOL_FIELDS + INFO_FIELDS
 
+UINT8_CONVERSION = "clamp(255 * (x + 1) / 2, 0, 255), truncated (reference generate.py)"
 # The resize into each network, as it happens (torch-fidelity's port of TF1's graph resizes inside).
 INCEPTION_RESIZE = "uint8 HxW -> float32, TF1-compatible bilinear resize to 299x299 inside the network"
 
@@ -116,3 +128,80 @@ class Comparison:
 
 def compare_results(payloads: Sequence[dict[str, Any]]) -> Comparison:
     return Comparison(payloads)
+
+
+# How a result's record is built (repa.eval.evaluate.evaluate_checkpoint)
+
+
+def checkpoint_sha256(source: ckpt.CheckpointSource, weights: str, cfg: Any) -> str | None:
+    """sha256 of the weights file scored: from the step folder's ``COMMITTED`` record (no re-read), or
+    hashed while reading for a plain weights file."""
+    so = cfg.storage.storage_options or None
+    if source.kind == "run":
+        files = ckpt.read_marker(source.url, so).get("files") or {}
+        ema = files.get(ckpt.EMA_FILE) if weights == "ema" else None
+        record = ema or files.get(ckpt.STATE_FILE) or {}
+        return record.get("sha256")
+    return storage.read_bytes_hashed(cfg.storage.locate(source.url))[1]
+
+
+def count_nfe(spec: SampleSpec) -> int:
+    """Model calls one sample costs under ``spec``, counted by running the sampler on a stub model
+    (a CFG-doubled call counts once, as ``repa.sampling.SamplerTrace``)."""
+    from repa.sampling import SamplerTrace
+
+    def stub(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor]:
+        return (torch.zeros_like(x),)
+
+    trace = SamplerTrace()
+    z, y = torch.zeros(1, 1, 1, 1), torch.zeros(1, dtype=torch.int64)
+    noise = torch.zeros(spec.num_steps - 1, 1, 1, 1, 1) if spec.sampler == "sde" else None
+    run_sampler(stub, spec, z, y, noise, null_class=spec.num_classes, trace=trace)
+    return trace.nfe
+
+
+def build_provenance(
+    cfg: Any,
+    plan: Any,
+    *,
+    weights_sha256: str | None,
+    vae_sha256: str | None,
+    precision: str,
+    labels: Any,  # (N,) int class labels of the samples scored
+    result: dict[str, Any],
+    extractors: list[Any],
+) -> dict[str, Any]:
+    """The result's provenance record (fields: ``repa.eval.provenance``; docs/evaluation.md)."""
+    from importlib.metadata import version
+
+    spec, checkpoint = plan.spec, plan.sampling["checkpoint"]
+    return {
+        "checkpoint.url": checkpoint["url"],
+        "checkpoint.step": checkpoint["step"],
+        "checkpoint.weights_sha256": weights_sha256,
+        "checkpoint.weights": checkpoint["weights"],
+        "sampler.name": spec.sampler,
+        "sampler.num_steps": spec.num_steps,
+        "sampler.nfe": count_nfe(spec),
+        "guidance.scale": spec.cfg_scale,
+        "guidance.interval": [spec.guidance_low, spec.guidance_high],
+        "precision": precision,
+        "tf32": bool(cfg.train.allow_tf32),
+        "vae.name": plan.sampling["vae"]["name"],
+        "vae.weights_sha256": vae_sha256,
+        "uint8_conversion": UINT8_CONVERSION,
+        "samples.count": result["num_samples"],
+        "samples.seed": spec.seed,
+        "samples.index_range": [0, spec.num_samples],
+        "labels.distribution": {
+            "class_balanced": spec.class_balanced,
+            **label_distribution(labels.tolist(), spec.num_classes),
+        },
+        "reference.url": cfg.eval.reference_stats_url,
+        "reference.sha256": result.get("reference_sha256"),
+        "reference.count": result.get("num_reference_samples"),
+        "extractors": [extractor_record(e) for e in extractors],
+        "versions.repa": repa.__version__,
+        "versions.torch": torch.__version__,
+        "versions.torch_fidelity": version("torch-fidelity"),
+    }

@@ -72,6 +72,7 @@ __all__ = [
     "default_output_url",
     "generate_samples",
     "run",
+    "run_sampler",
     "sample_inputs",
     "sample_seed",
 ]
@@ -134,6 +135,28 @@ def sample_inputs(spec: SampleSpec, indices: Sequence[int], latent_shape: Sequen
     )
 
 
+def run_sampler(
+    model: Any, spec: SampleSpec, z: torch.Tensor, y: torch.Tensor, noise: torch.Tensor | None, **kwargs: Any
+) -> torch.Tensor:
+    """``repa.sampling.sample`` with the sampler, steps and guidance of ``spec`` (``kwargs``: e.g.
+    ``trace=``); the one place a spec becomes sampler arguments."""
+    from repa.sampling import sample
+
+    return sample(
+        model,
+        z,
+        y,
+        sampler=spec.sampler,
+        num_steps=spec.num_steps,
+        cfg_scale=spec.cfg_scale,
+        guidance_low=spec.guidance_low,
+        guidance_high=spec.guidance_high,
+        path_type=spec.path_type,
+        noise=noise,
+        **kwargs,
+    )
+
+
 class _Autocast:
     """``model(x, t, y)`` under autocast (bf16 on GPU); forwards ``null_class`` for the samplers."""
 
@@ -176,8 +199,6 @@ def generate_samples(
     ``samples.npz`` if ``save_npz``). ``checkpoint``/``vae_identity`` are recorded in the identity.
     ``should_stop()`` is polled between batches; when true, raises :class:`SamplingInterrupted`.
     """
-    from repa.sampling import sample
-
     if device is None:  # the process's device under torchrun, else where the model is
         device = dist.device if dist is not None else next(model.parameters()).device
     device = torch.device(device)
@@ -241,17 +262,12 @@ def generate_samples(
             inputs = future.result()
             if k + 1 < len(batches):
                 future = pool.submit(sample_inputs, spec, batches[k + 1][1], latent_shape)
-            latents = sample(
+            latents = run_sampler(
                 call,
+                spec,
                 inputs.z.to(device),
                 inputs.y.to(device),
-                sampler=spec.sampler,
-                num_steps=spec.num_steps,
-                cfg_scale=spec.cfg_scale,
-                guidance_low=spec.guidance_low,
-                guidance_high=spec.guidance_high,
-                path_type=spec.path_type,
-                noise=None if inputs.noise is None else inputs.noise.to(device),
+                None if inputs.noise is None else inputs.noise.to(device),
             )  # (B, C, h, w) float64
             images = vae.decode_to_uint8(latents.float(), latents_scale, latents_bias)  # (B, 3, H, W) uint8
             parts.setdefault(chunk, []).append(
