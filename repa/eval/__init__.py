@@ -5,8 +5,9 @@ Modules, each with one job: ``stats`` (Fréchet distance, IS, precision/recall o
 networks: Inception, the extractor a config names, the feature pass), ``refstats`` (reference statistics
 files and the statistics of a prepared dataset), ``metrics`` (all metrics of one sample set against one
 reference, and the result JSON), ``provenance`` (how a number was made; `repa eval compare`),
-``report`` (score names, TensorBoard), ``args`` (the CLI glue of sample/eval/watch), and the verbs
-``sample``, ``evaluate`` (``EvalProtocol``, ``plan_evaluation``, ``evaluate_checkpoint``) and ``watch``.
+``report`` (score names, TensorBoard), ``args`` (the CLI glue of sample/eval/watch), the work of the
+verbs: ``sample``, ``evaluate`` (``EvalProtocol``, ``plan_evaluation``, ``evaluate_checkpoint``),
+``sweep`` (a guidance sweep of one checkpoint) and ``watch``, and ``commands`` (`repa eval`'s command line).
 
 Typical use::
 

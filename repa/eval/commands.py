@@ -29,7 +29,7 @@ from repa.eval.args import (
 from repa.eval.errors import EvalError
 from repa.eval.evaluate import EvalOutcome, evaluate_checkpoint
 from repa.eval.features import build_extractor
-from repa.eval.report import score_line
+from repa.eval.report import provenance_brief, score_line
 from repa.runtime import DistInfo
 
 __all__ = ["add_arguments", "run"]
@@ -234,5 +234,7 @@ def run(args: argparse.Namespace) -> int:
         return code
     if outcome is not None:
         done = " (already evaluated)" if outcome.skipped else ""
-        print(f"{score_line(outcome.result)}{done} -> {outcome.result_url}")
+        print(
+            f"{score_line(outcome.result)} {provenance_brief(outcome.result)}{done} -> {outcome.result_url}"
+        )
     return 0

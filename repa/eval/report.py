@@ -23,6 +23,7 @@ __all__ = [
     "UNPUBLISHED",
     "format_comparison",
     "metric_tags",
+    "provenance_brief",
     "result_text",
     "sample_grid",
     "score_label",
@@ -68,6 +69,22 @@ def score_line(payload: dict[str, Any]) -> str:
         if payload.get(key) is not None:
             parts.append(f"{key} {payload[key]:.4f}")
     return ", ".join(parts)
+
+
+def provenance_brief(payload: dict[str, Any]) -> str:
+    """``[sde 250 steps, 250 NFE, cfg 1.8 on [0, 0.7], ema, fp32, sd-vae-ft-ema, seed 0, ref ...npz]``:
+    the fields that most often explain "my FID does not match" (all of them: ``repa eval compare``)."""
+    p = payload.get("provenance")
+    if not p:
+        return "[no provenance recorded]"
+    low, high = p["guidance.interval"]
+    reference = str(p["reference.url"]).rstrip("/").rsplit("/", 1)[-1]
+    return (
+        f"[{p['sampler.name']} {p['sampler.num_steps']} steps, {p['sampler.nfe']} NFE, "
+        f"cfg {p['guidance.scale']:g} on [{low:g}, {high:g}], {p['checkpoint.weights']}, {p['precision']}, "
+        f"{p['vae.name']}, "
+        f"seed {p['samples.seed']}, ref {reference}]"
+    )
 
 
 def metric_tags(payload: dict[str, Any]) -> dict[str, float | None]:

@@ -134,7 +134,13 @@ def test_ref_stats_from_shards_then_eval_writes_result_json_and_tensorboard(tmp_
     mtime = result_file.stat().st_mtime_ns
     capsys.readouterr()
     assert cli(*argv) == 0
-    assert "(already evaluated)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "(already evaluated)" in printed
+    # the printed line says what the number is and how it was made
+    assert (
+        printed.startswith("FD_tiny-conv (12 samples) ")
+        and "[sde 4 steps, 4 NFE, cfg 1.8 on [0, 0.7], ema" in printed
+    )
     assert result_file.stat().st_mtime_ns == mtime
 
 
