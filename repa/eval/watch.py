@@ -283,9 +283,14 @@ def make_watcher(
 ) -> Watcher:
     """A Watcher that evaluates in this process, or launches Jobs through ``launcher`` (a JobLauncher)."""
     stop = stop or threading.Event()
+    sweeps = WatchSweep(cfg) if cfg.eval.sweep_every_nth else None
+    if sweeps is not None and launcher is not None:
+        raise ConfigError(
+            "eval.sweep_every_nth", "the watcher's guidance sweep runs in-process; drop --launch-jobs"
+        )
 
     def plan(source: ckpt.CheckpointSource) -> EvalProtocol:
-        return E.plan_evaluation(cfg, source)
+        return E.plan_evaluation(sweeps.config_for(source) if sweeps else cfg, source)
 
     if launcher is None:
         device = resolve_device(cfg.train.device)
@@ -293,8 +298,14 @@ def make_watcher(
         cache: dict[Any, Any] = {}  # reference statistics and feature network, loaded once
 
         def process(source: ckpt.CheckpointSource, plan_: EvalProtocol) -> Any:
+            chosen = sweeps.config_for(source) if sweeps else cfg
+            if sweeps is not None and chosen is cfg and sweeps.applies(source):  # not swept yet
+                sweeps.run(
+                    source, info=info, check_config=check_config, progress=progress, should_stop=stop.is_set
+                )
+                chosen = sweeps.config_for(source)
             return E.evaluate_checkpoint(
-                cfg,
+                chosen,
                 source,
                 info=info,
                 check_config=check_config,
@@ -311,6 +322,41 @@ def make_watcher(
         process, is_done = tracker.process, tracker.is_done
 
     return Watcher(cfg, process, is_done, plan=plan, stop=stop, max_attempts=max_attempts)
+
+
+class WatchSweep:
+    """``eval.sweep_every_nth``: every Nth checkpoint gets a guidance sweep at ``eval.sweep_num_samples``
+    (repa.eval.sweep), then the full-protocol evaluation uses its best cell (lowest Fréchet distance).
+
+    The sweep's ``sweep.json`` is the state: once it exists, the checkpoint's plan is the best cell's, so
+    a restarted watcher finds the checkpoint done by that result file.
+    """
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from repa.eval import sweep
+
+        self.cfg, self.sweep = cfg, sweep
+        self.grid = sweep.SweepGrid(tuple(cfg.eval.sweep_cfg_scales), tuple(cfg.eval.sweep_guidance_highs))
+        tree = cfg.to_dict()
+        tree["sample"]["num_samples"] = cfg.eval.sweep_num_samples
+        self.small = RunConfig.from_dict(tree)
+
+    def applies(self, source: ckpt.CheckpointSource) -> bool:
+        index = (source.step or 0) // self.cfg.checkpoint.every_steps
+        return index % self.cfg.eval.sweep_every_nth == 0
+
+    def run(self, source: ckpt.CheckpointSource, **kwargs: Any) -> Any:
+        return self.sweep.run_sweep(self.small, source, self.grid, **kwargs)
+
+    def config_for(self, source: ckpt.CheckpointSource) -> RunConfig:
+        """The best cell's config once this checkpoint's sweep is summarised, else the configured one."""
+        if not self.applies(source):
+            return self.cfg
+        at = self.sweep.sweep_folder(self.small, source, self.grid).join("sweep.json")
+        if not storage.exists(at):
+            return self.cfg
+        best = json.loads(storage.read_bytes(at))["best"]["fid"]
+        return self.sweep.cell_config(self.cfg, best["cfg_scale"], best["guidance_high"])
 
 
 class JobTracker:

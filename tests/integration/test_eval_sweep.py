@@ -169,3 +169,44 @@ def test_sweep_flags_are_checked_in_one_line(tmp_path, reference, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--cfg-scale" in err[0] and "comma-separated numbers" in err[0]
     assert not Path(run_url, "samples").exists()
+
+
+def test_the_watcher_sweeps_every_nth_checkpoint_then_scores_its_best_cell(tmp_path, reference, capsys):
+    run_url = str(tmp_path / "run")
+    tree = tiny_run_config(
+        run_url,
+        sample={"num_samples": 8, "num_steps": 3, "batch_size_per_device": 4, "chunk_size": 4},
+        checkpoint={"every_steps": 100},
+        eval={
+            "reference_stats_url": reference,
+            "feature_extractor": FEATS,
+            "sweep_every_nth": 2,
+            "sweep_num_samples": 4,
+            "sweep_cfg_scales": [1.0, 1.8],
+            "sweep_guidance_highs": [0.7],
+        },
+    )
+    cfg = RunConfig.from_dict(tree)
+    for step in (100, 200):
+        commit_tiny_checkpoint(cfg, step)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    argv = ("watch", "--config", str(path), "--once", "--no-progress")
+    assert cli(*argv) == 0
+    assert "2 checkpoint(s) handled [100, 200], 0 failed" in capsys.readouterr().out
+
+    def full_results(step: int) -> list[dict]:
+        files = Path(run_url, "eval", f"step-{step:07d}").glob("result-*.json")
+        return [r for r in map(json.loads, map(Path.read_text, files)) if r["num_samples"] == 8]
+
+    assert not list(Path(run_url, "eval", "step-0000100").glob("sweep-*"))  # index 1: not swept
+    (plain,) = full_results(100)
+    assert plain["provenance"]["guidance.scale"] == 1.8  # the configured scale
+    (summary_file,) = Path(run_url, "eval", "step-0000200").glob("sweep-*/sweep.json")
+    summary = json.loads(summary_file.read_text())
+    assert summary["score"] == "FD_tiny-conv (4 samples)" and len(summary["cells"]) == 2
+    (best,) = full_results(200)  # the full protocol, once, at the sweep's best cell
+    assert best["provenance"]["guidance.scale"] == summary["best"]["fid"]["cfg_scale"]
+
+    assert cli(*argv) == 0  # a restarted watcher finds both done (the sweep's best cell included)
+    assert "0 checkpoint(s) handled []" in capsys.readouterr().out
