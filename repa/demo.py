@@ -602,7 +602,14 @@ def summary_lines(r: DemoResult) -> list[str]:
             + (" (so the FID values are meaningless)" if "Inception" in r.random_weights else "")
             + ". Real ones: see `repa demo --help`.",
         ]
-    lines += ["", "Open TensorBoard:", f"  {tensorboard_command(r.tensorboard_dir)}"]
+    from repa.eval.report import tensorboard_hint
+
+    lines += [
+        "",
+        "Open TensorBoard:",
+        f"  {tensorboard_command(r.tensorboard_dir)}",
+        f"  {tensorboard_hint()}",
+    ]
     return lines
 
 

@@ -20,6 +20,7 @@ from repa.tensorboard import EVAL_RUN
 __all__ = [
     "EVAL_LOG_SUBDIR",
     "GRID_IMAGES",
+    "TENSORBOARD_UNSMOOTHED",
     "UNPUBLISHED",
     "format_comparison",
     "metric_tags",
@@ -29,6 +30,7 @@ __all__ = [
     "score_label",
     "score_line",
     "score_name",
+    "tensorboard_hint",
     "write_tensorboard",
 ]
 
@@ -36,6 +38,15 @@ EVAL_LOG_SUBDIR = EVAL_RUN  # {run_url}/tensorboard/eval
 GRID_IMAGES = 16  # samples shown per evaluation in TensorBoard (eval/samples)
 UNPUBLISHED = "unpublished Inception weights"
 _TAG_SUFFIX = "_unpublished_inception"  # tags of a non-published Inception: never eval/fid
+# TensorBoard smooths scalar cards by default (0.6), so a sparse curve of eval points shows values never
+# measured; event files cannot change that, but the Time Series dashboard reads the smoothing from the
+# URL's `smoothing` query parameter (TensorBoard 2.x deep links), so this address shows the real points.
+TENSORBOARD_UNSMOOTHED = "http://localhost:6006/?smoothing=0#timeseries"
+
+
+def tensorboard_hint(url: str = TENSORBOARD_UNSMOOTHED) -> str:
+    """The line printed under a ``tensorboard --logdir`` command: where eval scores read unsmoothed."""
+    return f"then open {url} (smoothing 0: each eval point as measured; exact values: Text tab, eval/result)"
 
 
 def _published(payload: dict[str, Any]) -> bool:

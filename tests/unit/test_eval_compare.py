@@ -147,3 +147,14 @@ def test_scores_say_what_they_are():
     assert "eval/fid" not in metric_tags(random) and "eval/fd_unpublished_inception" in metric_tags(random)
     other = {**result(), "feature_extractor": "dinov2-vit-l14", "feature_extractor_sha256": None}
     assert score_label(other) == "FD_dinov2-vit-l14 (50000 samples)"
+
+
+def test_the_tensorboard_hint_opens_time_series_without_smoothing():
+    from urllib.parse import parse_qs, urlparse
+
+    from repa.eval.report import TENSORBOARD_UNSMOOTHED, tensorboard_hint
+
+    url = urlparse(TENSORBOARD_UNSMOOTHED)
+    # TensorBoard 2.x's Time Series deep link: `smoothing` query parameter, default 0.6 otherwise
+    assert parse_qs(url.query) == {"smoothing": ["0"]} and url.fragment == "timeseries"
+    assert TENSORBOARD_UNSMOOTHED in tensorboard_hint()
