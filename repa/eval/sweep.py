@@ -33,7 +33,6 @@ from typing import Any
 from repa import checkpoint as ckpt
 from repa import storage
 from repa.config import ConfigError, RunConfig
-from repa.eval.errors import EvalError
 from repa.eval.sample_set import identity_digest
 
 log = logging.getLogger(__name__)
@@ -308,8 +307,9 @@ def sweep_job(job: dict[str, Any], grid: SweepGrid, count: int, digest: str) -> 
     for container in spec["template"]["spec"]["containers"]:
         args = list(container.get("args") or [])
         if not args or args[0] != "eval":
-            raise EvalError(
-                f"the eval Job template's container {container.get('name')!r} does not run `repa eval`"
+            raise ConfigError(
+                "--job-template",
+                f"the eval Job template's container {container.get('name')!r} does not run `repa eval`",
             )
         container["args"] = ["eval", "sweep", *args[1:], *extra]
     return job
@@ -333,4 +333,7 @@ def index_from_environment(flag: int | None) -> int:
     """``--index``, else ``JOB_COMPLETION_INDEX`` (an Indexed Job's pod), else 0."""
     if flag is not None:
         return flag
-    return int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
+    text = os.environ.get("JOB_COMPLETION_INDEX", "0")
+    if not text.isdigit():
+        raise ConfigError("JOB_COMPLETION_INDEX", f"{text!r}: expected the pod's index (0, 1, ...)")
+    return int(text)
