@@ -27,6 +27,7 @@ __all__ = [
     "EVAL_FLAG_KEYS",
     "SAMPLE_FLAG_KEYS",
     "VerbConfig",
+    "add_checkpoint_argument",
     "add_eval_arguments",
     "add_sampling_arguments",
     "cli_error",
@@ -57,6 +58,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         help="autocast dtype of the model (sets sample.precision; default fp32, the paper's protocol)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_checkpoint_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--checkpoint URL`` (alias ``--reference-checkpoint``) of `repa sample` / `repa eval`."""
+    parser.add_argument("--checkpoint", "--reference-checkpoint", dest="checkpoint", metavar="URL", help=help)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,6 +21,7 @@ from repa.config import ConfigError
 from repa.eval import sample as S
 from repa.eval.args import (
     EVAL_FLAG_KEYS,
+    add_checkpoint_argument,
     add_eval_arguments,
     add_sampling_arguments,
     cli_error,
@@ -37,12 +38,8 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
-    parser.add_argument(
-        "--checkpoint",
-        "--reference-checkpoint",
-        dest="checkpoint",
-        metavar="URL",
-        help="step folder or weights file (see `repa sample`); default: the latest committed checkpoint",
+    add_checkpoint_argument(
+        parser, "step folder or weights file (see `repa sample`); default: the latest committed checkpoint"
     )
     add_eval_arguments(parser)
     parser.add_argument("--force", action="store_true", help="recompute even if the result file exists")
@@ -82,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "heat map and the best cell (repa.eval.sweep). Options go after `sweep`.",
     )
     add_sampling_arguments(w)
-    w.add_argument("--checkpoint", metavar="URL", help="as for `repa eval`")
+    add_checkpoint_argument(w, "as for `repa eval`")
     add_eval_arguments(w)
     w.add_argument("--cfg-scale", required=True, metavar="W1,W2,...", help="CFG scales (rows)")
     w.add_argument("--guidance-high", required=True, metavar="H1,H2,...", help="interval ends (columns)")

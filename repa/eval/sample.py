@@ -43,7 +43,7 @@ from torch import nn
 from repa import checkpoint as ckpt
 from repa import runtime, storage
 from repa.config import ConfigError, RunConfig
-from repa.eval.args import add_sampling_arguments, cli_error, resolve_config
+from repa.eval.args import add_checkpoint_argument, add_sampling_arguments, cli_error, resolve_config
 from repa.eval.sample_set import (
     SampleSet,
     SampleSpec,
@@ -355,12 +355,9 @@ def default_output_url(cfg: RunConfig, source: ckpt.CheckpointSource, digest: st
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
-    parser.add_argument(
-        "--checkpoint",
-        "--reference-checkpoint",
-        dest="checkpoint",
-        metavar="URL",
-        help="step folder, its ema.pt/state.pt, or a REPA .pt file ({ema, args, ...} or a bare state dict, "
+    add_checkpoint_argument(
+        parser,
+        "step folder, its ema.pt/state.pt, or a REPA .pt file ({ema, args, ...} or a bare state dict, "
         "built from the config's model args); default: sample.checkpoint_url, else the latest committed "
         "checkpoint under storage.run_url",
     )
