@@ -63,7 +63,7 @@ COMMANDS: dict[str, Command] = {
         "train SiT + REPA from a config (torchrun for several GPUs); resumes from storage.run_url",
     ),
     "sample": Command("repa.eval.sample", "generate images from a checkpoint for FID (chunked, resumable)"),
-    "eval": Command("repa.eval.evaluate", "FID / IS / precision-recall of samples vs reference statistics"),
+    "eval": Command("repa.eval.commands", "FID / IS / precision-recall of samples vs reference statistics"),
     "watch": Command("repa.eval.watch", "evaluate every new committed checkpoint of a run once"),
     "eval-job": Command(
         "repa.cluster.eval_job",

@@ -582,12 +582,26 @@ class EvalConfig(_Section):
     keep_samples: bool = True
     """Keep the samples once the result is written (false = ``--delete-samples``; a 50K set of 256 px
     images is ~10 GB)."""
+    sweep_every_nth: int = setting(0, ge=0)
+    """``repa watch`` (in-process): every Nth checkpoint (by checkpoint index) first gets a guidance sweep
+    (``repa eval sweep``, sweep_num_samples per cell), then its best cell (lowest Fréchet distance) is
+    scored at the full protocol instead of sample.cfg_scale / guidance_high; 0 = off."""
+    sweep_num_samples: int = setting(1000, ge=1)
+    """Samples per cell of the watcher's guidance sweep (the same labels and noises in every cell)."""
+    sweep_cfg_scales: list[float] = field(default_factory=lambda: [1.0, 1.4, 1.8, 2.2])
+    """CFG scales of the watcher's guidance sweep."""
+    sweep_guidance_highs: list[float] = field(default_factory=lambda: [0.6, 0.7, 1.0])
+    """Guidance-interval ends (guidance on t in [0, high]) of the watcher's guidance sweep."""
 
     def check(self) -> None:
         if not self.metrics:
             raise ConfigError("eval.metrics", "empty; choose from fid, is, precision_recall")
         if len(set(self.metrics)) != len(self.metrics):
             raise ConfigError("eval.metrics", f"duplicate entries in {self.metrics}")
+        for key in ("sweep_cfg_scales", "sweep_guidance_highs"):
+            values = getattr(self, key)
+            if not values or len(set(values)) != len(values):
+                raise ConfigError(f"eval.{key}", f"{values}: expected a non-empty list of distinct numbers")
 
 
 @dataclass(kw_only=True)

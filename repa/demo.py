@@ -408,8 +408,8 @@ def _reference_stats(cfg: Any, out_url: str, max_images: int, progress: bool) ->
     """What `repa eval ref-stats --max-images N` does (same functions), plus a progress bar."""
     from tqdm.auto import tqdm
 
-    from repa.eval.evaluate import build_extractor, iter_dataset_images
-    from repa.eval.refstats import compute_reference_stats, save_reference_stats
+    from repa.eval.features import build_extractor
+    from repa.eval.refstats import compute_reference_stats, iter_dataset_images, save_reference_stats
     from repa.runtime import resolve_device
 
     extractor = build_extractor(cfg, resolve_device(cfg.train.device))
@@ -593,8 +593,8 @@ def summary_lines(r: DemoResult) -> list[str]:
     if r.results:
         lines.append("")
         for step, res in sorted(r.results.items()):
-            name = res.get("metric_name", "FID")
-            lines.append(f"  step {step:>6d}: {name} {res['fid']:.2f} ({res['num_samples']} samples)")
+            label = res.get("score_label") or f"{res.get('metric_name', 'FD')} ({res['num_samples']} samples)"
+            lines.append(f"  step {step:>6d}: {label} {res['fid']:.2f}")  # repa.eval.report.score_label
     if r.random_weights:
         lines += [
             "",
@@ -602,7 +602,14 @@ def summary_lines(r: DemoResult) -> list[str]:
             + (" (so the FID values are meaningless)" if "Inception" in r.random_weights else "")
             + ". Real ones: see `repa demo --help`.",
         ]
-    lines += ["", "Open TensorBoard:", f"  {tensorboard_command(r.tensorboard_dir)}"]
+    from repa.eval.report import tensorboard_hint
+
+    lines += [
+        "",
+        "Open TensorBoard:",
+        f"  {tensorboard_command(r.tensorboard_dir)}",
+        f"  {tensorboard_hint()}",
+    ]
     return lines
 
 

@@ -41,7 +41,7 @@ LAYOUT: dict[str, dict[str, list[Any]]] = {
             "Multiline",
             [r"^train/(loss|denoising_loss|projection_loss)$"],
         ],
-        "FID of each checkpoint (eval/fid, eval/best_fid; *_random_inception: not comparable)": [
+        "FID of each checkpoint (eval/fid, eval/best_fid; *_unpublished_inception: not comparable)": [
             "Multiline",
             [r"^eval/(best_)?(fid|fd_)"],
         ],
@@ -75,8 +75,8 @@ HPARAM_METRICS = (  # tags of the eval sub-run (the session's own run)
     "eval/fid",
     "eval/best_fid",
     "eval/is",
-    "eval/fid_random_inception",
-    "eval/best_fid_random_inception",
+    "eval/fd_unpublished_inception",
+    "eval/best_fd_unpublished_inception",
 )
 
 

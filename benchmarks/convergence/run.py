@@ -14,7 +14,7 @@ One command, end to end through the product (docs/convergence.md):
    ``encoder.weights_urls`` + ``model_kwargs``); what its tokens hold is logged
    (``toy.encoder_token_stats``);
 3. an evaluation network that is not that encoder: a small CNN classifier; reference statistics of
-   the training set (``repa.eval.evaluate.compute_dataset_reference_stats``) and ``FD_toy-shapes-cnn``;
+   the training set (``repa.eval.refstats.compute_dataset_reference_stats``) and ``FD_toy-shapes-cnn``;
 4. runs with the same tiny SiT, data order and steps, one per variant and ``--train-seeds`` seed:
    ``vanilla`` (``encoder.names=[]``), ``repa`` (lambda 0.5, tap at block depth * 8/28),
    ``repa-random`` (same encoder, random weights) and optionally ``repa-half`` (alignment only for the
@@ -156,7 +156,7 @@ def prepare_assets(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
     from repa.data.prepare import prepare_images, prepare_latents
-    from repa.eval.evaluate import compute_dataset_reference_stats
+    from repa.eval.refstats import compute_dataset_reference_stats
 
     torch.set_num_threads(max(1, args.jobs))
     info_path = work / "assets.json"

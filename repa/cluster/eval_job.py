@@ -102,6 +102,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"{jobs.DEFAULT_TEMPLATE_PATH})",
     )
     parser.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
+    sweep = parser.add_argument_group(
+        "guidance sweep (repa.eval.sweep): ONE Indexed Job whose pods split the cells"
+    )
+    sweep.add_argument("--sweep", action="store_true", help="print the sweep's Indexed Job instead")
+    sweep.add_argument("--cfg-scale", default="1.0,1.4,1.8,2.2", metavar="W1,W2,...", help="CFG scales")
+    sweep.add_argument("--guidance-high", default="0.6,0.7,1.0", metavar="H1,H2,...", help="interval ends")
+    sweep.add_argument("--sweep-pods", type=int, default=2, metavar="N", help="indices (pods) of the Job")
 
 
 def _from_release(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any], str]:
@@ -134,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
             path = args.job_template or os.environ.get("REPA_EVAL_JOB_TEMPLATE", jobs.DEFAULT_TEMPLATE_PATH)
             template, namespace = jobs.load_job_template(path), args.namespace
         body = eval_job(cfg, template, args.checkpoint, namespace)
+        if args.sweep:  # engineer E's hook: the sweep's Job is repa.eval.sweep's
+            from repa.eval.sweep import render_sweep_job
+
+            body = render_sweep_job(cfg, body, args.cfg_scale, args.guidance_high, args.sweep_pods)
     except (kube.KubeError, jobs.JobLaunchError) as e:
         print(f"repa eval-job: error: {e}", file=sys.stderr)
         return 2

@@ -1,19 +1,21 @@
-"""Evaluation: FID / Inception Score / precision-recall (ADM's protocol) and reference statistics.
+"""Evaluation: FID / Inception Score / precision-recall (ADM's protocol), reference statistics, provenance.
 
 Modules, each with one job: ``stats`` (Fréchet distance, IS, precision/recall on feature arrays),
-``images`` (uint8 image batches from tensors, ``.npz`` files and folders), ``features`` (the Inception
-network and the feature pass), ``refstats`` (reference statistics files), ``metrics`` (all of them
-for one sample set against one reference, and the result JSON).
+``images`` (uint8 image batches from tensors, ``.npz`` files and folders), ``features`` (the feature
+networks: Inception, the extractor a config names, the feature pass), ``refstats`` (reference statistics
+files and the statistics of a prepared dataset), ``metrics`` (all metrics of one sample set against one
+reference, and the result JSON), ``provenance`` (how a number was made; `repa eval compare`),
+``report`` (score names, TensorBoard), ``args`` (the CLI glue of sample/eval/watch), the work of the
+verbs: ``sample``, ``evaluate`` (``EvalProtocol``, ``plan_evaluation``, ``evaluate_checkpoint``),
+``sweep`` (a guidance sweep of one checkpoint) and ``watch``, and ``commands`` (`repa eval`'s command line).
 
-The one-pass evaluation function is ``repa.eval.metrics.evaluate``; it is not re-exported here
-because ``repa.eval.evaluate`` is the ``repa eval`` command's module (a submodule import would
-silently replace a same-named package attribute). Typical use::
+Typical use::
 
-    from repa.eval.metrics import evaluate
+    from repa.eval.metrics import score_images
 
     extractor = build_inception("s3://bucket/weights/weights-inception-2015-12-05-6726825d.pth")
     reference = load_reference_stats("s3://bucket/ref/VIRTUAL_imagenet256_labeled.npz")
-    result = evaluate(samples, reference, extractor)          # samples: uint8 (N, 3, H, W) batches
+    result = score_images(samples, reference, extractor)     # samples: uint8 (N, 3, H, W) batches
     write_result_json("s3://bucket/run/eval/step-400000.json", result, protocol={...})
 """
 

@@ -21,19 +21,24 @@ Fréchet distance is then reported as ``FD_<name>`` (e.g. a toy classifier's pen
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from repa import storage
-from repa.eval.errors import MetricsError
+from repa.eval.errors import EvalError, MetricsError
 from repa.eval.images import ImageSource, iter_image_batches
 from repa.eval.stats import FeatureStats, RunningFeatureStats
+
+if TYPE_CHECKING:
+    from repa.config import RunConfig
 
 __all__ = [
     "INCEPTION_NAME",
@@ -42,10 +47,13 @@ __all__ = [
     "ExtractedFeatures",
     "FeatureExtractor",
     "InceptionFeatureExtractor",
+    "build_extractor",
     "build_inception",
     "compute_feature_stats",
     "extract_features",
     "extractor_device",
+    "extractor_identity",
+    "is_published_inception",
     "iter_features",
     "sha256_file",
 ]
@@ -58,6 +66,18 @@ INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_SOURCE_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILENAME
 )
+# torch.hub's convention: the published file's name carries its sha256 prefix.
+INCEPTION_SHA256_PREFIX = re.search(r"-([0-9a-f]{8})\.pth$", INCEPTION_WEIGHTS_FILENAME).group(1)
+
+
+def is_published_inception(name: str | None, weights_sha256: str | None) -> bool:
+    """True for the Inception network FID is defined on, with the published weights (by sha256 prefix).
+
+    Anything else (the random weights of ``repa demo`` and the tests, another network) gives a Fréchet
+    distance that compares only with itself, never with a paper's FID.
+    """
+    return name == INCEPTION_NAME and (weights_sha256 or "").startswith(INCEPTION_SHA256_PREFIX)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Feature extractors
@@ -139,9 +159,7 @@ def sha256_file(path: str, chunk_bytes: int = 1 << 20) -> str:
 
 
 def build_inception(
-    weights_url: str | None,
-    device: str | torch.device | None = None,
-    storage_options: dict[str, Any] | None = None,
+    weights_url: str | storage.Location | None, device: str | torch.device | None = None
 ) -> InceptionFeatureExtractor:
     """The FID/IS network from a local path or fsspec URL; never downloads (clusters often lack network).
 
@@ -157,9 +175,9 @@ def build_inception(
             "(weights_url)."
         )
     try:
-        path = storage.local_copy(weights_url, storage_options, kind="inception")
+        path = storage.local_copy(weights_url, kind="inception")
     except FileNotFoundError as e:
-        raise MetricsError(f"Inception weights {weights_url!r} not found") from e
+        raise MetricsError(f"Inception weights {str(weights_url)!r} not found") from e
     extractor = InceptionFeatureExtractor(path)
     device = torch.device(device) if device is not None else _default_device()
     return extractor.to(device)
@@ -293,3 +311,45 @@ def compute_feature_stats(
 ) -> FeatureStats:
     """mu/sigma of ``extractor``'s features over ``images`` (streaming; nothing but the stats is kept)."""
     return extract_features(extractor, images, batch_size=batch_size, keep_features=False).stats
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The extractor a config names
+# ----------------------------------------------------------------------------------------------------------
+
+
+def extractor_identity(cfg: RunConfig) -> dict[str, Any]:
+    """What names the feature network before it is built (its weights sha256 is added to results)."""
+    factory = cfg.eval.feature_extractor
+    if factory:
+        return {"factory": factory}
+    return {"name": INCEPTION_NAME, "weights_url": cfg.eval.inception_weights_url}
+
+
+def build_extractor(cfg: RunConfig, device: torch.device | str = "cpu") -> Any:
+    """Inception (``eval.inception_weights_url``) or ``eval.feature_extractor`` = ``"module:callable"``
+    returning any FeatureExtractor (its Fréchet distance is reported as ``FD_<name>``).
+
+    The factory is imported by name (``importlib``) because it lives in the user's code, not repa's.
+    """
+    factory = cfg.eval.feature_extractor
+    if not factory:
+        return build_inception(cfg.storage.locate(cfg.eval.inception_weights_url), device=device)
+    module_name, _, attr = factory.partition(":")
+    if not module_name or not attr:
+        raise EvalError(
+            f"eval.feature_extractor {factory!r}: expected MODULE:CALLABLE, e.g. mypkg.feats:build"
+        )
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise EvalError(f"eval.feature_extractor {factory!r}: cannot import it ({e})") from e
+    extractor = fn()
+    if not callable(extractor) or not isinstance(getattr(extractor, "name", None), str):
+        raise EvalError(
+            f"eval.feature_extractor {factory!r} returned {type(extractor).__name__}, which is not a "
+            "FeatureExtractor (a callable with a `name` attribute)"
+        )
+    if isinstance(extractor, torch.nn.Module):
+        extractor = extractor.to(device).eval()
+    return extractor

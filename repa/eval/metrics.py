@@ -2,7 +2,7 @@
 
 REPA reports FID-50K, sFID, IS, precision and recall from ADM's TensorFlow evaluation suite
 (openai/guided-diffusion ``evaluations/evaluator.py``) against ``VIRTUAL_imagenet256_labeled.npz``
-(docs/reproducing.md, "Evaluate with the paper's protocol"). :func:`evaluate` computes the same
+(docs/reproducing.md, "Evaluate with the paper's protocol"). :func:`score_images` computes the same
 quantities in PyTorch in one pass: images (:mod:`repa.eval.images`) through the feature extractor
 (:mod:`repa.eval.features`), then the statistics (:mod:`repa.eval.stats`) against reference
 statistics (:mod:`repa.eval.refstats`), after checking that both come from the same network, weights
@@ -29,12 +29,13 @@ from repa.eval.features import (
     FeatureExtractor,
     extract_features,
     extractor_device,
+    is_published_inception,
 )
 from repa.eval.images import ImageSource
 from repa.eval.refstats import ReferenceStats
 from repa.eval.stats import frechet_distance, inception_score, precision_recall
 
-__all__ = ["EvalResult", "evaluate", "evaluate_features", "write_result_json"]
+__all__ = ["EvalResult", "evaluate_features", "score_images", "write_result_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,9 @@ logger = logging.getLogger(__name__)
 class EvalResult:
     """Metrics of one sample set against one reference.
 
-    ``fid`` is the Fréchet distance in the extractor's feature space: FID for ``inception-v3-compat``,
-    ``FD_<name>`` otherwise (see :attr:`metric_name`).
+    ``fid`` is the Fréchet distance in the extractor's feature space: FID only for ``inception-v3-compat``
+    with the published weights, ``FD`` for other Inception weights, ``FD_<name>`` for other networks
+    (see :attr:`metric_name`; ``repa.eval.report`` names it for people).
     """
 
     fid: float
@@ -62,7 +64,9 @@ class EvalResult:
 
     @property
     def metric_name(self) -> str:
-        return "FID" if self.feature_extractor == INCEPTION_NAME else f"FD_{self.feature_extractor}"
+        if is_published_inception(self.feature_extractor, self.feature_extractor_sha256):
+            return "FID"
+        return "FD" if self.feature_extractor == INCEPTION_NAME else f"FD_{self.feature_extractor}"
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -188,7 +192,7 @@ def _reference_features(
     return reference.feature_cache[key]
 
 
-def evaluate(
+def score_images(
     images: ImageSource,
     reference: ReferenceStats,
     extractor: FeatureExtractor,
@@ -233,17 +237,22 @@ def evaluate(
 
 
 def write_result_json(
-    url: str, result: EvalResult, protocol: dict[str, Any], storage_options: dict[str, Any] | None = None
+    url: str | storage.Location,
+    result: EvalResult,
+    protocol: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``{...result fields, "protocol": protocol}`` as JSON, atomically (readers never see half a file).
+    """Write ``{...result fields, **extra, "protocol": protocol}`` as JSON, atomically (readers never see
+    half a file).
 
     ``protocol`` records how the samples were made (checkpoint, sampler, steps, cfg, seed, ...), so a
-    number can be traced back; it must be JSON-serialisable.
+    number can be traced back; ``extra`` adds top-level fields (``score_label``, ``provenance``). All
+    must be JSON-serialisable.
     """
-    payload = result.to_dict()
+    payload = {**result.to_dict(), **(extra or {})}
     payload["protocol"] = protocol
     try:
         text = json.dumps(payload, indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise MetricsError(f"evaluation result for {url} is not JSON-serialisable: {e}") from e
-    storage.write_bytes_atomic(url, (text + "\n").encode(), storage_options)
+    storage.write_bytes_atomic(url, (text + "\n").encode())

@@ -29,7 +29,7 @@ def make_random_inception_weights(path: str | os.PathLike, seed: int = 0) -> str
     from torch import nn
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    from repa.eval.metrics import INCEPTION_NAME
+    from repa.eval.features import INCEPTION_NAME
 
     class _Unloaded(FeatureExtractorInceptionV3):
         # The constructor always loads (or downloads) weights: give it an empty file, skip the load.

@@ -20,6 +20,7 @@ import hashlib
 import io
 import logging
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,9 @@ __all__ = [
     "FORMAT_VERSION",
     "ReferenceStats",
     "ReferenceStatsError",
+    "compute_dataset_reference_stats",
     "compute_reference_stats",
+    "iter_dataset_images",
     "load_reference_stats",
     "save_reference_stats",
 ]
@@ -105,19 +108,16 @@ class ReferenceStats:
         return FeatureStats(mu=self.mu, sigma=self.sigma, num_samples=self.num_images or 0)
 
 
-def load_reference_stats(
-    url: str,
-    load_images: bool = True,
-    storage_options: dict[str, Any] | None = None,
-) -> ReferenceStats:
+def load_reference_stats(url: str | storage.Location, load_images: bool = True) -> ReferenceStats:
     """Read an ADM reference batch or a repa statistics file from a local path or fsspec URL.
 
     Remote files are copied to ``repa.storage.cache_dir()/refstats`` first (ADM's 256px batch holds
     2 GB of images; ``np.load`` and the sha256 read it from local disk). ``load_images=False`` skips
     ``arr_0`` (FID only).
     """
+    where, url = url, str(url)
     try:
-        path = storage.local_copy(url, storage_options, kind="refstats")
+        path = storage.local_copy(where, kind="refstats")
     except FileNotFoundError as e:
         raise ReferenceStatsError(f"reference statistics {url!r} not found") from e
     digest = sha256_file(path)
@@ -183,7 +183,7 @@ def _npz_member_shape(path: str, key: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def save_reference_stats(url: str, ref: ReferenceStats, storage_options: dict[str, Any] | None = None) -> str:
+def save_reference_stats(url: str | storage.Location, ref: ReferenceStats) -> str:
     """Write ``ref`` as an uncompressed ``.npz`` atomically; returns (and records in ``ref``) its sha256."""
     arrays: dict[str, np.ndarray] = {
         "mu": ref.mu.astype(np.float64),
@@ -205,9 +205,9 @@ def save_reference_stats(url: str, ref: ReferenceStats, storage_options: dict[st
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     data = buf.getvalue()
-    storage.write_bytes_atomic(url, data, storage_options)
+    storage.write_bytes_atomic(url, data)
     ref.sha256 = hashlib.sha256(data).hexdigest()
-    ref.source = url
+    ref.source = str(url)
     return ref.sha256
 
 
@@ -289,3 +289,65 @@ def compute_reference_stats(
         images=reservoir.subset(1, keep_images, order),
         image_size=size,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference statistics of a prepared dataset (`repa eval ref-stats`)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def iter_dataset_images(
+    data: str | storage.Location, batch_size: int = 64, max_images: int | None = None
+) -> Iterator[Any]:
+    """uint8 (B, 3, H, W) torch batches of the images of a prepared dataset, in shard order."""
+    import torch
+
+    from repa.data import format as fmt
+
+    data = data if isinstance(data, storage.Location) else storage.Location(str(data))
+    manifest = fmt.read_manifest(data)
+    batch: list[Any] = []
+    seen = 0
+    for info in manifest.shards:
+        where = data.join(info.name)
+        raw = storage.read_bytes(where)
+        fmt.check_shard_bytes(raw, info)
+        for sample in fmt.iter_shard(io.BytesIO(raw), name=where.url, expected_keys=info.keys()):
+            batch.append(torch.from_numpy(fmt.decode_png(sample["png"])))
+            seen += 1
+            if len(batch) == batch_size:
+                yield torch.stack(batch)
+                batch = []
+            if max_images is not None and seen >= max_images:
+                break
+        if max_images is not None and seen >= max_images:
+            break
+    if batch:
+        yield torch.stack(batch)
+
+
+def compute_dataset_reference_stats(
+    data: str | storage.Location,
+    out: str | storage.Location,
+    extractor: FeatureExtractor,
+    *,
+    batch_size: int = 64,
+    keep_features: int = 10_000,
+    keep_images: int = 0,
+    max_images: int | None = None,
+    seed: int = 0,
+) -> str:
+    """Statistics of ``extractor`` over a prepared dataset, saved to ``out``; returns its sha256."""
+    ref = compute_reference_stats(
+        iter_dataset_images(data, batch_size, max_images),
+        extractor,
+        batch_size=batch_size,
+        keep_features=keep_features,
+        keep_images=keep_images,
+        seed=seed,
+    )
+    digest = save_reference_stats(out, ref)
+    logger.info(
+        "reference statistics of %d images of %s -> %s (sha256 %s)", ref.num_images, data, out, digest
+    )
+    return digest

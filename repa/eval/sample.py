@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import logging
 import re
 import sys
@@ -43,7 +42,8 @@ from torch import nn
 
 from repa import checkpoint as ckpt
 from repa import runtime, storage
-from repa.config import ConfigError, RunConfig, load_config
+from repa.config import ConfigError, RunConfig
+from repa.eval.args import add_checkpoint_argument, add_sampling_arguments, cli_error, resolve_config
 from repa.eval.sample_set import (
     SampleSet,
     SampleSpec,
@@ -68,11 +68,11 @@ __all__ = [
     "SamplingInterrupted",
     "add_arguments",
     "build_decoder_vae",
-    "cli_error",
     "decoder_vae_identity",
     "default_output_url",
     "generate_samples",
     "run",
+    "run_sampler",
     "sample_inputs",
     "sample_seed",
 ]
@@ -135,6 +135,28 @@ def sample_inputs(spec: SampleSpec, indices: Sequence[int], latent_shape: Sequen
     )
 
 
+def run_sampler(
+    model: Any, spec: SampleSpec, z: torch.Tensor, y: torch.Tensor, noise: torch.Tensor | None, **kwargs: Any
+) -> torch.Tensor:
+    """``repa.sampling.sample`` with the sampler, steps and guidance of ``spec`` (``kwargs``: e.g.
+    ``trace=``); the one place a spec becomes sampler arguments."""
+    from repa.sampling import sample
+
+    return sample(
+        model,
+        z,
+        y,
+        sampler=spec.sampler,
+        num_steps=spec.num_steps,
+        cfg_scale=spec.cfg_scale,
+        guidance_low=spec.guidance_low,
+        guidance_high=spec.guidance_high,
+        path_type=spec.path_type,
+        noise=noise,
+        **kwargs,
+    )
+
+
 class _Autocast:
     """``model(x, t, y)`` under autocast (bf16 on GPU); forwards ``null_class`` for the samplers."""
 
@@ -154,7 +176,7 @@ def generate_samples(
     model: nn.Module,
     spec: SampleSpec,
     *,
-    out_url: str,
+    out: storage.Location | str,
     vae: Any,
     batch_size: int = 64,
     dist: DistInfo | None = None,
@@ -168,9 +190,8 @@ def generate_samples(
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
     wait_poll_seconds: float = 2.0,
-    storage_options: dict[str, Any] | None = None,
 ) -> SampleSet:
-    """Generate ``spec.num_samples`` images into ``out_url`` (chunked, resumable); returns the set.
+    """Generate ``spec.num_samples`` images into ``out`` (chunked, resumable); returns the set.
 
     ``model(x, t, y) -> (v, ...)`` with attributes ``in_channels``/``input_size`` (SiT), ``vae`` with
     ``decode_to_uint8(z, scale, bias)`` on the same device. ``dist``: this process's rank/world (None =
@@ -178,8 +199,6 @@ def generate_samples(
     ``samples.npz`` if ``save_npz``). ``checkpoint``/``vae_identity`` are recorded in the identity.
     ``should_stop()`` is polled between batches; when true, raises :class:`SamplingInterrupted`.
     """
-    from repa.sampling import sample
-
     if device is None:  # the process's device under torchrun, else where the model is
         device = dist.device if dist is not None else next(model.parameters()).device
     device = torch.device(device)
@@ -190,7 +209,8 @@ def generate_samples(
         raise SamplingError(f"sample.precision: {e}") from None
     if batch_size < 1:
         raise SamplingError(f"sample.batch_size_per_device: must be >= 1, got {batch_size}")
-    sample_set = SampleSet(out_url, sampling_identity(spec, checkpoint, vae_identity), storage_options)
+    sample_set = SampleSet(out, sampling_identity(spec, checkpoint, vae_identity))
+    out_url = sample_set.url
 
     # Rank 0 decides what is left; every rank gets the same list (or rank 0's error).
     pending: list[int] | None = None
@@ -242,17 +262,12 @@ def generate_samples(
             inputs = future.result()
             if k + 1 < len(batches):
                 future = pool.submit(sample_inputs, spec, batches[k + 1][1], latent_shape)
-            latents = sample(
+            latents = run_sampler(
                 call,
+                spec,
                 inputs.z.to(device),
                 inputs.y.to(device),
-                sampler=spec.sampler,
-                num_steps=spec.num_steps,
-                cfg_scale=spec.cfg_scale,
-                guidance_low=spec.guidance_low,
-                guidance_high=spec.guidance_high,
-                path_type=spec.path_type,
-                noise=None if inputs.noise is None else inputs.noise.to(device),
+                None if inputs.noise is None else inputs.noise.to(device),
             )  # (B, C, h, w) float64
             images = vae.decode_to_uint8(latents.float(), latents_scale, latents_bias)  # (B, 3, H, W) uint8
             parts.setdefault(chunk, []).append(
@@ -264,7 +279,6 @@ def generate_samples(
                 storage.write_bytes_atomic(
                     sample_set.chunk_url(chunk),
                     encode_chunk(imgs, labels, idx, sample_set.digest),
-                    storage_options,
                 )
                 log.debug("rank %d committed chunk %d (%d images)", info.rank, chunk, len(idx))
     elapsed = time.perf_counter() - started
@@ -338,110 +352,39 @@ def default_output_url(cfg: RunConfig, source: ckpt.CheckpointSource, digest: st
 # CLI
 # ----------------------------------------------------------------------------------------------
 
-# Flags that are shorthands for config keys (`--chunk-size 50` == `--set sample.chunk_size=50`), so
-# every setting reaches sample/eval/watch through the config and nothing is passed alongside it.
-_FLAG_KEYS = {
-    "chunk_size": "sample.chunk_size",
-    "precision": "sample.precision",
-    "output": "sample.output_url",
-}
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by `repa sample`, `repa eval` and `repa watch`."""
-    from repa.config import add_config_arguments
-
-    add_config_arguments(parser)
-    parser.add_argument(
-        "--chunk-size",
-        type=int,
-        metavar="N",
-        help="samples per chunk file, the unit of resumption and of work per rank (sets sample.chunk_size)",
-    )
-    parser.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        help="autocast dtype of the model (sets sample.precision; default fp32, the paper's protocol)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
-    parser.add_argument(
-        "--checkpoint",
-        "--reference-checkpoint",
-        dest="checkpoint",
-        metavar="URL",
-        help="step folder, its ema.pt/state.pt, or a REPA .pt file ({ema, args, ...} or a bare state dict, "
+    add_checkpoint_argument(
+        parser,
+        "step folder, its ema.pt/state.pt, or a REPA .pt file ({ema, args, ...} or a bare state dict, "
         "built from the config's model args); default: sample.checkpoint_url, else the latest committed "
         "checkpoint under storage.run_url",
     )
     parser.add_argument("--output", metavar="URL", help="where samples go (sets sample.output_url)")
 
 
-def flag_overrides(args: argparse.Namespace, keys: dict[str, str] | None = None) -> list[str]:
-    """``--set`` lines for the shorthand flags given on the command line (``_FLAG_KEYS`` and ``keys``)."""
-    out = []
-    for attr, key in {**_FLAG_KEYS, **(keys or {})}.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            out.append(f"{key}={json.dumps(value)}")
-    return out
-
-
-def resolve_config(
-    args: argparse.Namespace, flag_keys: dict[str, str] | None = None
-) -> tuple[RunConfig, bool]:
-    """The config for a sampling verb and whether it was given explicitly.
-
-    Without ``--config``, a run checkpoint's own ``{run_url}/config.yaml`` is the base (so sampling a
-    run needs no flags besides the checkpoint), then ``--set`` and the shorthand flags apply.
-    """
-    overrides = list(getattr(args, "overrides", []) or []) + flag_overrides(args, flag_keys)
-    cfg = load_config(args.config, overrides)
-    if args.config is not None:
-        return cfg, True
-    so = cfg.storage.storage_options or None
-    run_url = cfg.storage.run_url
-    checkpoint = getattr(args, "checkpoint", None) or cfg.sample.checkpoint_url
-    if checkpoint:
-        with contextlib.suppress(ValueError, FileNotFoundError):  # reported properly by the caller
-            src = ckpt.resolve_checkpoint(cfg.storage.locate(checkpoint), None)
-            run_url = src.run_url or run_url
-    if run_url:
-        config_url = storage.join(run_url, "config.yaml")
-        if storage.exists(config_url, so):
-            log.info("using the run's config %s", config_url)
-            return load_config(config_url, overrides), False
-    return cfg, False
-
-
-def cli_error(verb: str, e: BaseException) -> int:
-    print(f"repa {verb}: error: {e}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
-    cfg, explicit = resolve_config(args)
-    info = runtime.init_distributed(cfg.train.device, cfg.train.process_group_timeout_seconds)
+    info = None
     try:
-        so = cfg.storage.storage_options or None
-        source = ckpt.resolve_checkpoint(
-            cfg.storage.locate(args.checkpoint or cfg.sample.checkpoint_url),
-            cfg.storage.locate(cfg.storage.run_url),
+        verb = resolve_config(args)
+        cfg, source = verb.cfg, verb.source
+        info = runtime.init_distributed(cfg.train.device, cfg.train.process_group_timeout_seconds)
+        loaded = ckpt.load_model(
+            cfg,
+            source,
+            device=info.device,
+            check_config=verb.explicit,
         )
-        loaded = ckpt.load_model(cfg, source, device=info.device, check_config=explicit)
         runtime.enable_tf32(info.device, cfg.train.allow_tf32)
         vae, vae_identity = build_decoder_vae(cfg, info.device)
         spec = SampleSpec.from_config(cfg)
         checkpoint = source.describe(loaded.weights)
         digest = identity_digest(sampling_identity(spec, checkpoint, vae_identity))
-        out_url = default_output_url(cfg, source, digest)
         sample_set = generate_samples(
             loaded.model,
             spec,
-            out_url=out_url,
+            out=cfg.storage.locate(default_output_url(cfg, source, digest)),
             vae=vae,
             batch_size=cfg.sample.batch_size_per_device,
             dist=info,
@@ -452,14 +395,14 @@ def run(args: argparse.Namespace) -> int:
             checkpoint=checkpoint,
             vae_identity=vae_identity,
             progress=not args.no_progress,
-            storage_options=so,
         )
     except (SamplingError, ValueError, FileNotFoundError) as e:
         if isinstance(e, ConfigError):
             raise
         return cli_error("sample", e)
     finally:
-        runtime.shutdown()
+        if info is not None:
+            runtime.shutdown()
     if info.is_main:
         print(f"{sample_set.num_samples} samples in {sample_set.url}")
     return 0

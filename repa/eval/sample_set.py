@@ -209,9 +209,16 @@ def encode_chunk(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, di
 class SampleSet:
     """A finished (or partly finished) sample folder; reads chunks in sample order."""
 
-    url: str
+    location: storage.Location | str  # a plain URL string means no storage options
     identity: dict[str, Any]
-    storage_options: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.location, storage.Location):
+            object.__setattr__(self, "location", storage.Location(str(self.location)))
+
+    @property
+    def url(self) -> str:
+        return self.location.url
 
     @property
     def spec(self) -> SampleSpec:
@@ -226,15 +233,15 @@ class SampleSet:
         return self.spec.num_samples
 
     @property
-    def npz_url(self) -> str:
-        return storage.join(self.url, NPZ_FILE)
+    def npz_url(self) -> storage.Location:
+        return self.location.join(NPZ_FILE)
 
-    def chunk_url(self, chunk: int) -> str:
-        return storage.join(self.url, "chunks", f"chunk-{chunk:06d}.npz")
+    def chunk_url(self, chunk: int) -> storage.Location:
+        return self.location.join("chunks", f"chunk-{chunk:06d}.npz")
 
     def completed_chunks(self) -> set[int]:
         """Chunks whose file exists (atomic writes: existing = complete; temporary files do not match)."""
-        names = storage.listdir(storage.join(self.url, "chunks"), self.storage_options)
+        names = storage.listdir(self.location.join("chunks"))
         done = {int(m.group(1)) for m in map(_CHUNK_RE.match, names) if m}
         return {c for c in done if c < self.spec.num_chunks}
 
@@ -244,7 +251,7 @@ class SampleSet:
 
     def read_chunk(self, chunk: int) -> dict[str, np.ndarray]:
         url = self.chunk_url(chunk)
-        with np.load(io.BytesIO(storage.read_bytes(url, self.storage_options)), allow_pickle=False) as npz:
+        with np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
         if str(arrays.get("identity_digest", "")) != self.digest:
             raise SamplingError(f"{url}: belongs to another sample set (digest differs from {PROTOCOL_FILE})")
@@ -267,24 +274,25 @@ class SampleSet:
         return np.concatenate([self.read_chunk(c)["labels"] for c in range(self.spec.num_chunks)])
 
     @classmethod
-    def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> SampleSet:
-        """The sample set at ``url`` (SamplingError naming it if there is none)."""
-        purl = storage.join(url, PROTOCOL_FILE)
+    def open(cls, where: storage.Location | str) -> SampleSet:
+        """The sample set at ``where`` (SamplingError naming it if there is none)."""
+        at = where if isinstance(where, storage.Location) else storage.Location(str(where))
+        purl = at.join(PROTOCOL_FILE)
         try:
-            protocol = json.loads(storage.read_bytes(purl, storage_options))
+            protocol = json.loads(storage.read_bytes(purl))
         except FileNotFoundError:
-            raise SamplingError(f"{purl}: not found; {url} is not a `repa sample` output folder") from None
+            raise SamplingError(f"{purl}: not found; {at} is not a `repa sample` output folder") from None
         if protocol.get("format") != FORMAT:
             raise SamplingError(f"{purl}: format {protocol.get('format')!r}, expected {FORMAT!r}")
-        return cls(url, protocol["identity"], storage_options)
+        return cls(at, protocol["identity"])
 
 
 def prepare_output(sample_set: SampleSet, overwrite_protocol: bool = False) -> list[int]:
     """Rank 0: write or check ``protocol.json``; return the chunks still to do."""
-    url, so = sample_set.url, sample_set.storage_options
-    purl = storage.join(url, PROTOCOL_FILE)
-    if storage.exists(purl, so):
-        existing = json.loads(storage.read_bytes(purl, so))
+    url = sample_set.url
+    purl = sample_set.location.join(PROTOCOL_FILE)
+    if storage.exists(purl):
+        existing = json.loads(storage.read_bytes(purl))
         if existing.get("digest") != sample_set.digest:
             diff = _describe_difference(existing.get("identity", {}), sample_set.identity)
             raise SamplingError(
@@ -300,7 +308,7 @@ def prepare_output(sample_set: SampleSet, overwrite_protocol: bool = False) -> l
             "repa_version": repa.__version__,
             "created_at": time.time(),
         }
-        storage.write_bytes_atomic(purl, json.dumps(protocol, indent=1, sort_keys=True).encode(), so)
+        storage.write_bytes_atomic(purl, json.dumps(protocol, indent=1, sort_keys=True).encode())
     return sample_set.missing_chunks()
 
 
@@ -340,22 +348,22 @@ def assemble_npz(sample_set: SampleSet) -> str:
     Written under a temporary name and renamed, so ``samples.npz`` exists only once complete
     (a rename is atomic locally; on object stores it is a server-side copy).
     """
-    url, so = sample_set.npz_url, sample_set.storage_options
-    if storage.exists(url, so):
-        return url
+    url = sample_set.npz_url
+    if storage.exists(url):
+        return url.url
     first = sample_set.read_chunk(0)["arr_0"]
     shape = (sample_set.num_samples, *first.shape[1:])
-    tmp = storage.join(sample_set.url, f".tmp-{uuid.uuid4().hex}-{NPZ_FILE}")
-    fs, tmp_path = storage.filesystem(tmp, so)
+    tmp = sample_set.location.join(f".tmp-{uuid.uuid4().hex}-{NPZ_FILE}")
+    fs, tmp_path = storage.filesystem(tmp)
     try:
-        with storage.open_url(tmp, "wb", so) as f:
+        with storage.open_url(tmp, "wb") as f:
             writer = _NpzWriter(f)
             writer.add_streamed("arr_0", shape, np.uint8, sample_set.iter_images())
             writer.add("labels", sample_set.labels())
             writer.close()
-        fs.mv(tmp_path, storage.filesystem(url, so)[1])
+        fs.mv(tmp_path, storage.filesystem(url)[1])
     finally:
         with contextlib.suppress(Exception):
-            storage.remove(tmp, storage_options=so)
+            storage.remove(tmp)
     log.info("wrote %s (%s uint8)", url, "x".join(map(str, shape)))
-    return url
+    return url.url

@@ -46,6 +46,15 @@ from repa import storage
 from repa.cluster.jobs import JobStatus
 from repa.config import ConfigError, RunConfig
 from repa.eval import sample as S
+from repa.eval.args import (
+    EVAL_FLAG_KEYS,
+    add_eval_arguments,
+    add_sampling_arguments,
+    cli_error,
+    resolve_config,
+)
+from repa.eval.errors import EvalError
+from repa.eval.evaluate import EvalProtocol
 from repa.runtime import DistInfo, resolve_device
 
 log = logging.getLogger(__name__)
@@ -57,10 +66,10 @@ DEFAULT_JOB_RETRY_SECONDS = 60.0  # first wait before re-creating a failed eval 
 ONCE_LIST_ATTEMPTS = 5  # --once: listing attempts before giving up with exit code 1
 
 
-def launch_marker_url(plan: E.EvalPlan) -> str:
+def launch_marker_url(plan: EvalProtocol) -> storage.Location:
     """``job-<digest>.json`` beside the result file: the Job for this protocol has been created."""
-    folder, _, name = plan.result_url.rpartition("/")
-    return f"{folder}/job-{name.removeprefix('result-')}"
+    folder, _, name = plan.result.url.rpartition("/")
+    return storage.Location(f"{folder}/job-{name.removeprefix('result-')}", plan.result.options)
 
 
 @dataclass
@@ -96,10 +105,10 @@ class Watcher:
     def __init__(
         self,
         cfg: RunConfig,
-        process: Callable[[ckpt.CheckpointSource, E.EvalPlan], Any],
-        is_done: Callable[[E.EvalPlan], bool],
+        process: Callable[[ckpt.CheckpointSource, EvalProtocol], Any],
+        is_done: Callable[[EvalProtocol], bool],
         *,
-        plan: Callable[[ckpt.CheckpointSource], E.EvalPlan],
+        plan: Callable[[ckpt.CheckpointSource], EvalProtocol],
         stop: threading.Event | None = None,
         max_attempts: int = 3,
         max_backoff_seconds: float = DEFAULT_MAX_BACKOFF_SECONDS,
@@ -110,7 +119,7 @@ class Watcher:
             )
         self.cfg = cfg
         self.run_url = cfg.storage.run_url.rstrip("/")
-        self.storage_options = cfg.storage.storage_options or None
+        self.run = storage.Location(self.run_url, cfg.storage.storage_options)
         self.process = process
         self.is_done = is_done
         self.plan = plan
@@ -127,7 +136,9 @@ class Watcher:
             return True
         return step % (n * self.cfg.checkpoint.every_steps) == 0
 
-    def pending(self, committed: list[ckpt.CheckpointRef]) -> list[tuple[ckpt.CheckpointSource, E.EvalPlan]]:
+    def pending(
+        self, committed: list[ckpt.CheckpointRef]
+    ) -> list[tuple[ckpt.CheckpointSource, EvalProtocol]]:
         """Committed, eligible, not yet done checkpoints in step order.
 
         With ``eval.watch_only_latest`` only the newest eligible checkpoint is considered: older ones
@@ -151,7 +162,7 @@ class Watcher:
     # ------------------------------------------------------------------ one poll
     def poll_once(self, report: WatchReport) -> None:
         """List once and handle every pending checkpoint. Listing errors propagate (the caller backs off)."""
-        committed, partial = ckpt.list_checkpoints(storage.Location(self.run_url, self.storage_options or {}))
+        committed, partial = ckpt.list_checkpoints(self.run)
         report.polls += 1
         if partial:
             log.debug("ignoring %d uncommitted checkpoint folder(s): %s", len(partial), partial[:3])
@@ -208,7 +219,7 @@ class Watcher:
 
     def _still_committed(self, source: ckpt.CheckpointSource) -> bool:
         try:
-            return storage.exists(storage.join(source.url, ckpt.MARKER), self.storage_options)
+            return storage.exists(storage.Location(source.url, self.run.options).join(ckpt.MARKER))
         except Exception:
             return True  # cannot tell: assume it is there (the error is then handled as a failure)
 
@@ -250,13 +261,12 @@ class Watcher:
 
 def _check_eval_inputs(cfg: RunConfig) -> None:
     """Fail at start-up (not once per checkpoint) when the evaluation can never work."""
-    so = cfg.storage.storage_options or None
     cfg.require_for("eval")
-    if not storage.exists(cfg.eval.reference_stats_url, so):
-        raise E.EvalError(f"eval.reference_stats_url: {cfg.eval.reference_stats_url} not found")
+    if not storage.exists(cfg.storage.locate(cfg.eval.reference_stats_url)):
+        raise EvalError(f"eval.reference_stats_url: {cfg.eval.reference_stats_url} not found")
     url = cfg.eval.inception_weights_url
-    if not cfg.eval.feature_extractor and url and not storage.exists(url, so):
-        raise E.EvalError(f"eval.inception_weights_url: {url} not found")
+    if not cfg.eval.feature_extractor and url and not storage.exists(cfg.storage.locate(url)):
+        raise EvalError(f"eval.inception_weights_url: {url} not found")
 
 
 def make_watcher(
@@ -271,19 +281,29 @@ def make_watcher(
 ) -> Watcher:
     """A Watcher that evaluates in this process, or launches Jobs through ``launcher`` (a JobLauncher)."""
     stop = stop or threading.Event()
-    so = cfg.storage.storage_options or None
+    sweeps = WatchSweep(cfg) if cfg.eval.sweep_every_nth else None
+    if sweeps is not None and launcher is not None:
+        raise ConfigError(
+            "eval.sweep_every_nth", "the watcher's guidance sweep runs in-process; drop --launch-jobs"
+        )
 
-    def plan(source: ckpt.CheckpointSource) -> E.EvalPlan:
-        return E.plan_evaluation(cfg, source)
+    def plan(source: ckpt.CheckpointSource) -> EvalProtocol:
+        return E.plan_evaluation(sweeps.config_for(source) if sweeps else cfg, source)
 
     if launcher is None:
         device = resolve_device(cfg.train.device)
         info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(device))
         cache: dict[Any, Any] = {}  # reference statistics and feature network, loaded once
 
-        def process(source: ckpt.CheckpointSource, plan_: E.EvalPlan) -> Any:
+        def process(source: ckpt.CheckpointSource, plan_: EvalProtocol) -> Any:
+            chosen = sweeps.config_for(source) if sweeps else cfg
+            if sweeps is not None and chosen is cfg and sweeps.applies(source):  # not swept yet
+                sweeps.run(
+                    source, info=info, check_config=check_config, progress=progress, should_stop=stop.is_set
+                )
+                chosen = sweeps.config_for(source)
             return E.evaluate_checkpoint(
-                cfg,
+                chosen,
                 source,
                 info=info,
                 check_config=check_config,
@@ -292,14 +312,49 @@ def make_watcher(
                 cache=cache,
             )
 
-        def is_done(plan_: E.EvalPlan) -> bool:
-            return storage.exists(plan_.result_url, so)
+        def is_done(plan_: EvalProtocol) -> bool:
+            return storage.exists(plan_.result)
 
     else:
-        tracker = JobTracker(launcher, so, max_attempts=max_attempts, retry_seconds=job_retry_seconds)
+        tracker = JobTracker(launcher, max_attempts=max_attempts, retry_seconds=job_retry_seconds)
         process, is_done = tracker.process, tracker.is_done
 
     return Watcher(cfg, process, is_done, plan=plan, stop=stop, max_attempts=max_attempts)
+
+
+class WatchSweep:
+    """``eval.sweep_every_nth``: every Nth checkpoint gets a guidance sweep at ``eval.sweep_num_samples``
+    (repa.eval.sweep), then the full-protocol evaluation uses its best cell (lowest Fréchet distance).
+
+    The sweep's ``sweep.json`` is the state: once it exists, the checkpoint's plan is the best cell's, so
+    a restarted watcher finds the checkpoint done by that result file.
+    """
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from repa.eval import sweep
+
+        self.cfg, self.sweep = cfg, sweep
+        self.grid = sweep.SweepGrid(tuple(cfg.eval.sweep_cfg_scales), tuple(cfg.eval.sweep_guidance_highs))
+        tree = cfg.to_dict()
+        tree["sample"]["num_samples"] = cfg.eval.sweep_num_samples
+        self.small = RunConfig.from_dict(tree)
+
+    def applies(self, source: ckpt.CheckpointSource) -> bool:
+        index = (source.step or 0) // self.cfg.checkpoint.every_steps
+        return index % self.cfg.eval.sweep_every_nth == 0
+
+    def run(self, source: ckpt.CheckpointSource, **kwargs: Any) -> Any:
+        return self.sweep.run_sweep(self.small, source, self.grid, **kwargs)
+
+    def config_for(self, source: ckpt.CheckpointSource) -> RunConfig:
+        """The best cell's config once this checkpoint's sweep is summarised, else the configured one."""
+        if not self.applies(source):
+            return self.cfg
+        at = self.sweep.sweep_folder(self.small, source, self.grid).join("sweep.json")
+        if not storage.exists(at):
+            return self.cfg
+        best = json.loads(storage.read_bytes(at))["best"]["fid"]
+        return self.sweep.cell_config(self.cfg, best["cfg_scale"], best["guidance_high"])
 
 
 class JobTracker:
@@ -318,7 +373,6 @@ class JobTracker:
     def __init__(
         self,
         launcher: Any,
-        storage_options: dict | None,
         *,
         max_attempts: int = 3,
         retry_seconds: float = DEFAULT_JOB_RETRY_SECONDS,
@@ -326,28 +380,27 @@ class JobTracker:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.launcher = launcher
-        self.so = storage_options
         self.max_attempts = max_attempts
         self.retry_seconds = retry_seconds
         self.max_retry_seconds = max_retry_seconds
         self.clock = clock
 
-    def marker(self, plan: E.EvalPlan) -> dict[str, Any] | None:
+    def marker(self, plan: EvalProtocol) -> dict[str, Any] | None:
         try:
-            return json.loads(storage.read_bytes(launch_marker_url(plan), self.so))
+            return json.loads(storage.read_bytes(launch_marker_url(plan)))
         except FileNotFoundError:
             return None
 
-    def _write(self, plan: E.EvalPlan, marker: dict[str, Any]) -> None:
-        storage.write_bytes_atomic(launch_marker_url(plan), json.dumps(marker, indent=1).encode(), self.so)
+    def _write(self, plan: EvalProtocol, marker: dict[str, Any]) -> None:
+        storage.write_bytes_atomic(launch_marker_url(plan), json.dumps(marker, indent=1).encode())
 
-    def is_done(self, plan: E.EvalPlan) -> bool:
-        if storage.exists(plan.result_url, self.so):
+    def is_done(self, plan: EvalProtocol) -> bool:
+        if storage.exists(plan.result):
             return True
         marker = self.marker(plan)
         return marker is not None and marker.get("state") in self.FINAL
 
-    def _launch(self, source: ckpt.CheckpointSource, plan: E.EvalPlan, attempts: int) -> dict[str, Any]:
+    def _launch(self, source: ckpt.CheckpointSource, plan: EvalProtocol, attempts: int) -> dict[str, Any]:
         result = self.launcher.launch(source.url, source.step, plan.digest)
         marker = {
             "job": result.name,
@@ -362,18 +415,18 @@ class JobTracker:
         self._write(plan, marker)
         return marker
 
-    def process(self, source: ckpt.CheckpointSource, plan: E.EvalPlan) -> JobProgress:
+    def process(self, source: ckpt.CheckpointSource, plan: EvalProtocol) -> JobProgress:
         marker = self.marker(plan)
         if marker is None:
             return JobProgress("launched", self._launch(source, plan, 1)["job"])
         name, step = marker["job"], source.step
         status = self.launcher.status(name)
-        if status == JobStatus.SUCCEEDED or storage.exists(plan.result_url, self.so):
+        if status == JobStatus.SUCCEEDED or storage.exists(plan.result):
             return JobProgress("succeeded", name)
         if status == JobStatus.RUNNING:
             return JobProgress("running", name)
         # Failed, or gone without a result.
-        if not storage.exists(storage.join(source.url, ckpt.MARKER), self.so):
+        if not storage.exists(storage.Location(source.url, plan.result.options).join(ckpt.MARKER)):
             log.info(
                 "checkpoint step %d was deleted (retention) before eval job %s scored it; not retried",
                 step,
@@ -422,8 +475,8 @@ class JobTracker:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from repa.cluster.jobs import DEFAULT_TEMPLATE_PATH
 
-    S.add_sampling_arguments(parser)
-    E.add_eval_arguments(parser)
+    add_sampling_arguments(parser)
+    add_eval_arguments(parser)
     parser.add_argument("--once", action="store_true", help="handle the checkpoints there now, then exit")
     parser.add_argument(
         "--launch-jobs",
@@ -460,8 +513,8 @@ def run(args: argparse.Namespace) -> int:
     from repa.eval.errors import MetricsError
     from repa.weights import WeightsError
 
-    cfg, explicit = S.resolve_config(args, E.EVAL_FLAG_KEYS)
-    cfg.require_for("watch")
+    verb = resolve_config(args, EVAL_FLAG_KEYS, checkpoint=False, require_for="watch")
+    cfg, explicit = verb.cfg, verb.explicit
     launcher = None
     try:
         if args.launch_jobs:
@@ -474,8 +527,8 @@ def run(args: argparse.Namespace) -> int:
             cfg.require_for("eval")
         else:
             _check_eval_inputs(cfg)
-    except (E.EvalError, MetricsError, WeightsError, RuntimeError) as e:
-        return S.cli_error("watch", e)
+    except (EvalError, MetricsError, WeightsError, RuntimeError) as e:
+        return cli_error("watch", e)
 
     stop = threading.Event()
 
@@ -503,7 +556,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             report = watcher.run(once=args.once)
         except (storage.StorageError, OSError) as e:
-            return S.cli_error("watch", e)
+            return cli_error("watch", e)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

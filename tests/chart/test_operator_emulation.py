@@ -385,8 +385,8 @@ def _prepare_data(tmp_path: Path, data_url: str) -> None:
 
 def _prepare_eval_inputs(cfg: Any) -> None:
     """Random-weights Inception on storage, and reference statistics of the dataset made with it."""
-    from repa.eval.evaluate import compute_dataset_reference_stats
     from repa.eval.features import build_inception
+    from repa.eval.refstats import compute_dataset_reference_stats
     from tests.support.fidelity_weights import random_inception_weights_path
 
     weights = random_inception_weights_path()
@@ -494,7 +494,7 @@ def test_rendered_pytorchjob_trains_on_two_elastic_workers_and_its_eval_job_scor
     result_url = storage.join(run_url, "eval", ckpt.step_dir_name(latest.step), f"result-{digest}.json")
     assert storage.exists(result_url), f"no result at {result_url}:\n{evaluator.output()[-4000:]}"
     result = json.loads(storage.read_bytes(result_url))
-    assert result["metric_name"] == "FID" and math.isfinite(result["fid"]) and result["fid"] >= 0
+    assert result["metric_name"] == "FD" and math.isfinite(result["fid"]) and result["fid"] >= 0
     assert result["num_samples"] == cfg.sample.num_samples
     assert result["protocol"]["checkpoint"]["url"] == latest.url
     assert result["protocol"]["checkpoint"]["step"] == latest.step

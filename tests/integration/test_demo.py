@@ -54,7 +54,7 @@ def test_demo_commits_checkpoints_and_the_watcher_scores_each_with_fid(demo):
     results = {p.parent.name: json.loads(p.read_text()) for p in (out / "run" / "eval").glob("step-*/*.json")}
     assert sorted(results) == ["step-0000004", "step-0000008"]
     for result in results.values():
-        assert result["metric_name"] == "FID" and math.isfinite(result["fid"]) and result["fid"] >= 0
+        assert result["metric_name"] == "FD" and math.isfinite(result["fid"]) and result["fid"] >= 0
         assert result["num_samples"] == 4
         # The random Inception is named as such in the result's protocol, never passed off as real.
         assert RANDOM_INCEPTION_NAME in result["protocol"]["feature_extractor"]["weights_url"]
@@ -66,7 +66,7 @@ def test_demo_logs_losses_and_fid_to_tensorboard(demo):
     assert [s for s, _ in train["train/loss"]][-1] == 8
     assert all(math.isfinite(v) for _, v in train["train/loss"])
     fid = read_scalars(f"file://{out}/run/tensorboard/eval")
-    assert [s for s, _ in fid["eval/fid_random_inception"]] == [4, 8]  # the demo's Inception is random
+    assert [s for s, _ in fid["eval/fd_unpublished_inception"]] == [4, 8]  # the demo's Inception is random
 
 
 def test_demo_writes_a_sample_grid_with_one_column_per_class(demo):

@@ -17,6 +17,8 @@ import yaml
 from repa.config import RunConfig
 from repa.data import format as fmt
 from repa.eval import sample as S
+from repa.eval.features import INCEPTION_NAME
+from repa.eval.provenance import ALL_FIELDS, INCEPTION_RESIZE
 from repa.eval.refstats import compute_reference_stats, load_reference_stats, save_reference_stats
 from repa.tensorboard import read_scalars
 from tests.support.tiny_features import FEATS
@@ -116,11 +118,11 @@ def test_ref_stats_from_shards_then_eval_writes_result_json_and_tensorboard(tmp_
     assert result_file.name == f"result-{protocol['digest'][:12]}.json"
 
     # The number is the metric of exactly the samples on storage.
-    from repa.eval.metrics import evaluate
+    from repa.eval.metrics import score_images
 
     sample_set = S.SampleSet.open(protocol["samples_url"])
     extractor = __import__("repa_test_feats").build()
-    direct = evaluate(sample_set.iter_images(), ref, extractor, inception_score_splits=None)
+    direct = score_images(sample_set.iter_images(), ref, extractor, inception_score_splits=None)
     assert result["fid"] == pytest.approx(direct.fid, rel=1e-9)
 
     scalars = read_scalars(str(Path(run_url, "tensorboard", "eval")))
@@ -132,7 +134,13 @@ def test_ref_stats_from_shards_then_eval_writes_result_json_and_tensorboard(tmp_
     mtime = result_file.stat().st_mtime_ns
     capsys.readouterr()
     assert cli(*argv) == 0
-    assert "(already evaluated)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "(already evaluated)" in printed
+    # the printed line says what the number is and how it was made
+    assert (
+        printed.startswith("FD_tiny-conv (12 samples) ")
+        and "[sde 4 steps, 4 NFE, cfg 1.8 on [0, 0.7], ema" in printed
+    )
     assert result_file.stat().st_mtime_ns == mtime
 
 
@@ -185,7 +193,21 @@ def test_inception_fid_and_is_end_to_end_with_random_weights(tmp_path):
     assert cli("eval", "--config", cfg_path, "--chunk-size", "5", "--no-progress") == 0
     (result_file,) = Path(run_url, "eval", "step-0000200").glob("result-*.json")
     result = json.loads(result_file.read_text())
-    assert result["metric_name"] == "FID" and np.isfinite(result["fid"]) and result["fid"] > 0
+    assert result["metric_name"] == "FD" and np.isfinite(result["fid"]) and result["fid"] > 0
+    assert result["score_label"] == "FD (unpublished Inception weights, 10 samples)"  # never "FID"
+    provenance = result["provenance"]
+    assert set(provenance) == set(ALL_FIELDS)
+    assert provenance["sampler.nfe"] == 4 and provenance["samples.count"] == 10  # SDE: 4 steps, 4 calls
+    assert provenance["reference.sha256"] == result["reference_sha256"]
+    assert provenance["checkpoint.weights_sha256"] and provenance["labels.distribution"]["num_classes"] > 0
+    assert provenance["extractors"] == [
+        {
+            "name": INCEPTION_NAME,
+            "weights_sha256": result["feature_extractor_sha256"],
+            "resize": INCEPTION_RESIZE,
+        }
+    ]
+    assert cli("eval", "compare", str(result_file), str(result_file)) == 0
     # IS over ADM's 10 splits; with 10 samples every split holds one image, so p(y) = p(y|x): IS = 1 exactly.
     assert result["inception_score_mean"] == pytest.approx(1.0) and result["precision"] is None
     assert result["protocol"]["feature_extractor"]["weights_url"] == weights
@@ -193,11 +215,11 @@ def test_inception_fid_and_is_end_to_end_with_random_weights(tmp_path):
     scalars = read_scalars(str(Path(run_url, "tensorboard", "eval")))
     # random Inception weights (not the published file): the tags say so
     assert set(scalars) == {
-        "eval/fid_random_inception",
-        "eval/best_fid_random_inception",
-        "eval/is_random_inception",
+        "eval/fd_unpublished_inception",
+        "eval/best_fd_unpublished_inception",
+        "eval/is_unpublished_inception",
     }
-    assert scalars["eval/fid_random_inception"][0][0] == 200
+    assert scalars["eval/fd_unpublished_inception"][0][0] == 200
 
 
 def ref_sha(ref_url: str) -> str:

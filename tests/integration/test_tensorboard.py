@@ -5,7 +5,7 @@
   ``progress/eta_hours``, and the same progress and ETA in the trainer's log line;
 - the eval sub-run: HParams (experiment + session with the run's key config values -> its FIDs),
   ``eval/samples`` (the grid of the samples each evaluation scored) at each checkpoint's step, FIDs
-  under ``*_random_inception`` tags (never ``eval/fid``), the best FID so far.
+  under ``*_unpublished_inception`` tags (never ``eval/fid``), the best FID so far.
 """
 
 from __future__ import annotations
@@ -112,9 +112,9 @@ def test_each_evaluation_logs_its_sample_grid_and_a_random_inception_fid(run):
 
     scalars = read_scalars(str(run_dir / "tensorboard" / "eval"))
     assert "eval/fid" not in scalars  # random weights are never logged as the FID
-    fids = dict(scalars["eval/fid_random_inception"])
+    fids = dict(scalars["eval/fd_unpublished_inception"])
     assert sorted(fids) == [2, 4]
-    best = dict(scalars["eval/best_fid_random_inception"])
+    best = dict(scalars["eval/best_fd_unpublished_inception"])
     assert best[2] == pytest.approx(fids[2]) and best[4] == pytest.approx(min(fids.values()))
 
     acc = _events(run_dir / "tensorboard" / "eval")
@@ -126,7 +126,7 @@ def test_each_evaluation_logs_its_sample_grid_and_a_random_inception_fid(run):
     assert session["model.name"].string_value == "SiT-S/2" and session["train.max_steps"].number_value == 4
     assert session["encoder.names"].string_value == "timm:vit_tiny_patch16_224"
     metrics = {m.name.tag for m in hp["_hparams_/experiment"].experiment.metric_infos}
-    assert {"eval/fid", "eval/best_fid", "eval/best_fid_random_inception"} <= metrics
+    assert {"eval/fid", "eval/best_fid", "eval/best_fd_unpublished_inception"} <= metrics
 
     grids = acc.Images("eval/samples")
     assert [g.step for g in grids] == [2, 4]

@@ -361,7 +361,7 @@ def test_a_failed_eval_job_is_retried_after_a_backoff_and_the_retry_succeeds(tmp
     api = StubBatchApi()
     launcher = jobs.JobLauncher(api, jobs.load_job_template(str(tmp_path / "eval-job.yaml")))
     now = [1000.0]
-    tracker = JobTracker(launcher, None, max_attempts=3, retry_seconds=30, clock=lambda: now[0])
+    tracker = JobTracker(launcher, max_attempts=3, retry_seconds=30, clock=lambda: now[0])
 
     def poll():  # one poll of a fresh watcher process: all state is in storage and the cluster
         plan = lambda source: plan_evaluation(cfg, source)  # noqa: E731
@@ -399,7 +399,7 @@ def test_an_eval_job_that_keeps_failing_is_given_up_and_a_deleted_checkpoint_is_
     (tmp_path / "eval-job.yaml").write_text(JOB_TEMPLATE)
     api = StubBatchApi()
     launcher = jobs.JobLauncher(api, jobs.load_job_template(str(tmp_path / "eval-job.yaml")))
-    tracker = JobTracker(launcher, None, max_attempts=2, retry_seconds=0)
+    tracker = JobTracker(launcher, max_attempts=2, retry_seconds=0)
     watcher = Watcher(cfg, tracker.process, tracker.is_done, plan=lambda s: plan_evaluation(cfg, s))
     assert watcher.run(once=True).processed == [100, 200]
     for _, body in api.calls:
@@ -425,7 +425,7 @@ def test_an_eval_job_whose_checkpoint_vanished_is_reported_as_deleted_not_failed
     _, cfg = setup_run(tmp_path, run_url, reference, steps=(100,))
     (tmp_path / "eval-job.yaml").write_text(JOB_TEMPLATE)
     api = StubBatchApi()
-    tracker = JobTracker(jobs.JobLauncher(api, jobs.load_job_template(str(tmp_path / "eval-job.yaml"))), None)
+    tracker = JobTracker(jobs.JobLauncher(api, jobs.load_job_template(str(tmp_path / "eval-job.yaml"))))
     source = ckpt.resolve_checkpoint(f"{run_url}/checkpoints/step-0000100", None)
     plan = plan_evaluation(cfg, source)
     assert tracker.process(source, plan).action == "launched"

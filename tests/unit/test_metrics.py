@@ -33,7 +33,7 @@ from repa.eval import (
     write_result_json,
 )
 from repa.eval.images import UInt8ImageDataset
-from repa.eval.metrics import evaluate
+from repa.eval.metrics import score_images
 from tests.support.eval_helpers import (
     SIZE,
     FeaturesOnly,
@@ -122,7 +122,8 @@ def test_fid_equals_torch_fidelity_calculate_metrics(
     # eigenvalues of a rank-23 2048x2048 product (24 images). With full-rank stats (N > 2048) the two
     # agree to ~1e-8 (repa.eval.stats.frechet_distance); 1e-6 is out of reach at a test-sized N.
     assert rel(our_result.fid, expected) < 3e-5
-    assert our_result.metric_name == "FID" and our_result.feature_extractor == INCEPTION_NAME
+    # random weights (not the published file): a Fréchet distance, never called FID
+    assert our_result.metric_name == "FD" and our_result.feature_extractor == INCEPTION_NAME
 
 
 def test_inception_score_equals_torch_fidelity(our_result, fidelity_metrics):
@@ -180,7 +181,7 @@ def test_non_inception_extractor_gives_fd_named_after_it(toy):
         smooth_images(20, seed=5, contrast=0.5, size=16),
     )
     ref = compute_reference_stats(ref_images, toy, keep_features=24)
-    result = evaluate(gen_images, ref, toy, inception_score_splits=5, batch_size=8)
+    result = score_images(gen_images, ref, toy, inception_score_splits=5, batch_size=8)
     gen_feats = toy(gen_images).detach().double().numpy()
     ref_feats = toy(ref_images).detach().double().numpy()
     expected = adm_frechet_distance(
@@ -199,7 +200,7 @@ def test_result_json_is_written_atomically_with_protocol(tmp_path, our_result):
     for url in (str(tmp_path / "eval" / "result.json"), "memory://eval/result.json"):
         write_result_json(url, our_result, protocol)
         payload = json.loads(storage.read_bytes(url))
-        assert payload["fid"] == our_result.fid and payload["metric_name"] == "FID"
+        assert payload["fid"] == our_result.fid and payload["metric_name"] == "FD"
         assert payload["protocol"] == protocol and payload["num_samples"] == N_IMAGES
         assert payload["image_size"] == [SIZE, SIZE]
     storage.remove("memory://eval/result.json")
@@ -220,7 +221,7 @@ def test_image_size_mismatch_with_reference_images_fails_before_any_feature(toy)
     toy.calls = 0
     expected = r"image size \(16, 16\) does not match the image size of reference statistics \(32, 32\)"
     with pytest.raises(MetricsError, match=expected):
-        evaluate(smooth_images(8, seed=8, size=16), ref, toy, inception_score_splits=None)
+        score_images(smooth_images(8, seed=8, size=16), ref, toy, inception_score_splits=None)
     assert toy.calls == 0
 
 
@@ -228,9 +229,13 @@ def test_reference_image_features_are_extracted_once_per_extractor(toy):
     ref_images = smooth_images(8, seed=10, size=16)
     ref = ReferenceStats(mu=np.zeros(8), sigma=np.eye(8), images=ref_images.permute(0, 2, 3, 1).numpy())
     toy.calls = 0
-    first = evaluate(smooth_images(8, seed=11, size=16), ref, toy, inception_score_splits=None, batch_size=8)
+    first = score_images(
+        smooth_images(8, seed=11, size=16), ref, toy, inception_score_splits=None, batch_size=8
+    )
     assert toy.calls == 2  # one batch of samples, one of reference images
-    second = evaluate(smooth_images(8, seed=11, size=16), ref, toy, inception_score_splits=None, batch_size=8)
+    second = score_images(
+        smooth_images(8, seed=11, size=16), ref, toy, inception_score_splits=None, batch_size=8
+    )
     assert toy.calls == 3 and (second.precision, second.recall) == (first.precision, first.recall)
 
 
@@ -240,16 +245,16 @@ def test_reference_from_another_extractor_or_without_pr_data_is_rejected(toy):
     with pytest.raises(
         MetricsError, match="computed with feature extractor 'inception-v3-compat', not 'toy'"
     ):
-        evaluate(images, other, toy)
+        score_images(images, other, toy)
     stats_only = ReferenceStats(mu=np.zeros(8), sigma=np.eye(8), source="s3://b/stats-only.npz")
     toy.calls = 0
     with pytest.raises(MetricsError, match=r"'s3://b/stats-only\.npz' have neither"):
-        evaluate(images, stats_only, toy, inception_score_splits=None)
+        score_images(images, stats_only, toy, inception_score_splits=None)
     assert toy.calls == 0  # refused before the pass over the samples
-    result = evaluate(images, stats_only, toy, inception_score_splits=None, precision_recall_k=None)
+    result = score_images(images, stats_only, toy, inception_score_splits=None, precision_recall_k=None)
     assert result.precision is None and result.inception_score_mean is None
     wrong_dim = ReferenceStats(mu=np.zeros(5), sigma=np.eye(5))
     with pytest.raises(MetricsError, match="have 5 features, toy gives 8"):
-        evaluate(images, wrong_dim, toy, inception_score_splits=None, precision_recall_k=None)
+        score_images(images, wrong_dim, toy, inception_score_splits=None, precision_recall_k=None)
     with pytest.raises(MetricsError, match="'flat' has no classifier logits"):
-        evaluate(images, stats_only, FeaturesOnly())
+        score_images(images, stats_only, FeaturesOnly())

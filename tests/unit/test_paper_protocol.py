@@ -22,6 +22,7 @@ from repa import checkpoint as ckpt
 from repa.checkpoint import model_args_from_recorded, z_dims_from_enc_type
 from repa.config import ConfigError, load_config
 from repa.eval import sample as S
+from repa.eval.args import resolve_config
 from repa.models import build_model
 
 
@@ -84,9 +85,11 @@ def test_sampling_defaults_to_fp32_whatever_the_training_precision():
     assert load_config(None, ["sample.precision=bf16"]).sample_precision() == "bf16"
     parser = argparse.ArgumentParser()
     S.add_arguments(parser)
-    cfg, _ = S.resolve_config(parser.parse_args(["--precision", "bf16", "--set", "train.precision=fp32"]))
+    cfg = resolve_config(
+        parser.parse_args(["--precision", "bf16", "--set", "train.precision=fp32"]), checkpoint=False
+    ).cfg
     assert cfg.sample_precision() == "bf16"
-    cfg, _ = S.resolve_config(parser.parse_args(["--set", "train.precision=bf16"]))
+    cfg = resolve_config(parser.parse_args(["--set", "train.precision=bf16"]), checkpoint=False).cfg
     assert cfg.sample_precision() == "fp32"
 
 

@@ -26,6 +26,7 @@ from repa import checkpoint as ckpt
 from repa.checkpoint import model_args_from_recorded
 from repa.config import RunConfig
 from repa.eval import sample as S
+from repa.eval.args import resolve_config
 from tests.support.tiny_runs import NUM_CLASSES, commit_tiny_checkpoint, tiny_run_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -109,7 +110,7 @@ def test_class_balanced_labels_cycle_without_changing_the_noise():
 
 def test_sample_defaults_are_the_fid_1_42_protocol():
     """The paper's FID setting is the default (no separate preset to keep in sync with it)."""
-    cfg, _ = S.resolve_config(argparse.Namespace(config=None, overrides=[], checkpoint=None))
+    cfg = resolve_config(argparse.Namespace(config=None, overrides=[], checkpoint=None), checkpoint=False).cfg
     s = cfg.sample
     assert (s.sampler, s.num_steps, s.cfg_scale) == ("sde", 250, 1.8)
     assert (s.guidance_low, s.guidance_high, s.num_samples, s.class_balanced) == (0.0, 0.7, 50_000, False)
@@ -119,7 +120,7 @@ def test_shorthand_flags_become_config_keys():
     args = argparse.Namespace(
         config=None, overrides=["sample.seed=3"], checkpoint=None, chunk_size=7, precision="bf16", output=None
     )
-    cfg, _ = S.resolve_config(args)
+    cfg = resolve_config(args, checkpoint=False).cfg
     assert (cfg.sample.chunk_size, cfg.sample.precision, cfg.sample.seed) == (7, "bf16", 3)
     assert cfg.sample_precision() == "bf16"
     assert S.SampleSpec.from_config(cfg).chunk_size == 7
@@ -166,7 +167,7 @@ def test_batch_size_changes_no_input_and_at_most_the_last_bit(tmp_path):
     spec = dataclasses.replace(S.SampleSpec.from_config(cfg), chunk_size=6)
     sets = {
         bs: S.generate_samples(
-            loaded.model, spec, out_url=str(tmp_path / f"bs{bs}"), vae=vae, batch_size=bs, latents_scale=1.0
+            loaded.model, spec, out=str(tmp_path / f"bs{bs}"), vae=vae, batch_size=bs, latents_scale=1.0
         )
         for bs in (1, 4, 6)
     }

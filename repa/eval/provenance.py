@@ -1,0 +1,207 @@
+"""How a number was produced, and whether two numbers may be compared (`repa eval compare`).
+
+Every result JSON carries ``provenance``: a flat ``{field: value}`` record of everything that moves a
+sample-quality score (docs/evaluation.md explains each field with the "my FID does not match the
+paper" mismatch it prevents). Fields come in three kinds:
+
+- ``PROTOCOL_FIELDS``: how the samples were made and scored. Two scores are comparable only when
+  these are equal; ``repa eval compare`` exits 1 naming each one that differs.
+- ``SUBJECT_FIELDS``: what is being scored (the checkpoint): expected to differ, shown.
+- ``INFO_FIELDS``: code versions: shown when they differ, never a reason to refuse.
+
+``extractors`` holds one entry per feature network (name, weights sha256, the resize path into it);
+new extractors (DINOv2, ...) add theirs through :func:`extractor_record`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+import repa
+from repa import checkpoint as ckpt
+from repa import storage
+from repa.eval.sample import run_sampler
+from repa.eval.sample_set import SampleSpec
+
+__all__ = [
+    "INFO_FIELDS",
+    "PROTOCOL_FIELDS",
+    "SUBJECT_FIELDS",
+    "Comparison",
+    "build_provenance",
+    "checkpoint_sha256",
+    "compare_results",
+    "count_nfe",
+    "extractor_record",
+    "provenance_rows",
+]
+
+SUBJECT_FIELDS = ("checkpoint.url", "checkpoint.step", "checkpoint.weights_sha256")
+PROTOCOL_FIELDS = (
+    "checkpoint.weights",  # ema | raw
+    "sampler.name",
+    "sampler.num_steps",
+    "sampler.nfe",
+    "guidance.scale",
+    "guidance.interval",
+    "precision",
+    "tf32",
+    "vae.name",
+    "vae.weights_sha256",
+    "uint8_conversion",
+    "samples.count",
+    "samples.seed",
+    "samples.index_range",
+    "labels.distribution",
+    "reference.url",
+    "reference.sha256",
+    "reference.count",
+    "extractors",
+)
+INFO_FIELDS = ("versions.repa", "versions.torch", "versions.torch_fidelity")
+ALL_FIELDS = SUBJECT_FIELDS + PROTOCOL_FIELDS + INFO_FIELDS
+
+UINT8_CONVERSION = "clamp(255 * (x + 1) / 2, 0, 255), truncated (reference generate.py)"
+# The resize into each network, as it happens (torch-fidelity's port of TF1's graph resizes inside).
+INCEPTION_RESIZE = "uint8 HxW -> float32, TF1-compatible bilinear resize to 299x299 inside the network"
+
+
+def extractor_record(extractor: Any) -> dict[str, Any]:
+    """``{name, weights_sha256, resize}`` of one feature network (its ``resize`` attribute when it
+    has one, else Inception's path for Inception and "the extractor's own" otherwise)."""
+    from repa.eval.features import INCEPTION_NAME
+
+    name = getattr(extractor, "name", type(extractor).__name__)
+    default = INCEPTION_RESIZE if name == INCEPTION_NAME else "the extractor's own (not recorded)"
+    return {
+        "name": name,
+        "weights_sha256": getattr(extractor, "weights_sha256", None),
+        "resize": getattr(extractor, "resize", default),
+    }
+
+
+def label_distribution(labels: Sequence[int], num_classes: int) -> dict[str, Any]:
+    """Summary of the class labels of a sample set: how many classes appear and the count range."""
+    counts = [0] * num_classes
+    for y in labels:
+        counts[int(y)] += 1
+    present = [c for c in counts if c]
+    return {
+        "num_classes": num_classes,
+        "classes_present": len(present),
+        "min_per_class": min(counts) if counts else 0,
+        "max_per_class": max(counts) if counts else 0,
+    }
+
+
+def provenance_rows(payload: dict[str, Any]) -> list[tuple[str, Any]]:
+    """``[(field, value)]`` of a result's provenance in the documented order (missing: None)."""
+    record = payload.get("provenance") or {}
+    return [(key, _canonical(record.get(key))) for key in ALL_FIELDS]
+
+
+def _canonical(value: Any) -> Any:
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
+
+
+class Comparison:
+    """Provenance differences between results: ``protocol`` (not comparable), ``subject``, ``info``."""
+
+    def __init__(self, payloads: Sequence[dict[str, Any]]) -> None:
+        self.payloads = list(payloads)
+        rows = [dict(provenance_rows(p)) for p in self.payloads]
+        differing = [k for k in ALL_FIELDS if len({json.dumps(r[k], sort_keys=True) for r in rows}) > 1]
+        self.protocol = [k for k in differing if k in PROTOCOL_FIELDS]
+        self.subject = [k for k in differing if k in SUBJECT_FIELDS]
+        self.info = [k for k in differing if k in INFO_FIELDS]
+        self.without = [i for i, p in enumerate(self.payloads) if not p.get("provenance")]
+        self.rows = rows
+
+    @property
+    def comparable(self) -> bool:
+        return not self.protocol and not self.without
+
+
+def compare_results(payloads: Sequence[dict[str, Any]]) -> Comparison:
+    return Comparison(payloads)
+
+
+# How a result's record is built (repa.eval.evaluate.evaluate_checkpoint)
+
+
+def checkpoint_sha256(source: ckpt.CheckpointSource, weights: str, cfg: Any) -> str | None:
+    """sha256 of the weights file scored: from the step folder's ``COMMITTED`` record (no re-read), or
+    hashed while reading for a plain weights file."""
+    so = cfg.storage.storage_options or None
+    if source.kind == "run":
+        files = ckpt.read_marker(storage.Location(source.url, so or {})).get("files") or {}
+        ema = files.get(ckpt.EMA_FILE) if weights == "ema" else None
+        record = ema or files.get(ckpt.STATE_FILE) or {}
+        return record.get("sha256")
+    return storage.read_bytes_hashed(cfg.storage.locate(source.url))[1]
+
+
+def count_nfe(spec: SampleSpec) -> int:
+    """Model calls one sample costs under ``spec``, counted by running the sampler on a stub model
+    (a CFG-doubled call counts once, as ``repa.sampling.SamplerTrace``)."""
+    from repa.sampling import SamplerTrace
+
+    def stub(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor]:
+        return (torch.zeros_like(x),)
+
+    trace = SamplerTrace()
+    z, y = torch.zeros(1, 1, 1, 1), torch.zeros(1, dtype=torch.int64)
+    noise = torch.zeros(spec.num_steps - 1, 1, 1, 1, 1) if spec.sampler == "sde" else None
+    run_sampler(stub, spec, z, y, noise, null_class=spec.num_classes, trace=trace)
+    return trace.nfe
+
+
+def build_provenance(
+    cfg: Any,
+    plan: Any,
+    *,
+    weights_sha256: str | None,
+    vae_sha256: str | None,
+    precision: str,
+    labels: Any,  # (N,) int class labels of the samples scored
+    result: dict[str, Any],
+    extractors: list[Any],
+) -> dict[str, Any]:
+    """The result's provenance record (fields: ``repa.eval.provenance``; docs/evaluation.md)."""
+    from importlib.metadata import version
+
+    spec, checkpoint = plan.spec, plan.sampling["checkpoint"]
+    return {
+        "checkpoint.url": checkpoint["url"],
+        "checkpoint.step": checkpoint["step"],
+        "checkpoint.weights_sha256": weights_sha256,
+        "checkpoint.weights": checkpoint["weights"],
+        "sampler.name": spec.sampler,
+        "sampler.num_steps": spec.num_steps,
+        "sampler.nfe": count_nfe(spec),
+        "guidance.scale": spec.cfg_scale,
+        "guidance.interval": [spec.guidance_low, spec.guidance_high],
+        "precision": precision,
+        "tf32": bool(cfg.train.allow_tf32),
+        "vae.name": plan.sampling["vae"]["name"],
+        "vae.weights_sha256": vae_sha256,
+        "uint8_conversion": UINT8_CONVERSION,
+        "samples.count": result["num_samples"],
+        "samples.seed": spec.seed,
+        "samples.index_range": [0, spec.num_samples],
+        "labels.distribution": {
+            "class_balanced": spec.class_balanced,
+            **label_distribution(labels.tolist(), spec.num_classes),
+        },
+        "reference.url": cfg.eval.reference_stats_url,
+        "reference.sha256": result.get("reference_sha256"),
+        "reference.count": result.get("num_reference_samples"),
+        "extractors": [extractor_record(e) for e in extractors],
+        "versions.repa": repa.__version__,
+        "versions.torch": torch.__version__,
+        "versions.torch_fidelity": version("torch-fidelity"),
+    }

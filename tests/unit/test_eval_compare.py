@@ -1,0 +1,160 @@
+"""`repa eval compare`: scores side by side, every differing provenance field named, exit 0/1.
+
+A result's provenance (repa.eval.provenance) records how its number was made. Changing any one
+protocol field must make the comparison refuse, naming exactly that field; the checkpoint itself (what
+is compared) and code versions may differ. Score names say what they are (repa.eval.report).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from repa.eval.features import INCEPTION_NAME, INCEPTION_SHA256_PREFIX
+from repa.eval.provenance import ALL_FIELDS, INFO_FIELDS, PROTOCOL_FIELDS, SUBJECT_FIELDS, Comparison
+from repa.eval.report import metric_tags, score_label, score_line
+
+PUBLISHED_SHA = INCEPTION_SHA256_PREFIX + "0" * 56
+
+
+def result(**provenance_changes) -> dict:
+    provenance = {
+        "checkpoint.url": "s3://b/run/checkpoints/step-0400000",
+        "checkpoint.step": 400000,
+        "checkpoint.weights_sha256": "a" * 64,
+        "checkpoint.weights": "ema",
+        "sampler.name": "sde",
+        "sampler.num_steps": 250,
+        "sampler.nfe": 250,
+        "guidance.scale": 1.8,
+        "guidance.interval": [0.0, 0.7],
+        "precision": "fp32",
+        "tf32": True,
+        "vae.name": "sd-vae-ft-ema",
+        "vae.weights_sha256": "b" * 64,
+        "uint8_conversion": "clamp(255 * (x + 1) / 2, 0, 255), truncated",
+        "samples.count": 50000,
+        "samples.seed": 0,
+        "samples.index_range": [0, 50000],
+        "labels.distribution": {"class_balanced": False, "num_classes": 1000, "classes_present": 1000},
+        "reference.url": "s3://b/VIRTUAL_imagenet256_labeled.npz",
+        "reference.sha256": "c" * 64,
+        "reference.count": 10000,
+        "extractors": [{"name": INCEPTION_NAME, "weights_sha256": PUBLISHED_SHA, "resize": "tf1 bilinear"}],
+        "versions.repa": "0.1.0",
+        "versions.torch": "2.5.1",
+        "versions.torch_fidelity": "0.4.0",
+    }
+    provenance.update(provenance_changes)
+    return {
+        "fid": 1.42,
+        "inception_score_mean": 305.7,
+        "precision": 0.8,
+        "recall": 0.65,
+        "num_samples": 50000,
+        "feature_extractor": INCEPTION_NAME,
+        "feature_extractor_sha256": PUBLISHED_SHA,
+        "provenance": provenance,
+    }
+
+
+def changed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "-other"
+    if isinstance(value, list):
+        return [*value, "other"]
+    return {**value, "other": 1}
+
+
+def compare(tmp_path: Path, *payloads: dict) -> tuple[int, str]:
+    from repa.cli import main
+
+    paths = []
+    for i, payload in enumerate(payloads):
+        path = tmp_path / f"r{i}.json"
+        path.write_text(json.dumps(payload))
+        paths.append(str(path))
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["eval", "compare", *paths])
+    return code, out.getvalue()
+
+
+def test_the_provenance_fields_are_documented():
+    doc = (Path(__file__).parents[2] / "docs" / "evaluation.md").read_text()
+    for key in ALL_FIELDS:
+        assert f"`{key}`" in doc, key
+
+
+def test_identical_protocols_are_comparable(tmp_path):
+    code, out = compare(tmp_path, result(), result())
+    assert code == 0, out
+    assert "FID (50000 samples) 1.4200" in out and out.strip().endswith("same protocol")
+
+
+@pytest.mark.parametrize("field", PROTOCOL_FIELDS)
+def test_changing_one_protocol_field_is_refused_naming_exactly_it(tmp_path, field):
+    base = result()
+    other = copy.deepcopy(base)
+    other["provenance"][field] = changed(base["provenance"][field])
+    assert Comparison([base, other]).protocol == [field]
+    code, out = compare(tmp_path, base, other)
+    assert code == 1
+    assert out.strip().splitlines()[-1] == f"NOT comparable: {field} differ"
+
+
+@pytest.mark.parametrize("field", SUBJECT_FIELDS + INFO_FIELDS)
+def test_the_checkpoint_and_code_versions_may_differ(tmp_path, field):
+    base = result()
+    other = copy.deepcopy(base)
+    other["provenance"][field] = changed(base["provenance"][field])
+    code, out = compare(tmp_path, base, other)
+    assert code == 0 and f": {field}: " in out
+
+
+def test_a_result_without_provenance_is_not_comparable(tmp_path):
+    old = result()
+    del old["provenance"]
+    code, out = compare(tmp_path, result(), old)
+    assert code == 1 and "no provenance recorded" in out
+
+
+def test_compare_names_a_missing_file_in_one_line(tmp_path, capsys):
+    from repa.cli import main
+
+    assert main(["eval", "compare", str(tmp_path / "nope.json"), str(tmp_path / "nope2.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"repa eval compare: error: {tmp_path / 'nope.json'}: not found"]
+
+
+def test_scores_say_what_they_are():
+    real = result()
+    assert score_label(real) == "FID (50000 samples)"
+    assert set(metric_tags(real)) == {"eval/fid", "eval/is", "eval/precision", "eval/recall"}
+    random = {**result(), "num_samples": 30, "feature_extractor_sha256": "deadbeef" * 8}
+    assert score_label(random) == "FD (unpublished Inception weights, 30 samples)"
+    assert score_line(random).startswith("FD (unpublished Inception weights, 30 samples) 1.4200, IS (unpub")
+    assert "eval/fid" not in metric_tags(random) and "eval/fd_unpublished_inception" in metric_tags(random)
+    other = {**result(), "feature_extractor": "dinov2-vit-l14", "feature_extractor_sha256": None}
+    assert score_label(other) == "FD_dinov2-vit-l14 (50000 samples)"
+
+
+def test_the_tensorboard_hint_opens_time_series_without_smoothing():
+    from urllib.parse import parse_qs, urlparse
+
+    from repa.eval.report import TENSORBOARD_UNSMOOTHED, tensorboard_hint
+
+    url = urlparse(TENSORBOARD_UNSMOOTHED)
+    # TensorBoard 2.x's Time Series deep link: `smoothing` query parameter, default 0.6 otherwise
+    assert parse_qs(url.query) == {"smoothing": ["0"]} and url.fragment == "timeseries"
+    assert TENSORBOARD_UNSMOOTHED in tensorboard_hint()
