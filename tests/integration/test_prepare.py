@@ -178,10 +178,10 @@ def test_restart_after_crash_completes_without_rewriting_finished_shards(
     # Crash while committing shard 1's sidecar: shard 0 is done, shard 1's tar exists without a sidecar.
     real = images_stage.write_sidecar
 
-    def crash_on_second(url, shard, sidecar, options):
+    def crash_on_second(url, shard, sidecar):
         if shard == 1:
             raise KeyboardInterrupt("simulated kill")
-        real(url, shard, sidecar, options)
+        real(url, shard, sidecar)
 
     monkeypatch.setattr(images_stage, "write_sidecar", crash_on_second)
     with pytest.raises(KeyboardInterrupt):

@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from repa import storage
+from repa.storage.policy import run
 
 
 class _ClientError(Exception):
@@ -147,9 +148,7 @@ def test_retry_stops_at_the_deadline_naming_operation_and_url():
         raise TimeoutError("read timed out")
 
     with pytest.raises(storage.StorageError) as info:
-        storage._retry(
-            silent, what="s3://b/run/state.pt", operation="write", deadline=10, sleep=sleep, clock=clock
-        )
+        run(silent, what="s3://b/run/state.pt", operation="write", deadline=10, sleep=sleep, clock=clock)
     assert now[0] <= 10.0
     assert info.value.operation == "write" and info.value.url == "s3://b/run/state.pt"
     assert str(info.value).startswith("write s3://b/run/state.pt: failed after") and "10 s deadline" in str(
@@ -163,13 +162,54 @@ def test_remote_filesystems_get_socket_timeouts_and_no_retries_of_their_own():
     before = storage.policy()
     try:
         storage.configure(connect_timeout=3, read_timeout=7)
-        s3 = storage._fs_options("s3://b/k", {"config_kwargs": {"read_timeout": 99}})["config_kwargs"]
+        s3 = storage.fs_options("s3://b/k", {"config_kwargs": {"read_timeout": 99}})["config_kwargs"]
         assert s3["connect_timeout"] == 3 and s3["read_timeout"] == 99  # the user's value wins
         assert s3["retries"]["total_max_attempts"] == 1
-        gcs = storage._fs_options("gs://b/k", None)["requests_timeout"]
+        gcs = storage.fs_options("gs://b/k")["requests_timeout"]
         assert (gcs.sock_connect, gcs.sock_read, gcs.total) == (3, 7, None)
-        assert storage._fs_options("file:///x", None) == {}
+        assert storage.fs_options("file:///x") == {}
     finally:
         storage.configure(
             connect_timeout=before.connect_timeout, read_timeout=before.read_timeout, deadline=before.deadline
         )
+
+
+def test_loading_configs_touches_no_global_and_a_verb_start_installs_its_timeouts():
+    from types import SimpleNamespace
+
+    from repa.config import config_from_args, load_config
+
+    before = storage.policy()
+    try:
+        fast = load_config(None, ["storage.deadline_seconds=5", "storage.connect_timeout_seconds=1"])
+        slow = load_config(None, ["storage.deadline_seconds=900", "storage.read_timeout_seconds=120"])
+        assert storage.policy() == before  # loading is pure
+        assert fast.storage.policy() == storage.Policy(connect_timeout=1, read_timeout=60, deadline=5)
+        assert slow.storage.policy() == storage.Policy(connect_timeout=10, read_timeout=120, deadline=900)
+        args = SimpleNamespace(config=None, overrides=["storage.deadline_seconds=7"])
+        assert config_from_args(args).storage.deadline_seconds == 7
+        assert storage.policy().deadline == 7  # a verb's start installs its config's timeouts
+        assert fast.storage.policy().deadline == 5 and slow.storage.policy().deadline == 900
+    finally:
+        storage.configure(before)
+
+
+def test_every_url_of_a_config_is_a_location_with_the_options_that_reach_it():
+    from repa.config import load_config
+
+    data_opts = "data.storage_options.client_kwargs.endpoint_url=http://data:9000"
+    run_opts = "storage.storage_options.client_kwargs.endpoint_url=http://run:9000"
+    cfg = load_config(None, ["data.url=s3://d/imagenet", "storage.run_url=s3://r/run", data_opts, run_opts])
+    data = {"client_kwargs": {"endpoint_url": "http://data:9000"}}
+    run_ = {"client_kwargs": {"endpoint_url": "http://run:9000"}}
+    assert (
+        cfg.storage.locate(cfg.data.url) == storage.Location("s3://d/imagenet", data) == cfg.data.location()
+    )
+    assert cfg.storage.locate("s3://d/imagenet/manifest.json").options == data
+    assert cfg.storage.locate("s3://d/imagenet-other/x").options == run_  # a sibling, not below data.url
+    assert cfg.storage.locate(cfg.storage.run_url) == storage.Location("s3://r/run", run_)
+    assert cfg.storage.locate(None) is None
+    here = storage.Location("s3://x/y", {"anon": True})
+    assert cfg.storage.locate(here) is here
+    cfg.data = type(cfg.data)(url="s3://d2/set")  # replacing a section keeps the link
+    assert cfg.storage.locate("s3://d2/set/a").options == {}

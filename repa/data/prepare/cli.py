@@ -118,13 +118,14 @@ def run(args: argparse.Namespace) -> int:
     if not data_url:
         print(f"repa prepare {args.prepare_stage}: give DATA_URL or --config with data.url", file=sys.stderr)
         return 2
-    options = (cfg.data.storage_options or None) if cfg is not None else None
+    # The output is the config's data set: data.storage_options reach it (also when DATA_URL is given).
+    data = storage.Location(data_url, dict(cfg.data.storage_options)) if cfg is not None else data_url
     try:
         if args.prepare_stage == "images":
             resolution = args.resolution or (cfg.data.resolution if cfg is not None else 256)
             summary = prepare_images(
                 args.source_url,
-                data_url,
+                data,
                 resolution=resolution,
                 samples_per_shard=args.samples_per_shard,
                 target_shard_bytes=int(args.target_shard_mb * 1e6),
@@ -136,25 +137,24 @@ def run(args: argparse.Namespace) -> int:
                 worker_count=args.worker_count,
                 max_bad_fraction=args.max_bad_fraction,
                 progress=not args.no_progress,
-                storage_options=options,
             )
             print(summary.format())
         elif args.prepare_stage == "latents":
+            vae_weights = args.vae_weights_url or (cfg.vae.weights_url if cfg is not None else None)
             summary = prepare_latents(
-                data_url,
+                data,
                 vae=args.vae or (cfg.vae.name if cfg is not None else "sd-vae-ft-mse"),
-                vae_weights_url=args.vae_weights_url or (cfg.vae.weights_url if cfg is not None else None),
+                vae_weights_url=cfg.storage.locate(vae_weights) if cfg is not None else vae_weights,
                 batch_size=args.batch_size,
                 device=args.device,
                 moments_dtype=args.moments_dtype,
                 worker_index=args.worker_index,
                 worker_count=args.worker_count,
                 progress=not args.no_progress,
-                storage_options=options,
             )
             print(summary.format())
         elif args.prepare_stage == "finalize":
-            manifest = finalize(data_url, max_bad_fraction=args.max_bad_fraction, storage_options=options)
+            manifest = finalize(data, max_bad_fraction=args.max_bad_fraction)
             if manifest is None:
                 print(
                     f"repa prepare finalize: {data_url}: not all shards are done; see the log",
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{len(manifest.shards)} shards"
             )
         elif args.prepare_stage == "verify":
-            manifest = verify_dataset(data_url, check_samples=not args.quick, storage_options=options)
+            manifest = verify_dataset(data, check_samples=not args.quick)
             print(
                 f"{data_url}: ok: {len(manifest.shards)} shards, {manifest.num_samples:,} samples "
                 "agree with the manifest"
