@@ -15,27 +15,29 @@ import argparse
 import errno
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 import repa
 from repa.config import ConfigError
 
-__all__ = ["COMMANDS", "EXIT_CODES", "Command", "describe_failure", "main"]
+__all__ = ["COMMANDS", "EXIT_CODES", "Command", "describe_failure", "main", "quiet_third_party_logs"]
 
 log = logging.getLogger("repa")
 
 EXIT_FAILURE = 1  # an unexpected error (likely a bug): rerun with --log-level DEBUG for the traceback
 EXIT_CONFIG = 2  # bad config, flags or input named by the user
 EXIT_INPUT = 3  # a file, shard or checkpoint is missing, corrupt or unwritable (disk full, permission)
-EXIT_STORAGE = 4  # the object store did not answer within storage.deadline_seconds
+EXIT_STORAGE = 4  # the object store did not answer within storage.deadline_seconds (unreachable)
 EXIT_LEASE = 5  # another trainer holds the run's lease (repa.lease)
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: a checkpoint was committed; the pod should be recreated
 EXIT_CODES = {
     0: "success",
     EXIT_FAILURE: "unexpected error (a bug?): rerun with --log-level DEBUG and report the traceback",
     EXIT_CONFIG: "config or usage error: fix the named key or flag",
-    EXIT_INPUT: "a file, shard or checkpoint is missing, corrupt or not writable (the message names it)",
+    EXIT_INPUT: "a file, shard or checkpoint is missing, corrupt or not writable, or the store refused "
+    "the credentials (missing, wrong or not allowed: not retried); the message names it and the fix",
     EXIT_STORAGE: "the object store did not answer within storage.deadline_seconds (named operation, URL)",
     EXIT_LEASE: "another trainer holds the run's lease: stop it or use another storage.run_url",
     EXIT_PREEMPTED: "preempted (SIGTERM): a checkpoint was committed; run the same command again",
@@ -137,6 +139,38 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+# Loggers of libraries under repa.storage and repa.hf_cache: their retries and tracebacks repeat what
+# repa reports in one line (gcsfs logs every "out of retries" with a traceback, botocore/urllib3 each
+# retry, asyncio "Task exception was never retrieved" for aiohttp connections dropped in an outage).
+THIRD_PARTY_LOGGERS = (
+    "aiobotocore",
+    "aiohttp",
+    "asyncio",
+    "botocore",
+    "boto3",
+    "fsspec",
+    "gcsfs",
+    "google",
+    "google_auth_httplib2",
+    "huggingface_hub",
+    "s3fs",
+    "urllib3",
+)
+
+
+def quiet_third_party_logs(level: str) -> None:
+    """Silence :data:`THIRD_PARTY_LOGGERS` unless ``level`` is DEBUG (then they say everything)."""
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL + 1)
+    # huggingface_hub sets its logger's level from HF_HUB_VERBOSITY when it is first imported.
+    if level == "DEBUG":
+        os.environ["HF_HUB_VERBOSITY"] = "debug"
+    else:
+        os.environ.setdefault("HF_HUB_VERBOSITY", "critical")
+    if "huggingface_hub" in sys.modules:  # already imported: set it now (never import it just for this)
+        logging.getLogger("huggingface_hub").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
+
+
 def describe_failure(e: BaseException) -> tuple[int, str]:
     """``(exit code, one-line message)`` for an exception that ended a verb."""
     from repa import storage
@@ -145,15 +179,19 @@ def describe_failure(e: BaseException) -> tuple[int, str]:
     chain = _chain(e)
     if isinstance(e, LeaseError):
         return EXIT_LEASE, _one_line(e)
+    # Credentials missing, wrong or refused: not retried, the message names the URL and the fix.
+    for link in chain:
+        if isinstance(link, storage.StorageError) and link.kind == "access":
+            return EXIT_INPUT, _one_line(link)
+    if storage.is_access_error(e):
+        url = next((str(x.filename) for x in chain if isinstance(x, OSError) and x.filename), "")
+        return EXIT_INPUT, f"{_one_line(e)}: access denied or no credentials; {storage.access_fix(url)}"
     # A storage operation ran out of its deadline: name the one that started failing first (an outage
     # fails every operation in flight; the first is the cause, the others are echoes).
     for link in chain:
         if isinstance(link, storage.StorageError) and link.operation:
             first = storage.first_failure() or link
-            return (
-                EXIT_STORAGE,
-                f"{_one_line(first)}; check the store and storage.storage_options, then rerun",
-            )
+            return EXIT_STORAGE, _one_line(first)  # names operation, URL and the fix
     if isinstance(e, storage.StorageError):
         return EXIT_STORAGE if storage.is_transient(e) else EXIT_INPUT, _one_line(e)
     if isinstance(e, OSError):
@@ -191,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    quiet_third_party_logs(args.log_level)
     from repa import storage
 
     storage.reset_failures()  # "the first failure" is this verb's, not an earlier call's in this process

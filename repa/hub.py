@@ -285,9 +285,11 @@ def run(args: argparse.Namespace) -> int:
             raise FetchError(f"--mirror {bad[0]!r}: expected NAME=URL")
         mirrors = dict(item.split("=", 1) for item in args.mirror)  # the last one of a name wins
         staged = fetch(cfg.storage.locate(args.dest), names, revision=args.revision, mirrors=mirrors)
-    except (FetchError, FileNotFoundError, storage.StorageError) as e:
+    except FetchError as e:  # unknown names, a bad --mirror, a file that fails verification
         print(f"repa weights fetch: error: {e}", file=sys.stderr)
         return 2
+    # Storage and Hub failures (unreachable, refused credentials, missing files) end in repa.cli's one
+    # line with the documented exit code.
     lines = set_lines(cfg, staged)
     print(f"staged {len(staged)} weights in {args.dest}; use them with:", file=sys.stderr)
     for line in lines:  # no quotes unless needed, so `$(cat file)` passes them on as they are

@@ -40,6 +40,7 @@ __all__ = [
     "reset_failures",
     "retry",
     "run",
+    "unreachable_fix",
 ]
 
 
@@ -312,7 +313,10 @@ def is_access_error(exc: BaseException) -> bool:
             return True
         if _error_code(link) in _ACCESS_CODES or _status_code(link) in (401, 403):
             return True
-        if isinstance(link, PermissionError) and link.errno in (None, errno.EACCES):
+        if isinstance(link, OSError) and str(link).startswith("Forbidden"):  # gcsfs's 403
+            return True
+        # s3fs's PermissionError for AccessDenied names no local file (a local EACCES does)
+        if isinstance(link, PermissionError) and link.filename is None and link.errno in (None, errno.EACCES):
             text = str(link)
             if any(word in text for word in ("Access Denied", "Forbidden", "403", "401", "credentials")):
                 return True
@@ -338,6 +342,17 @@ def access_fix(url: str) -> str:
     if url.startswith("hf://") or "huggingface" in url:
         return "set HF_TOKEN to a Hugging Face token that may read this repository"
     return f"check the credentials of this store; {chart}"
+
+
+def unreachable_fix(url: str) -> str:
+    """The likely fix when ``url``'s store does not answer (docs/kubernetes.md, "Exit codes")."""
+    if url.startswith(("s3://", "s3a://")):
+        endpoint = "AWS_ENDPOINT_URL_S3 or storage_options.client_kwargs.endpoint_url"
+    elif url.startswith(("gs://", "gcs://")):
+        endpoint = "STORAGE_EMULATOR_HOST or storage_options.endpoint_url"
+    else:
+        endpoint = "the URL's host"
+    return f"check that the store is reachable from here ({endpoint}, network policy, proxy), then rerun"
 
 
 def _short(exc: BaseException) -> str:
@@ -457,7 +472,7 @@ def run(
                 )
                 error = StorageError(
                     f"{label}: {why} in {elapsed:.1f} s; last error: {type(e).__name__}: "
-                    f"{' '.join(str(e).split()) or 'timed out'}",
+                    f"{' '.join(str(e).split())[:300] or 'timed out'}; {unreachable_fix(what)}",
                     operation=operation,
                     url=what,
                     failing_since=failing_since,
