@@ -14,7 +14,7 @@ from the cache and raises :class:`FetchError`.
 
 ``hf://[datasets/]<org>/<name>[@revision][/<path>]`` (the URL form of ``huggingface_hub.HfFileSystem``)
 is resolved by :func:`cached_hf_path` to a local file or folder; ``repa.storage`` then reads it like
-any local path. Failures are reported as storage failures are (``repa.storage.policy``): an
+any local path. Failures are reported as storage failures are (``repa.storage.faults``): an
 unreachable Hub or a refused token is a one-line ``StorageError`` naming the file and the fix; the
 only repa module imported here is that policy (``repa.storage`` imports this module lazily).
 """
@@ -27,7 +27,7 @@ import os
 import re
 from typing import Any
 
-from repa.storage.policy import StorageError, access_fix, is_transient
+from repa.storage.faults import StorageError, access_fix, is_transient
 
 log = logging.getLogger(__name__)
 

@@ -4,13 +4,25 @@
   URL with its fsspec options) and the operations every part of repa uses: ``exists``, ``size``,
   ``listdir``/``list_entries``, ``open_url``, ``read_bytes``, ``write_bytes_atomic``, ``remove``,
   ``move``, ``local_copy``.
-- ``repa.storage.policy``: errors (:class:`StorageError`, one line naming operation, URL and fix),
+- ``repa.storage.faults``, the policy: errors (:class:`StorageError`, one line naming operation, URL and fix),
   which failures are transient or the credentials', the deadline retry, the process's first
   failure, and the timeouts a verb installs when it starts (:func:`configure`).
 
 ``from repa import storage; storage.read_bytes(cfg.storage.locate(url))`` is the usual call.
 """
 
+from repa.storage.faults import (
+    Policy,
+    StorageError,
+    access_fix,
+    configure,
+    first_failure,
+    is_access_error,
+    is_transient,
+    policy,
+    reset_failures,
+    retry,
+)
 from repa.storage.location import (
     Entry,
     Location,
@@ -32,18 +44,6 @@ from repa.storage.location import (
     remove,
     size,
     write_bytes_atomic,
-)
-from repa.storage.policy import (
-    Policy,
-    StorageError,
-    access_fix,
-    configure,
-    first_failure,
-    is_access_error,
-    is_transient,
-    policy,
-    reset_failures,
-    retry,
 )
 
 __all__ = [

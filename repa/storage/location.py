@@ -14,9 +14,9 @@ remote files are cached for libraries that only read paths (:func:`cache_dir`, :
 Deadlines (docs/architecture.md, "Nothing blocks without a bound"): every remote operation has
 connect/read timeouts on its sockets (botocore's ``connect_timeout``/``read_timeout`` through s3fs's
 ``config_kwargs``; aiohttp's ``sock_connect``/``sock_read`` for gcsfs and HTTP) and one wall-clock
-deadline over all its attempts (``repa.storage.policy.run``; fsspec's ``sync(..., timeout=)`` cancels
+deadline over all its attempts (``repa.storage.faults.run``; fsspec's ``sync(..., timeout=)`` cancels
 an attempt that outlives it, so a store that accepts bytes and never answers cannot hold a PUT
-forever). What is retried, and how a failure is reported, is the policy's (``repa.storage.policy``).
+forever). What is retried, and how a failure is reported, is the policy's (``repa.storage.faults``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
-from repa.storage.policy import Policy, access_error, is_access_error, policy, run
+from repa.storage.faults import Policy, access_error, is_access_error, policy, run
 
 if TYPE_CHECKING:
     import fsspec
@@ -141,7 +141,7 @@ def filesystem(where: str | Location, *, operation: str = "open") -> tuple[fsspe
     """Return ``(filesystem, path within it)`` for a URL, local path or Location.
 
     Credentials that fail already here (gcsfs reads its key file when built) raise the one-line
-    :class:`~repa.storage.policy.StorageError` naming ``operation``, the URL and the fix.
+    :class:`~repa.storage.faults.StorageError` naming ``operation``, the URL and the fix.
     """
     from fsspec.core import url_to_fs  # here, not at import: config code uses is_local without fsspec
 
@@ -328,7 +328,7 @@ def open_url(where: str | Location, mode: str = "rb") -> Iterator[IO]:
 
 def read_bytes(where: str | Location, *, attempts: int | None = None) -> bytes:
     """The whole file/object in one request; transient errors are retried (see
-    ``repa.storage.policy.retry``) until the deadline, or ``attempts`` times."""
+    ``repa.storage.faults.retry``) until the deadline, or ``attempts`` times."""
     url, _ = _split(where)
     fs, path = filesystem(where, operation="read")
     # s3fs splits objects > 50 MB into concurrent ranged GETs plus a HEAD and reassembles them in a

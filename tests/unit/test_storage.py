@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from repa import storage
-from repa.storage.policy import run
+from repa.storage.faults import run
 
 
 class _ClientError(Exception):
@@ -213,3 +213,84 @@ def test_every_url_of_a_config_is_a_location_with_the_options_that_reach_it():
     assert cfg.storage.locate(here) is here
     cfg.data = type(cfg.data)(url="s3://d2/set")  # replacing a section keeps the link
     assert cfg.storage.locate("s3://d2/set/a").options == {}
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        type("NoCredentialsError", (Exception,), {})("Unable to locate credentials"),
+        type("DefaultCredentialsError", (Exception,), {})("File /k.json was not found"),
+        _ClientError("AccessDenied", 403),
+        _ClientError("InvalidAccessKeyId", 403),
+        _ClientError("SignatureDoesNotMatch", 403),
+        OSError("Forbidden: https://storage.googleapis.com/b/o\ncaller does not have access"),  # gcsfs
+        PermissionError(errno.EACCES, "Access Denied"),  # s3fs's translation of AccessDenied
+    ],
+    ids=lambda e: type(e).__name__ + ":" + str(e)[:20],
+)
+def test_credential_errors_fail_at_once_naming_url_and_fix(exc):
+    calls = []
+
+    def refused(left: float):
+        calls.append(left)
+        raise exc
+
+    assert storage.is_access_error(exc) and not storage.is_transient(exc)
+    with pytest.raises(storage.StorageError) as info:
+        run(refused, what="s3://b/run/state.pt", operation="write", sleep=lambda d: None)
+    assert len(calls) == 1 and info.value.kind == "access"  # not retried
+    message = str(info.value)
+    assert message.startswith("write s3://b/run/state.pt: access denied or no credentials")
+    assert "AWS_ACCESS_KEY_ID" in message and "storageAuth.existingSecret" in message
+    assert "\n" not in message
+
+
+def test_local_permission_and_missing_files_are_not_credential_errors(tmp_path):
+    assert not storage.is_access_error(PermissionError(errno.EACCES, "Permission denied", str(tmp_path)))
+    assert not storage.is_access_error(FileNotFoundError("s3://b/x"))
+    assert not storage.is_access_error(_ClientError("NoSuchBucket", 404))
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in storage.access_fix("gs://b/x")
+
+
+def test_an_outage_prints_at_most_one_progress_line_per_interval(caplog):
+    from repa.storage import faults as P
+
+    storage.reset_failures()
+    now = [0.0]
+
+    def sleep(d: float) -> None:
+        now[0] += d
+
+    def down(left: float):
+        now[0] += 1.0
+        raise ConnectionResetError("reset")
+
+    clock = lambda: now[0]  # noqa: E731
+    caplog.set_level("DEBUG", logger="repa.storage")
+    real = P.time.monotonic
+    P.time.monotonic = clock  # the throttle reads the monotonic clock
+    try:
+        with pytest.raises(storage.StorageError) as info:
+            run(down, what="s3://b/x", operation="read", deadline=100, sleep=sleep, clock=clock)
+    finally:
+        P.time.monotonic = real
+        storage.reset_failures()
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    retries = [r for r in caplog.records if r.name == "repa.storage"]
+    assert len(retries) > 10 and 1 <= len(warnings) <= 100 / P.PROGRESS_EVERY_SECONDS + 1
+    assert info.value.kind == "unreachable" and "AWS_ENDPOINT_URL_S3" in str(info.value)
+
+
+def test_third_party_loggers_are_quiet_unless_debug():
+    import logging
+
+    from repa.cli import THIRD_PARTY_LOGGERS, quiet_third_party_logs
+
+    try:
+        quiet_third_party_logs("INFO")
+        assert all(not logging.getLogger(n).isEnabledFor(logging.CRITICAL) for n in THIRD_PARTY_LOGGERS)
+        quiet_third_party_logs("DEBUG")
+        assert all(logging.getLogger(n).isEnabledFor(logging.DEBUG) for n in THIRD_PARTY_LOGGERS)
+    finally:
+        for name in THIRD_PARTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)

@@ -1,4 +1,5 @@
-"""What repa does when a storage operation fails: errors, transient tables, deadline retry, first failure.
+"""The fault policy: what repa does when a storage operation fails. Errors, transient tables, deadline
+retry, first failure.
 
 The seam (``repa.storage.location``) runs every remote call through :func:`run` (the retry loop
 with one wall-clock deadline); this module decides which failures are worth retrying
