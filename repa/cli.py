@@ -31,6 +31,7 @@ EXIT_CONFIG = 2  # bad config, flags or input named by the user
 EXIT_INPUT = 3  # a file, shard or checkpoint is missing, corrupt or unwritable (disk full, permission)
 EXIT_STORAGE = 4  # the object store did not answer within storage.deadline_seconds (unreachable)
 EXIT_LEASE = 5  # another trainer holds the run's lease (repa.lease)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: a checkpoint was committed; the pod should be recreated
 EXIT_CODES = {
     0: "success",
@@ -40,6 +41,7 @@ EXIT_CODES = {
     "the credentials (missing, wrong or not allowed: not retried); the message names it and the fix",
     EXIT_STORAGE: "the object store did not answer within storage.deadline_seconds (named operation, URL)",
     EXIT_LEASE: "another trainer holds the run's lease: stop it or use another storage.run_url",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C, SIGINT)",
     EXIT_PREEMPTED: "preempted (SIGTERM): a checkpoint was committed; run the same command again",
 }
 
@@ -241,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         print(f"repa {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as e:
         code, message = describe_failure(e)
         log.debug("repa %s failed", args.command, exc_info=True)
