@@ -128,15 +128,6 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
-def _chain(e: BaseException) -> list[BaseException]:
-    out: list[BaseException] = []
-    current: BaseException | None = e
-    while current is not None and all(current is not seen for seen in out):
-        out.append(current)
-        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
-    return out
-
-
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -144,20 +135,8 @@ def _one_line(e: BaseException) -> str:
 # Loggers of libraries under repa.storage and repa.hf_cache: their retries and tracebacks repeat what
 # repa reports in one line (gcsfs logs every "out of retries" with a traceback, botocore/urllib3 each
 # retry, asyncio "Task exception was never retrieved" for aiohttp connections dropped in an outage).
-THIRD_PARTY_LOGGERS = (
-    "aiobotocore",
-    "aiohttp",
-    "asyncio",
-    "botocore",
-    "boto3",
-    "fsspec",
-    "gcsfs",
-    "google",
-    "google_auth_httplib2",
-    "huggingface_hub",
-    "s3fs",
-    "urllib3",
-)
+_STORAGE_LIBRARIES = ("aiobotocore", "aiohttp", "boto3", "botocore", "fsspec", "gcsfs", "google", "s3fs")
+THIRD_PARTY_LOGGERS = (*_STORAGE_LIBRARIES, "asyncio", "huggingface_hub", "urllib3")
 
 
 def quiet_third_party_logs(level: str) -> None:
@@ -178,7 +157,7 @@ def describe_failure(e: BaseException) -> tuple[int, str]:
     from repa import storage
     from repa.lease import LeaseError
 
-    chain = _chain(e)
+    chain = storage.exception_chain(e)
     if isinstance(e, LeaseError):
         return EXIT_LEASE, _one_line(e)
     # Credentials missing, wrong or refused: not retried, the message names the URL and the fix.

@@ -34,6 +34,7 @@ __all__ = [
     "StorageError",
     "access_fix",
     "configure",
+    "exception_chain",
     "first_failure",
     "is_access_error",
     "is_transient",
@@ -246,7 +247,7 @@ def _is_transient_one(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and any(code in text for code in ("SlowDown", "ServiceUnavailable"))
 
 
-def _links(exc: BaseException) -> list[BaseException]:
+def exception_chain(exc: BaseException) -> list[BaseException]:
     """``exc`` and the exceptions it was raised from (``__cause__``, else unsuppressed context)."""
     out: list[BaseException] = []
     current: BaseException | None = exc
@@ -264,7 +265,7 @@ def is_transient(exc: BaseException) -> bool:
     (``SlowDown``, ``Throttling``, ``RequestTimeout``, ``InternalError``, ``ServiceUnavailable``).
     Never transient: not found, permission denied, and any other error (bad input must fail fast).
     """
-    for link in _links(exc):
+    for link in exception_chain(exc):
         if isinstance(link, _NEVER_TRANSIENT):
             return False
         if _is_transient_one(link):
@@ -309,7 +310,7 @@ def is_access_error(exc: BaseException) -> bool:
     allowed: botocore's ``NoCredentialsError``, google-auth's ``DefaultCredentialsError``, S3
     ``AccessDenied``/``InvalidAccessKeyId``/``SignatureDoesNotMatch``, HTTP 401/403, ``PermissionError``
     from a remote filesystem (s3fs translates 403 to it)."""
-    for link in _links(exc):
+    for link in exception_chain(exc):
         if any(cls.__name__ in _ACCESS_CLASS_NAMES for cls in type(link).__mro__):
             return True
         if _error_code(link) in _ACCESS_CODES or _status_code(link) in (401, 403):
@@ -363,7 +364,7 @@ def _short(exc: BaseException) -> str:
 
 def access_error(operation: str, url: str, exc: BaseException) -> StorageError:
     """The one-line error of a refused or unauthenticated storage call (not retried)."""
-    root = next((link for link in reversed(_links(exc)) if is_access_error(link)), exc)
+    root = next((link for link in reversed(exception_chain(exc)) if is_access_error(link)), exc)
     label = f"{operation} {url}" if operation else url
     return StorageError(
         f"{label}: access denied or no credentials ({_short(root)[:200]}); {access_fix(url)}",

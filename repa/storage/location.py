@@ -44,29 +44,6 @@ logger = logging.getLogger("repa.storage")
 _TEMP_PREFIX = ".tmp-"
 _TEMP_RE = re.compile(r"^\.tmp-[0-9a-f]{32}-(.+)$")
 
-__all__ = [
-    "Entry",
-    "Location",
-    "cache_dir",
-    "cleanup_temps",
-    "exists",
-    "filesystem",
-    "fs_options",
-    "is_local",
-    "join",
-    "list_entries",
-    "listdir",
-    "local_copy",
-    "local_path",
-    "move",
-    "open_url",
-    "read_bytes",
-    "read_bytes_hashed",
-    "remove",
-    "size",
-    "write_bytes_atomic",
-]
-
 
 @dataclass(frozen=True)
 class Location:
