@@ -936,7 +936,9 @@ def _read_source(source: str | Path) -> tuple[str, str]:
     if not storage.is_local(src):
         try:
             return storage.read_bytes(src).decode("utf-8"), src
-        except Exception as e:  # StorageError, FileNotFoundError, auth errors...
+        except storage.StorageError:  # unreachable or refused: the storage failure's own line and code
+            raise
+        except Exception as e:  # FileNotFoundError, a bad URL...
             raise ConfigError("", f"cannot read config {src!r}: {e}") from None
     path = Path(storage.local_path(src) or src)
     if path.is_file():

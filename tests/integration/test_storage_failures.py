@@ -208,3 +208,11 @@ def test_the_hub_unreachable_is_one_line_without_retry_spam(tmp_path):
     assert code == EXIT_STORAGE and len(lines) == 1, lines
     assert "hf://stabilityai/sd-vae-ft-ema" in lines[0] and "HF_ENDPOINT" in lines[0], lines
     assert "HF_HUB_OFFLINE" in lines[0]
+
+
+def test_a_remote_config_without_credentials_is_a_credentials_failure(s3_server, baseline):
+    env = _env(AWS_ENDPOINT_URL_S3=s3_server)
+    code, lines, seconds = _repa("config", "show", "--config", "s3://no-creds/run.yaml", env=env)
+    assert code == EXIT_INPUT and len(lines) == 1, lines
+    assert lines[0].startswith("repa config: error: read s3://no-creds/run.yaml: access denied"), lines
+    assert "AWS_ACCESS_KEY_ID" in lines[0] and seconds < baseline + FAST
