@@ -214,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from repa import storage
 
     storage.reset_failures()  # "the first failure" is this verb's, not an earlier call's in this process
+    storage.configure(storage.Policy())  # default timeouts until the verb's config installs its own
     try:
         return int(args._run(args) or 0)
     except ConfigError as e:
