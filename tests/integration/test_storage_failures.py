@@ -102,13 +102,16 @@ def moto_with_auth() -> str:
 
 
 class _Refuse(BaseHTTPRequestHandler):
-    """Answers every request as GCS answers a caller without access (403, JSON error)."""
+    """Answers every request as GCS answers a caller without access: 401 for an anonymous caller (no
+    credentials found: gcsfs falls back to anonymous access), 403 for one without the permission."""
 
     def _answer(self) -> None:
+        status = self.server.status  # type: ignore[attr-defined]
+        who = "Anonymous caller" if status == 401 else "caller"
         body = json.dumps(
-            {"error": {"code": 403, "message": "caller does not have storage.objects.get access"}}
+            {"error": {"code": status, "message": f"{who} does not have storage.objects.get access"}}
         ).encode()
-        self.send_response(403)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -121,9 +124,10 @@ class _Refuse(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def gcs_refusing() -> str:
+@pytest.fixture(scope="module", params=[401, 403], ids=["anonymous-401", "forbidden-403"])
+def gcs_refusing(request) -> str:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Refuse)
+    server.status = request.param  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -166,11 +170,13 @@ def test_s3_with_wrong_credentials_403_fails_at_once(moto_with_auth, baseline):
     assert len(lines) == 1 and seconds < baseline + FAST, (seconds, baseline)
 
 
-def test_gcs_refusing_the_caller_403_fails_at_once(gcs_refusing, baseline):
+def test_gcs_without_credentials_401_or_refusing_the_caller_403_fails_at_once(gcs_refusing, baseline):
     env = _env(STORAGE_EMULATOR_HOST=gcs_refusing, FSSPEC_GS_TOKEN="anon")
     code, lines, seconds = _repa("prepare", "verify", "gs://bucket/data", env=env)
     assert code == EXIT_INPUT
-    _assert_one_line(lines, "gs://bucket/data/manifest.json", "Forbidden", "GOOGLE_APPLICATION_CREDENTIALS")
+    _assert_one_line(
+        lines, "gs://bucket/data/manifest.json", "does not have", "GOOGLE_APPLICATION_CREDENTIALS"
+    )
     assert len(lines) == 1 and seconds < baseline + FAST, (seconds, baseline)
 
 
