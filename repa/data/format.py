@@ -32,10 +32,13 @@ import json
 import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import IO, Any, TypedDict
+from typing import IO, TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from repa.storage import Location
 
 __all__ = [
     "CLS",
@@ -415,7 +418,7 @@ class Manifest:
         return cls.from_dict(d, where=where)
 
 
-def read_manifest(data: Any) -> Manifest:
+def read_manifest(data: str | Location) -> Manifest:
     """Load and validate ``{data}/manifest.json`` (``data``: a URL or a ``repa.storage.Location``);
     ManifestError naming the URL if absent or bad.
 
