@@ -143,13 +143,11 @@ def quiet_third_party_logs(level: str) -> None:
     """Silence :data:`THIRD_PARTY_LOGGERS` unless ``level`` is DEBUG (then they say everything)."""
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL + 1)
-    # huggingface_hub sets its logger's level from HF_HUB_VERBOSITY when it is first imported.
+    # huggingface_hub resets its logger's level from HF_HUB_VERBOSITY when it is first imported (later).
     if level == "DEBUG":
         os.environ["HF_HUB_VERBOSITY"] = "debug"
     else:
         os.environ.setdefault("HF_HUB_VERBOSITY", "critical")
-    if "huggingface_hub" in sys.modules:  # already imported: set it now (never import it just for this)
-        logging.getLogger("huggingface_hub").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
 
 
 def describe_failure(e: BaseException) -> tuple[int, str]:
