@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -65,9 +66,8 @@ def natural_ish(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_dataset(
-    url: str, *, samples: int, per_shard: int, resolution: int, png_level: int, options
-) -> None:
+def write_dataset(url: Any, *, samples: int, per_shard: int, resolution: int, png_level: int) -> None:
+    """Write the benchmark's shards and manifest at ``url`` (a URL or ``repa.storage.Location``)."""
     from repa import storage
     from repa.data import format as fmt
 
@@ -88,7 +88,7 @@ def write_dataset(
                 )
             )
         data = fmt.write_shard(batch)
-        storage.write_bytes_atomic(storage.join(url, fmt.shard_name(s)), data, options)
+        storage.write_bytes_atomic(storage.join(url, fmt.shard_name(s)), data)
         shards.append(fmt.ShardInfo(fmt.shard_name(s), first, len(batch), len(data), fmt.sha256_hex(data)))
         first += len(batch)
     manifest = fmt.Manifest(
@@ -99,7 +99,7 @@ def write_dataset(
         moments_dtype="float16",
         moments_shape=(8, resolution // 8, resolution // 8),
     )
-    storage.write_bytes_atomic(storage.join(url, fmt.MANIFEST_NAME), manifest.to_json().encode(), options)
+    storage.write_bytes_atomic(storage.join(url, fmt.MANIFEST_NAME), manifest.to_json().encode())
 
 
 def timed(make_batches: Callable[[], Iterable], samples: int) -> dict[str, float]:
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from repa.data import format as fmt
     from repa.data.reader import StreamingDataset, make_loader
+    from repa.storage import Location
 
     torch.set_num_threads(1)
     port = free_port()
@@ -169,13 +170,13 @@ def main(argv: list[str] | None = None) -> int:
 
         s3fs.S3FileSystem(**options).mkdir("bench")
         t = time.perf_counter()
+        data = Location("s3://bench/data", options)
         write_dataset(
-            "s3://bench/data",
+            data,
             samples=args.samples,
             per_shard=args.per_shard,
             resolution=args.resolution,
             png_level=args.png_level,
-            options=options,
         )
         num_shards = -(-args.samples // args.per_shard)
         print(f"wrote {args.samples} samples in {num_shards} shards in {time.perf_counter() - t:.1f}s")
@@ -185,9 +186,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def repa_batches():
             ds = StreamingDataset(
-                "s3://bench/data",
+                data,
                 batch_size=args.batch_size,
-                storage_options=options,
                 shards_in_flight=max(1, args.workers),
                 chunk_size=args.batch_size,
                 num_batches=args.samples // args.batch_size,

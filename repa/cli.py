@@ -15,20 +15,21 @@ import argparse
 import errno
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 import repa
 from repa.config import ConfigError
 
-__all__ = ["COMMANDS", "EXIT_CODES", "Command", "describe_failure", "main"]
+__all__ = ["COMMANDS", "EXIT_CODES", "Command", "describe_failure", "main", "quiet_third_party_logs"]
 
 log = logging.getLogger("repa")
 
 EXIT_FAILURE = 1  # an unexpected error (likely a bug): rerun with --log-level DEBUG for the traceback
 EXIT_CONFIG = 2  # bad config, flags or input named by the user
 EXIT_INPUT = 3  # a file, shard or checkpoint is missing, corrupt or unwritable (disk full, permission)
-EXIT_STORAGE = 4  # the object store did not answer within storage.deadline_seconds
+EXIT_STORAGE = 4  # the object store did not answer within storage.deadline_seconds (unreachable)
 EXIT_LEASE = 5  # another trainer holds the run's lease (repa.lease)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C; `repa train` committed the step it stopped at
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: a checkpoint was committed; the pod should be recreated
@@ -36,7 +37,8 @@ EXIT_CODES = {
     0: "success",
     EXIT_FAILURE: "unexpected error (a bug?): rerun with --log-level DEBUG and report the traceback",
     EXIT_CONFIG: "config or usage error: fix the named key or flag",
-    EXIT_INPUT: "a file, shard or checkpoint is missing, corrupt or not writable (the message names it)",
+    EXIT_INPUT: "a file, shard or checkpoint is missing, corrupt or not writable, or the store refused "
+    "the credentials (missing, wrong or not allowed: not retried); the message names it and the fix",
     EXIT_STORAGE: "the object store did not answer within storage.deadline_seconds (named operation, URL)",
     EXIT_LEASE: "another trainer holds the run's lease: stop it or use another storage.run_url",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C): repa train committed the step it names (a second Ctrl-C: "
@@ -127,17 +129,26 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
-def _chain(e: BaseException) -> list[BaseException]:
-    out: list[BaseException] = []
-    current: BaseException | None = e
-    while current is not None and all(current is not seen for seen in out):
-        out.append(current)
-        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
-    return out
-
-
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
+
+
+# Loggers of libraries under repa.storage and repa.hf_cache: their retries and tracebacks repeat what
+# repa reports in one line (gcsfs logs every "out of retries" with a traceback, botocore/urllib3 each
+# retry, asyncio "Task exception was never retrieved" for aiohttp connections dropped in an outage).
+_STORAGE_LIBRARIES = ("aiobotocore", "aiohttp", "boto3", "botocore", "fsspec", "gcsfs", "google", "s3fs")
+THIRD_PARTY_LOGGERS = (*_STORAGE_LIBRARIES, "asyncio", "huggingface_hub", "urllib3")
+
+
+def quiet_third_party_logs(level: str) -> None:
+    """Silence :data:`THIRD_PARTY_LOGGERS` unless ``level`` is DEBUG (then they say everything)."""
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL + 1)
+    # huggingface_hub resets its logger's level from HF_HUB_VERBOSITY when it is first imported (later).
+    if level == "DEBUG":
+        os.environ["HF_HUB_VERBOSITY"] = "debug"
+    else:
+        os.environ.setdefault("HF_HUB_VERBOSITY", "critical")
 
 
 def describe_failure(e: BaseException) -> tuple[int, str]:
@@ -145,18 +156,22 @@ def describe_failure(e: BaseException) -> tuple[int, str]:
     from repa import storage
     from repa.lease import LeaseError
 
-    chain = _chain(e)
+    chain = storage.exception_chain(e)
     if isinstance(e, LeaseError):
         return EXIT_LEASE, _one_line(e)
+    # Credentials missing, wrong or refused: not retried, the message names the URL and the fix.
+    for link in chain:
+        if isinstance(link, storage.StorageError) and link.kind == "access":
+            return EXIT_INPUT, _one_line(link)
+    if storage.is_access_error(e):
+        url = next((str(x.filename) for x in chain if isinstance(x, OSError) and x.filename), "")
+        return EXIT_INPUT, f"{_one_line(e)}: access denied or no credentials; {storage.access_fix(url)}"
     # A storage operation ran out of its deadline: name the one that started failing first (an outage
     # fails every operation in flight; the first is the cause, the others are echoes).
     for link in chain:
         if isinstance(link, storage.StorageError) and link.operation:
             first = storage.first_failure() or link
-            return (
-                EXIT_STORAGE,
-                f"{_one_line(first)}; check the store and storage.storage_options, then rerun",
-            )
+            return EXIT_STORAGE, _one_line(first)  # names operation, URL and the fix
     if isinstance(e, storage.StorageError):
         return EXIT_STORAGE if storage.is_transient(e) else EXIT_INPUT, _one_line(e)
     if isinstance(e, OSError):
@@ -194,9 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    quiet_third_party_logs(args.log_level)
     from repa import storage
 
     storage.reset_failures()  # "the first failure" is this verb's, not an earlier call's in this process
+    storage.configure(storage.Policy())  # default timeouts until the verb's config installs its own
     try:
         return int(args._run(args) or 0)
     except ConfigError as e:

@@ -314,7 +314,8 @@ class DataConfig(_Section):
     Never put credentials here: they come from the environment or a mounted Secret."""
 
     def location(self) -> Any:
-        """``url`` bound to ``storage_options`` (a ``repa.storage.Location``)."""
+        """``url`` bound to ``storage_options`` (a ``repa.storage.Location``); ``cfg.storage.locate(url)``
+        gives the same for any URL at or below it."""
         from repa.storage import Location
 
         return Location(self.url or "", dict(self.storage_options))
@@ -642,21 +643,39 @@ class StorageConfig(_Section):
                 f"{self.lease_stale_seconds:g}: one late heartbeat would make a live run look crashed",
             )
 
-    def locate(self, url: str | None) -> Any:
-        """``url`` bound to ``storage_options`` (a ``repa.storage.Location``), or None for no URL."""
+    def locate(self, url: Any) -> Any:
+        """``url`` as a ``repa.storage.Location`` with the fsspec options that reach it, or None for no
+        URL: a URL at or below ``data.url`` gets ``data.storage_options``, any other (run folder, weights,
+        reference statistics, checkpoints) ``storage.storage_options``. A Location is returned as is.
+
+        The one way to turn a URL of this config into something storage reads (data and run alike).
+        """
         from repa.storage import Location
 
-        return None if url is None else Location(url, dict(self.storage_options))
+        if url is None or isinstance(url, Location):
+            return url
+        url = str(url)
+        data = getattr(self, "_data", None)  # the run's DataConfig (RunConfig links it)
+        if data is not None and data.url and _below(url, data.url):
+            return Location(url, dict(data.storage_options))
+        return Location(url, dict(self.storage_options))
 
-    def apply_timeouts(self) -> None:
-        """Install the timeouts for this process's storage operations (``repa.storage.configure``)."""
-        from repa import storage
+    def policy(self) -> Any:
+        """The ``storage.*`` timeouts as a ``repa.storage.Policy`` (a value: installing it is the verb's
+        job, ``config_from_args``; loading a config never does)."""
+        from repa.storage import Policy
 
-        storage.configure(
+        return Policy(
             connect_timeout=self.connect_timeout_seconds,
             read_timeout=self.read_timeout_seconds,
             deadline=self.deadline_seconds,
         )
+
+
+def _below(url: str, root: str) -> bool:
+    """True if ``url`` is ``root`` or inside it (``s3://b/d`` holds ``s3://b/d/x``, not ``s3://b/dx``)."""
+    root = root.rstrip("/")
+    return url.rstrip("/") == root or url.startswith(root + "/")
 
 
 #################################################################################
@@ -702,6 +721,15 @@ class RunConfig:
                 got = f"{value!r} ({type(value).__name__})"
                 raise ConfigError(name, f"expected a mapping (section), got {got}")
         self.validate()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        # cfg.storage.locate(url) picks data.storage_options for URLs below data.url: link the sections
+        # (an attribute, not a field: it is not part of the config tree, its YAML or its equality).
+        if name in ("data", "storage"):
+            storage, data = getattr(self, "storage", None), getattr(self, "data", None)
+            if isinstance(storage, StorageConfig) and isinstance(data, DataConfig):
+                storage._data = data
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> RunConfig:
@@ -883,9 +911,7 @@ def load_config(source: str | Path | None = None, overrides: Sequence[str] = ())
     else:
         text, origin = _read_source(source)
         tree = resolve_preset(_parse_yaml(text, origin), origin)
-    cfg = RunConfig.from_dict(apply_overrides(tree, overrides))
-    cfg.storage.apply_timeouts()  # the loaded config's storage.* timeouts govern this process
-    return cfg
+    return RunConfig.from_dict(apply_overrides(tree, overrides))
 
 
 PRESET_KEY = "preset"
@@ -924,7 +950,9 @@ def _read_source(source: str | Path) -> tuple[str, str]:
     if not storage.is_local(src):
         try:
             return storage.read_bytes(src).decode("utf-8"), src
-        except Exception as e:  # StorageError, FileNotFoundError, auth errors...
+        except storage.StorageError:  # unreachable or refused: the storage failure's own line and code
+            raise
+        except Exception as e:  # FileNotFoundError, a bad URL...
             raise ConfigError("", f"cannot read config {src!r}: {e}") from None
     path = Path(storage.local_path(src) or src)
     if path.is_file():
@@ -1192,5 +1220,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = Fa
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The validated RunConfig named by ``--config`` and ``--set``."""
-    return load_config(args.config, args.overrides)
+    """The validated RunConfig named by ``--config`` and ``--set``, for a verb that starts now.
+
+    Where a verb starts is where its config takes effect: the config's ``storage.*`` timeouts are
+    installed for this process's storage operations (``repa.storage.configure``) here, never by
+    :func:`load_config` (pure: two configs loaded in one process do not race for a global).
+    """
+    from repa import storage
+
+    cfg = load_config(args.config, args.overrides)
+    storage.configure(cfg.storage.policy())
+    return cfg

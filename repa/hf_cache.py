@@ -14,7 +14,9 @@ from the cache and raises :class:`FetchError`.
 
 ``hf://[datasets/]<org>/<name>[@revision][/<path>]`` (the URL form of ``huggingface_hub.HfFileSystem``)
 is resolved by :func:`cached_hf_path` to a local file or folder; ``repa.storage`` then reads it like
-any local path. This module imports no other repa module (``repa.storage`` imports it lazily).
+any local path. Failures are reported as storage failures are (``repa.storage.faults``): an
+unreachable Hub or a refused token is a one-line ``StorageError`` naming the file and the fix; the
+only repa module imported here is that policy (``repa.storage`` imports this module lazily).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import logging
 import os
 import re
 from typing import Any
+
+from repa.storage.faults import StorageError, access_fix, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,35 @@ _REPO_TYPES = {"datasets": "dataset", "spaces": "space"}
 
 class FetchError(RuntimeError):
     """A file could not be fetched from the Hub (or a URL) or failed verification; the message names it."""
+
+
+def _failure(what: str, e: Exception) -> Exception:
+    """The error to raise for a failed Hub/URL download of ``what``: a one-line StorageError naming the
+    fix when the Hub is unreachable (huggingface_hub has already retried) or refuses the token, else a
+    FetchError."""
+    response = getattr(e, "response", None)
+    status = getattr(response, "status_code", None)
+    if status in (401, 403):
+        return StorageError(
+            f"read {what}: access denied by the Hub (HTTP {status}); {access_fix('hf://')} "
+            "(gated models: accept their licence on the Hub first)",
+            operation="read",
+            url=what,
+            kind="access",
+        )
+    cause = e.__cause__ or e.__context__
+    unreachable = type(e).__name__ == "LocalEntryNotFoundError" or is_transient(e)
+    if unreachable or (cause is not None and is_transient(cause)):
+        endpoint = _hub()["endpoint"]
+        return StorageError(
+            f"read {what}: the Hub ({endpoint}) is unreachable and the file is not in the Hugging Face "
+            f"cache {_hub()['cache_dir']}; check the network or HF_ENDPOINT (a mirror), or copy a filled "
+            "cache here and set HF_HUB_OFFLINE=1",
+            operation="read",
+            url=what,
+            kind="unreachable",
+        )
+    return FetchError(f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,16 +148,15 @@ def hub_file(
     try:
         path = hf_hub_download(repo_id, filename, revision=revision, repo_type=repo_type, **hub)
     except LocalEntryNotFoundError as e:
-        why = (
-            "HF_HUB_OFFLINE is set"
-            if hub["local_files_only"]
-            else f"the Hub ({hub['endpoint']}) is unreachable"
-        )
-        raise FetchError(f"{what}: not in the Hugging Face cache {hub['cache_dir']} and {why}") from e
+        if hub["local_files_only"]:
+            raise FetchError(
+                f"{what}: not in the Hugging Face cache {hub['cache_dir']} and HF_HUB_OFFLINE is set"
+            ) from e
+        raise _failure(what, e) from e
     except EntryNotFoundError as e:
         raise FileNotFoundError(f"{what}: not found on the Hub") from e
     except Exception as e:  # HfHubHTTPError, RepositoryNotFoundError, connection errors
-        raise FetchError(f"{what}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        raise _failure(what, e) from e
     return (path, *verified_hub_file(path, what))
 
 
@@ -148,7 +180,10 @@ def url_file(url: str) -> str:
             with open(partial, "ab") as f:
                 http_get(url, f, resume_size=done, displayed_filename=name)
         except Exception as e:
-            raise FetchError(f"{url}: download failed ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+            failure = _failure(url, e)
+            if isinstance(failure, FetchError):
+                failure = FetchError(f"{url}: download failed ({type(e).__name__}: {str(e).splitlines()[0]})")
+            raise failure from e
         os.replace(partial, final)
     match = _HASH_PREFIX.search(name)
     if match:
@@ -190,7 +225,7 @@ def cached_hf_path(url: str) -> str:
             repo_id, revision=revision, repo_type=repo_type, allow_patterns=patterns, **_hub()
         )
     except Exception as e:
-        raise FetchError(f"{url}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        raise _failure(url, e) from e
     local = os.path.join(root, path) if path else root
     if not os.path.isdir(local) or not os.listdir(local):
         raise FileNotFoundError(

@@ -147,16 +147,17 @@ def set_lines(cfg: Any, staged: dict[str, str]) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_manifest(root: str, storage_options: dict | None) -> dict[str, Any]:
-    url = storage.join(root, MANIFEST)
-    if not storage.exists(url, storage_options):
+def _read_manifest(root: storage.Location) -> dict[str, Any]:
+    where = root.join(MANIFEST)
+    if not storage.exists(where):
         return {"format": 1, "files": {}}
-    return json.loads(storage.read_bytes(url, storage_options))
+    return json.loads(storage.read_bytes(where))
 
 
-def _copy(local: str, url: str, storage_options: dict | None) -> None:
-    """Copy a local file to ``url`` so that it appears whole or not at all."""
-    fs, path = storage.filesystem(url, storage_options)
+def _copy(local: str, where: storage.Location) -> None:
+    """Copy a local file to ``where`` so that it appears whole or not at all."""
+    url = where.url
+    fs, path = storage.filesystem(where, operation="write")
     target = storage.local_path(url)
     if target is not None:
         os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
@@ -164,18 +165,18 @@ def _copy(local: str, url: str, storage_options: dict | None) -> None:
         fs.put_file(local, tmp)
         os.replace(tmp, target)
     else:  # object stores: an upload is visible only once complete (multipart for large files)
-        storage.retry(lambda: fs.put_file(local, path), what=url)
+        storage.retry(lambda: fs.put_file(local, path), what=url, operation="write")
 
 
 def fetch(
-    root: str,
+    root: str | storage.Location,
     names: list[str],
-    storage_options: dict | None = None,
     *,
     revision: str | None = None,
     mirrors: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """Stage the catalogue entries ``names`` under ``root``; returns ``{name: URL for the config}``.
+    """Stage the catalogue entries ``names`` under ``root`` (a URL or a Location with its fsspec
+    options); returns ``{name: URL for the config}``.
 
     ``mirrors`` maps URL entries (``inception``, ``adm-reference``) to another URL of the same file
     (Hub entries follow ``HF_ENDPOINT``). Files already at ``root`` with the manifest's size are
@@ -191,20 +192,19 @@ def fetch(
     unknown = [n for n in names if n not in known]
     if unknown:
         raise FetchError(f"unknown weights {unknown}; known: {', '.join(known)}")
-    root = root if not storage.is_local(root) else os.path.abspath(storage.local_path(root) or root)
-    manifest = _read_manifest(root, storage_options)
+    if not isinstance(root, storage.Location):
+        root = storage.Location(root)
+    if storage.is_local(root):
+        root = storage.Location(os.path.abspath(storage.local_path(root) or root.url), root.options)
+    manifest = _read_manifest(root)
     staged = {}
     for name in dict.fromkeys(names):
         art = known[name]
         for filename in art.files:
             rel = f"{art.where}/{filename}"
-            url = storage.join(root, rel)
+            url = root.join(rel)
             entry = manifest["files"].get(rel)
-            if (
-                entry
-                and storage.exists(url, storage_options)
-                and storage.size(url, storage_options) == entry["bytes"]
-            ):
+            if entry and storage.exists(url) and storage.size(url) == entry["bytes"]:
                 log.info("%s: already at %s (sha256 %s)", name, url, entry["sha256"][:12])
                 continue
             if art.repo_id:
@@ -215,17 +215,15 @@ def fetch(
                 local, source = url_file(art.url), art.url
                 sha256 = sha256_file(local)
             log.info("%s: copying %s (%d bytes) to %s", name, filename, os.path.getsize(local), url)
-            _copy(local, url, storage_options)
+            _copy(local, url)
             manifest["files"][rel] = {
                 "sha256": sha256,
                 "bytes": os.path.getsize(local),
                 "source": source,
                 "fetched_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             }
-            storage.write_bytes_atomic(
-                storage.join(root, MANIFEST), json.dumps(manifest, indent=2).encode(), storage_options
-            )
-        staged[name] = art.dest(root)
+            storage.write_bytes_atomic(root.join(MANIFEST), json.dumps(manifest, indent=2).encode())
+        staged[name] = art.dest(root.url)
     return staged
 
 
@@ -281,16 +279,17 @@ def run(args: argparse.Namespace) -> int:
 
         disable_progress_bars()
     names = args.only or wanted(cfg, args.reference_batch)
-    options = cfg.storage.storage_options or None
     try:
         bad = [item for item in args.mirror if "=" not in item]
         if bad:
             raise FetchError(f"--mirror {bad[0]!r}: expected NAME=URL")
         mirrors = dict(item.split("=", 1) for item in args.mirror)  # the last one of a name wins
-        staged = fetch(args.dest, names, options, revision=args.revision, mirrors=mirrors)
-    except (FetchError, FileNotFoundError, storage.StorageError) as e:
+        staged = fetch(cfg.storage.locate(args.dest), names, revision=args.revision, mirrors=mirrors)
+    except FetchError as e:  # unknown names, a bad --mirror, a file that fails verification
         print(f"repa weights fetch: error: {e}", file=sys.stderr)
         return 2
+    # Storage and Hub failures (unreachable, refused credentials, missing files) end in repa.cli's one
+    # line with the documented exit code.
     lines = set_lines(cfg, staged)
     print(f"staged {len(staged)} weights in {args.dest}; use them with:", file=sys.stderr)
     for line in lines:  # no quotes unless needed, so `$(cat file)` passes them on as they are

@@ -123,11 +123,10 @@ class TensorBoardLogger:
     the curve stays continuous.
     """
 
-    def __init__(self, log_url: str, *, purge_step: int | None = None, storage_options: dict | None = None):
+    def __init__(self, log_url: str | storage.Location, *, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.log_url = log_url
-        self.storage_options = storage_options
+        self.log_url = log_url  # a URL or a Location (its fsspec options reach the uploads)
         local = storage.local_path(log_url)
         self._staging = None if local is not None else tempfile.mkdtemp(prefix="repa-tb-")
         self.local_dir = local if local is not None else self._staging
@@ -161,9 +160,7 @@ class TensorBoardLogger:
         if self._staging is not None:
             for name in os.listdir(self._staging):
                 with open(os.path.join(self._staging, name), "rb") as f:
-                    storage.write_bytes_atomic(
-                        storage.join(self.log_url, name), f.read(), self.storage_options
-                    )
+                    storage.write_bytes_atomic(storage.join(self.log_url, name), f.read())
 
     def close(self, *, upload: bool = True) -> None:
         """Flush and close; ``upload=False`` skips the upload (the store is known to be down)."""
@@ -174,8 +171,9 @@ class TensorBoardLogger:
             shutil.rmtree(self._staging, ignore_errors=True)
 
 
-def read_scalars(log_url: str, storage_options: dict | None = None) -> dict[str, list[tuple[int, float]]]:
-    """All scalars under a log URL as ``{tag: [(step, value), ...]}`` (sorted by step; {} if none).
+def read_scalars(log_url: str | storage.Location) -> dict[str, list[tuple[int, float]]]:
+    """All scalars under a log URL or Location as ``{tag: [(step, value), ...]}`` (sorted by step; {} if
+    none).
 
     Follows TensorBoard's semantics for restarts (purge_step), because it uses its loader.
     """
@@ -187,10 +185,10 @@ def read_scalars(log_url: str, storage_options: dict | None = None) -> dict[str,
         return {}  # nothing logged yet
     if local is None:
         tmp = tempfile.mkdtemp(prefix="repa-tb-read-")
-        for name in storage.listdir(log_url, storage_options):
+        for name in storage.listdir(log_url):
             if "tfevents" in name:
                 with open(os.path.join(tmp, name), "wb") as f:
-                    f.write(storage.read_bytes(storage.join(log_url, name), storage_options))
+                    f.write(storage.read_bytes(storage.join(log_url, name)))
         local = tmp
     try:
         acc = EventAccumulator(local, size_guidance={"scalars": 0})

@@ -320,11 +320,11 @@ def _fetch_folder(where: storage.Location, cache_dir: str) -> str:
 
     (Two files that must sit side by side, so not ``storage.local_copy``, which caches single files.)
     """
-    url, storage_options = where.url, dict(where.options) or None
+    url = where.url
     local = os.path.join(cache_dir, "vae", hashlib.sha256(url.encode()).hexdigest()[:16])
-    fs, root = storage.filesystem(url, storage_options)
+    fs, root = storage.filesystem(where, operation="read")
     for name in (CONFIG_FILE, WEIGHTS_FILE):
-        src = storage.join(url, name)
+        src = storage.join(where, name)
         dst = os.path.join(local, name)
         try:
             size = fs.size(storage.join(root, name))
@@ -333,7 +333,7 @@ def _fetch_folder(where: storage.Location, cache_dir: str) -> str:
         if os.path.exists(dst) and os.path.getsize(dst) == size:
             continue  # same file already cached (size check: the copy itself is atomic)
         logger.info("vae: copying %s to %s", src, dst)
-        storage.write_bytes_atomic(dst, storage.read_bytes(src, storage_options))
+        storage.write_bytes_atomic(dst, storage.read_bytes(src))
     return local
 
 
@@ -370,7 +370,6 @@ def build_vae(
     config_overrides: Mapping[str, Any] | None = None,
     allow_download: bool = False,
     cache_dir: str | None = None,
-    storage_options: dict[str, Any] | None = None,
 ) -> VAE:
     """Build the VAE ``name`` (``sd-vae-ft-mse``, ``sd-vae-ft-ema`` or ``none``).
 
@@ -383,7 +382,7 @@ def build_vae(
     _check_name(name)
     where = weights_url if isinstance(weights_url, storage.Location) else None
     if where is None and weights_url:
-        where = storage.Location(weights_url, dict(storage_options or {}))
+        where = storage.Location(weights_url)
     weights_url = where.url if where is not None and where.url else None
     if name == "none":
         if weights_url or config_overrides:

@@ -24,11 +24,11 @@ class WeightsError(ValueError):
     """A weights file is missing, unreadable or not what was expected; the message names it."""
 
 
-def load_torch_file(url: str | storage.Location, storage_options: dict[str, Any] | None = None) -> Any:
+def load_torch_file(where: str | storage.Location) -> Any:
     """Load a ``.pt``/``.pth``/``.safetensors`` file from a local path, fsspec URL or Location, safely."""
-    where, url = url, str(url)
+    url = str(where)
     try:
-        data = storage.read_bytes(where, storage_options)
+        data = storage.read_bytes(where)
     except FileNotFoundError as e:
         raise WeightsError(f"weights file {url!r} not found") from e
     return load_torch_bytes(data, url)

@@ -140,8 +140,9 @@ def run(args: argparse.Namespace) -> int:
             cfg = load_config(args.config, list(args.overrides or []))
             path = args.job_template or os.environ.get("REPA_EVAL_JOB_TEMPLATE", jobs.DEFAULT_TEMPLATE_PATH)
             template, namespace = jobs.load_job_template(path), args.namespace
+        storage.configure(cfg.storage.policy())  # the verb starts here: its config's storage timeouts
         body = eval_job(cfg, template, args.checkpoint, namespace)
-        if args.sweep:  # engineer E's hook: the sweep's Job is repa.eval.sweep's
+        if args.sweep:  # the sweep's Indexed Job is rendered by repa.eval.sweep
             from repa.eval.sweep import render_sweep_job
 
             body = render_sweep_job(cfg, body, args.cfg_scale, args.guidance_high, args.sweep_pods)

@@ -32,10 +32,13 @@ import json
 import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import IO, Any, TypedDict
+from typing import IO, TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from repa.storage import Location
 
 __all__ = [
     "CLS",
@@ -415,16 +418,18 @@ class Manifest:
         return cls.from_dict(d, where=where)
 
 
-def read_manifest(data_url: str, storage_options: dict[str, Any] | None = None) -> Manifest:
-    """Load and validate ``{data_url}/manifest.json``; ManifestError naming the URL if absent or bad.
+def read_manifest(data: str | Location) -> Manifest:
+    """Load and validate ``{data}/manifest.json`` (``data``: a URL or a ``repa.storage.Location``);
+    ManifestError naming the URL if absent or bad.
 
     The one I/O helper here: it imports ``repa.storage`` lazily, so importing this module stays pure.
     """
     from repa import storage  # lazy: keeps fsspec out of format.py's imports
 
-    url = storage.join(data_url, MANIFEST_NAME)
+    where = storage.join(data, MANIFEST_NAME)
+    url = str(where)
     try:
-        text = storage.read_bytes(url, storage_options)
+        text = storage.read_bytes(where)
     except FileNotFoundError:
         raise ManifestError(
             f"{url}: not found; prepare the dataset with `repa prepare images` (and `repa prepare latents`), "

@@ -47,16 +47,16 @@ class ShardReadError(storage.StorageError):
 
 
 def _load_shard(
-    url: str,
+    where: storage.Location,
     info: fmt.ShardInfo,
     *,
     verify_sha256: bool,
-    storage_options: dict[str, Any] | None,
     retry_attempts: int,
 ) -> fmt.IndexedShard:
     """GET the whole shard (one request, retried), check it against the manifest, index it."""
+    url = where.url
     try:
-        data = storage.read_bytes(url, storage_options, attempts=retry_attempts)
+        data = storage.read_bytes(where, attempts=retry_attempts)
     except FileNotFoundError:
         raise ShardReadError(
             f"{url}: not found, but manifest.json lists it (data.url points at the wrong folder?)"
@@ -91,7 +91,8 @@ class StreamingDataset(IterableDataset):
     ``label`` int64 (B,), ``position`` int64 (B,) stream positions, ``replaced`` bool (B,), ``key`` list[str].
 
     Args:
-        url: the folder holding ``manifest.json`` and the shards.
+        url: the folder holding ``manifest.json`` and the shards: a URL, or a ``repa.storage.Location``
+            with the fsspec options that reach it (``cfg.storage.locate(cfg.data.url)``).
         rank, world_size: this process among the data-parallel ranks.
         batch_size: per-rank micro-batch ``B``; one global micro-batch is ``world_size * B`` samples.
         seed: the data order seed (``data.seed``).
@@ -99,7 +100,6 @@ class StreamingDataset(IterableDataset):
         start_state: alternatively a ``ReaderState`` (epoch, position); overrides ``samples_consumed``.
         shards_in_flight: ``K`` lanes (shards read concurrently by the whole job); part of the order.
         chunk_size: ``c`` consecutive samples from one lane; part of the order.
-        storage_options: fsspec options (endpoint, credentials) from the config; env otherwise.
         readahead_shards: shards fetched ahead of need per worker (memory: live + this many). None:
             the lanes per worker, ``ceil(K / (world_size * num_workers))`` (double buffering: every
             lane's next shard arrives while the current ones are decoded).
@@ -112,7 +112,7 @@ class StreamingDataset(IterableDataset):
 
     def __init__(
         self,
-        url: str,
+        url: str | storage.Location,
         *,
         rank: int = 0,
         world_size: int = 1,
@@ -122,7 +122,6 @@ class StreamingDataset(IterableDataset):
         start_state: ReaderState | None = None,
         shards_in_flight: int = DEFAULT_SHARDS_IN_FLIGHT,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
-        storage_options: dict[str, Any] | None = None,
         readahead_shards: int | None = None,
         io_threads: int = 2,
         verify_sha256: bool = False,
@@ -140,11 +139,10 @@ class StreamingDataset(IterableDataset):
             raise ValueError("readahead_shards >= 0, io_threads >= 1 and retry_attempts >= 1 required")
         if num_batches is not None and num_batches < 0:
             raise ValueError(f"num_batches: expected >= 0 or None, got {num_batches}")
-        self.url = url.rstrip("/")
-        self.storage_options = dict(storage_options) if storage_options else None
-        self.manifest = (
-            manifest if manifest is not None else fmt.read_manifest(self.url, self.storage_options)
-        )
+        where = url if isinstance(url, storage.Location) else storage.Location(url)
+        self.location = storage.Location(where.url.rstrip("/"), where.options)
+        self.url = self.location.url
+        self.manifest = manifest if manifest is not None else fmt.read_manifest(self.location)
         self.epoch_size = self.manifest.num_samples
         if self.epoch_size < 1:
             raise ValueError(f"{self.url}: the manifest lists no samples")
@@ -175,6 +173,9 @@ class StreamingDataset(IterableDataset):
 
     def shard_url(self, shard: int) -> str:
         return storage.join(self.url, self.manifest.shards[shard].name)
+
+    def shard_location(self, shard: int) -> storage.Location:
+        return self.location.join(self.manifest.shards[shard].name)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -250,10 +251,9 @@ class _WorkerStream:
         ds = self.ds
         epoch, shard = divmod(key, self.S)
         loaded = _load_shard(
-            ds.shard_url(shard),
+            ds.shard_location(shard),
             ds.manifest.shards[shard],
             verify_sha256=ds.verify_sha256,
-            storage_options=ds.storage_options,
             retry_attempts=ds.retry_attempts,
         )
         log.debug("rank %d worker %d fetched %s for epoch %d", ds.rank, self.worker, loaded.name, epoch)

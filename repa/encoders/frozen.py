@@ -219,12 +219,10 @@ def _checkpoint_filter(spec: EncoderSpec, model: nn.Module):
     return getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", lambda sd, model: sd)
 
 
-def load_encoder_weights(
-    model: nn.Module, spec: EncoderSpec, weights: str | storage.Location, storage_options=None
-) -> None:
+def load_encoder_weights(model: nn.Module, spec: EncoderSpec, weights: str | storage.Location) -> None:
     """Load timm- or original-format weights into ``model`` strictly, converting and resampling."""
     url = str(weights)
-    state = _state_dict_from(load_torch_file(weights, storage_options), url)
+    state = _state_dict_from(load_torch_file(weights), url)
     try:
         state = _checkpoint_filter(spec, model)(state, model)
     except Exception as e:  # conversion code raises anything from KeyError to RuntimeError
@@ -263,8 +261,6 @@ def build_encoder(
     weights_url: str | storage.Location | None = None,
     resolution: int = 256,
     model_kwargs: Mapping[str, Any] | None = None,
-    *,
-    storage_options: dict[str, Any] | None = None,
 ) -> FrozenEncoder:
     """Build the frozen encoder ``name`` for ``resolution`` px images.
 
@@ -287,7 +283,7 @@ def build_encoder(
     img_size_optional = "img_size" not in kwargs and spec.preprocessing.resize != "repa"
     kwargs["img_size"] = input_size
     model = _create_model(spec, kwargs, name, img_size_optional)
-    weights = _as_location(weights_url, storage_options)
+    weights = _as_location(weights_url)
     if weights is not None:
         load_encoder_weights(model, spec, weights)
     else:
@@ -326,8 +322,8 @@ def check_encoder(name: str, resolution: int, model_kwargs: Mapping[str, Any] | 
         _create_model(spec, kwargs, name, img_size_optional)
 
 
-def _as_location(url: str | storage.Location | None, storage_options: dict[str, Any] | None) -> Any:
-    """A weights URL with its fsspec options (a Location keeps its own); None for no weights."""
+def _as_location(url: str | storage.Location | None) -> Any:
+    """A weights URL as a Location (a Location keeps its own options); None for no weights."""
     if isinstance(url, storage.Location):
         return url if url.url else None
-    return storage.Location(url, dict(storage_options or {})) if url else None
+    return storage.Location(url) if url else None

@@ -121,6 +121,7 @@ def resolve_config(
     flag = getattr(args, "checkpoint", None)
     if args.config is not None:
         cfg = load_config(args.config, overrides)
+        storage.configure(cfg.storage.policy())  # the verb starts here: its config's storage timeouts
         if require_for:
             cfg.require_for(require_for)
         source = _resolve(flag or cfg.sample.checkpoint_url, cfg) if checkpoint else None
@@ -140,6 +141,7 @@ def resolve_config(
             log.info("using the run's config %s", config_at.url)
             cfg = load_config(config_at.url, overrides)
     cfg = cfg or load_config(None, overrides)
+    storage.configure(cfg.storage.policy())
     if require_for:
         cfg.require_for(require_for)
     if checkpoint and source is None:  # the run's latest committed checkpoint
@@ -148,10 +150,7 @@ def resolve_config(
 
 
 def _resolve(url: str | None, cfg: RunConfig) -> ckpt.CheckpointSource:
-    options = cfg.storage.storage_options
-    return ckpt.resolve_checkpoint(
-        storage.Location(url, options) if url else None, storage.Location(cfg.storage.run_url, options)
-    )
+    return ckpt.resolve_checkpoint(cfg.storage.locate(url), cfg.storage.locate(cfg.storage.run_url))
 
 
 def cli_error(verb: str, e: BaseException) -> int:

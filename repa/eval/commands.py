@@ -98,11 +98,8 @@ def _run_ref_stats(args: argparse.Namespace) -> int:
     from repa.eval.refstats import compute_dataset_reference_stats
 
     cfg = load_config(args.config, args.overrides + flag_overrides(args, EVAL_FLAG_KEYS))
-    data = (
-        cfg.data.location()
-        if not args.data_url
-        else storage.Location(args.data_url, cfg.data.storage_options)
-    )
+    storage.configure(cfg.storage.policy())  # the verb starts here: its config's storage timeouts
+    data = cfg.data.location() if not args.data_url else cfg.storage.locate(args.data_url)
     if not data.url:
         raise ConfigError("data.url", "required by `repa eval ref-stats` (or pass --data-url)")
     extractor = build_extractor(cfg, runtime.resolve_device(cfg.train.device))

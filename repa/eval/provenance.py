@@ -136,9 +136,8 @@ def compare_results(payloads: Sequence[dict[str, Any]]) -> Comparison:
 def checkpoint_sha256(source: ckpt.CheckpointSource, weights: str, cfg: Any) -> str | None:
     """sha256 of the weights file scored: from the step folder's ``COMMITTED`` record (no re-read), or
     hashed while reading for a plain weights file."""
-    so = cfg.storage.storage_options or None
     if source.kind == "run":
-        files = ckpt.read_marker(storage.Location(source.url, so or {})).get("files") or {}
+        files = ckpt.read_marker(cfg.storage.locate(source.url)).get("files") or {}
         ema = files.get(ckpt.EMA_FILE) if weights == "ema" else None
         record = ema or files.get(ckpt.STATE_FILE) or {}
         return record.get("sha256")

@@ -152,12 +152,11 @@ def write_tensorboard(
     from repa.tensorboard import TensorBoardLogger, read_scalars
 
     log_at = run.join("tensorboard", EVAL_LOG_SUBDIR)
-    options = dict(log_at.options) or None
     scalars = {k: v for k, v in scalars.items() if v is not None}
     if best_of in scalars:
-        earlier = [v for s, v in read_scalars(log_at.url, options).get(best_of, []) if s != step]
+        earlier = [v for s, v in read_scalars(log_at).get(best_of, []) if s != step]
         scalars[best_of.replace("eval/", "eval/best_", 1)] = min([*earlier, scalars[best_of]])
-    tb = TensorBoardLogger(log_at.url, storage_options=options)
+    tb = TensorBoardLogger(log_at)
     try:
         tb.scalars(scalars, step)
         if cfg is not None:

@@ -268,7 +268,7 @@ def _tensorboard(cfg: RunConfig, source: ckpt.CheckpointSource, png: bytes, tabl
 
     log_at = cfg.storage.locate(source.run_url).join("tensorboard", EVAL_LOG_SUBDIR)
     image = torch.from_numpy(np.array(Image.open(io.BytesIO(png)).convert("RGB"))).permute(2, 0, 1)
-    tb = TensorBoardLogger(log_at.url, storage_options=dict(log_at.options) or None)
+    tb = TensorBoardLogger(log_at)
     try:
         tb.image("eval/sweep", image, source.step)
         tb.text("eval/sweep", table, source.step)

@@ -119,7 +119,7 @@ class Watcher:
             )
         self.cfg = cfg
         self.run_url = cfg.storage.run_url.rstrip("/")
-        self.run = storage.Location(self.run_url, cfg.storage.storage_options)
+        self.run = cfg.storage.locate(self.run_url)
         self.process = process
         self.is_done = is_done
         self.plan = plan

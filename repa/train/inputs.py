@@ -45,7 +45,7 @@ def check_inputs(cfg: RunConfig) -> Manifest:
 
     cfg.require_for("train")
     try:
-        manifest = read_manifest(cfg.data.url, cfg.data.storage_options or None)
+        manifest = read_manifest(cfg.data.location())
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError("data.url", str(e)) from e
     if manifest.vae is None:
@@ -123,7 +123,7 @@ def make_rank_loader(
     from repa.data.reader import StreamingDataset, make_loader
 
     dataset = StreamingDataset(
-        cfg.data.url,
+        cfg.data.location(),
         rank=info.rank,
         world_size=info.world_size,
         batch_size=geometry.micro_batch,
@@ -131,7 +131,6 @@ def make_rank_loader(
         samples_consumed=samples_consumed,
         shards_in_flight=cfg.data.shards_in_flight,
         chunk_size=cfg.data.chunk_size,
-        storage_options=cfg.data.storage_options or None,
         manifest=manifest,
     )
     loader = make_loader(

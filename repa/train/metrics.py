@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from repa import runtime as D
-from repa import storage
 from repa.config import RunConfig
 from repa.tensorboard import TensorBoardLogger
 from repa.train.health import HealthGuard
@@ -94,11 +93,7 @@ class MetricsProcessor:
 
     def _writer(self, purge_step: int | None) -> TensorBoardLogger:
         run = self.cfg.storage.locate(self.cfg.storage.run_url)
-        return TensorBoardLogger(
-            storage.join(run.url, "tensorboard"),
-            purge_step=purge_step,
-            storage_options=dict(run.options) or None,
-        )
+        return TensorBoardLogger(run.join("tensorboard"), purge_step=purge_step)
 
     def close(self, *, upload: bool = True) -> None:
         if self.tb is not None:

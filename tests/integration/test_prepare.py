@@ -178,10 +178,10 @@ def test_restart_after_crash_completes_without_rewriting_finished_shards(
     # Crash while committing shard 1's sidecar: shard 0 is done, shard 1's tar exists without a sidecar.
     real = images_stage.write_sidecar
 
-    def crash_on_second(url, shard, sidecar, options):
+    def crash_on_second(url, shard, sidecar):
         if shard == 1:
             raise KeyboardInterrupt("simulated kill")
-        real(url, shard, sidecar, options)
+        real(url, shard, sidecar)
 
     monkeypatch.setattr(images_stage, "write_sidecar", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
@@ -388,7 +388,7 @@ def test_cli_prepare_images_latents_verify(imagenet_tree, tmp_path, capsys):
     assert main(["prepare", "verify", out]) == 0
     assert "agree with the manifest" in capsys.readouterr().out
     rc = main(["prepare", "images", str(tmp_path / "missing"), f"file://{tmp_path}/o2", "--no-progress"])
-    assert rc == 1 and "source not found" in capsys.readouterr().err
+    assert rc == 3 and "source not found" in capsys.readouterr().err  # a missing input: exit 3
 
 
 def test_indexed_job_env_splits_work_across_processes(imagenet_tree, tmp_path, monkeypatch):

@@ -51,9 +51,8 @@ def members_of(data: bytes) -> list[tuple[str, bytes]]:
 
 
 def write_dataset(
-    url: str,
+    url: str | storage.Location,
     counts: list[int],
-    storage_options: dict | None = None,
     *,
     raw_shards: dict[int, bytes] | None = None,
 ) -> fmt.Manifest:
@@ -67,7 +66,7 @@ def write_dataset(
                 fmt.Sample(key=fmt.sample_key(i), png=fmt.encode_png(image), label=label, moments=moments)
             )
         data = (raw_shards or {}).get(s) or fmt.write_shard(samples)
-        storage.write_bytes_atomic(storage.join(url, fmt.shard_name(s)), data, storage_options)
+        storage.write_bytes_atomic(storage.join(url, fmt.shard_name(s)), data)
         shards.append(fmt.ShardInfo(fmt.shard_name(s), first, n, len(data), fmt.sha256_hex(data)))
         first += n
     manifest = fmt.Manifest(
@@ -78,9 +77,7 @@ def write_dataset(
         moments_dtype="float16",
         moments_shape=MOMENTS_SHAPE,
     )
-    storage.write_bytes_atomic(
-        storage.join(url, fmt.MANIFEST_NAME), manifest.to_json().encode(), storage_options
-    )
+    storage.write_bytes_atomic(storage.join(url, fmt.MANIFEST_NAME), manifest.to_json().encode())
     return manifest
 
 
@@ -316,10 +313,10 @@ def test_s3_outage_mid_epoch_loses_and_repeats_nothing(s3_server):
     options = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
     try:
         bucket = f"outage-{uuid.uuid4().hex[:8]}"
-        fs, _ = storage.filesystem(f"s3://{bucket}", options)
+        fs, _ = storage.filesystem(storage.Location(f"s3://{bucket}", options))
         fs.mkdir(bucket)
-        url = f"s3://{bucket}/data"
-        write_dataset(url, [6] * 8, options)
+        url = storage.Location(f"s3://{bucket}/data", options)
+        write_dataset(url, [6] * 8)
 
         def loader(num_workers: int):
             ds = StreamingDataset(
@@ -328,7 +325,6 @@ def test_s3_outage_mid_epoch_loses_and_repeats_nothing(s3_server):
                 seed=0,
                 shards_in_flight=1,  # one lane: shards are fetched one after the other
                 chunk_size=4,
-                storage_options=options,
                 readahead_shards=0,
                 io_threads=1,
                 num_batches=24,  # two epochs of 48
@@ -351,7 +347,7 @@ def test_s3_outage_mid_epoch_loses_and_repeats_nothing(s3_server):
             restart.join()
             assert got == reference, f"num_workers={num_workers}"
             # moto keeps its state in-process: the bucket survived the restart
-            assert storage.exists(storage.join(url, fmt.MANIFEST_NAME), options)
+            assert storage.exists(storage.join(url, fmt.MANIFEST_NAME))
     finally:
         server.stop()
 
@@ -452,11 +448,10 @@ def test_unreadable_shard_names_its_url(tmp_path, s3_server):
         "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
     }
     bucket = f"dead-{uuid.uuid4().hex[:8]}"
-    storage.filesystem(f"s3://{bucket}", fast_fail)[0].mkdir(bucket)
-    write_dataset(f"s3://{bucket}/data", [4], fast_fail)
-    ds = StreamingDataset(
-        f"s3://{bucket}/data", batch_size=4, storage_options=fast_fail, retry_attempts=2, num_batches=1
-    )
+    storage.filesystem(storage.Location(f"s3://{bucket}", fast_fail))[0].mkdir(bucket)
+    data = storage.Location(f"s3://{bucket}/data", fast_fail)
+    write_dataset(data, [4])
+    ds = StreamingDataset(data, batch_size=4, retry_attempts=2, num_batches=1)
     server.stop()
     with pytest.raises(ShardReadError, match=rf"s3://{bucket}/data/shard-000000\.tar: could not be read"):
         collect(make_loader(ds))

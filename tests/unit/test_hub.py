@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from repa.encoders.registry import ENCODERS
 from repa.hub import INCEPTION_URL, catalogue, set_lines, wanted
 
@@ -36,3 +38,29 @@ def test_a_run_needs_its_encoders_both_vaes_and_inception():
     ]
     decode_with_mse = load_config(None, ["sample.vae_name=sd-vae-ft-mse", "eval.feature_extractor=m:f"])
     assert wanted(decode_with_mse) == ["dinov2-vit-b", "sd-vae-ft-mse"]
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_hub_that_refuses_the_token_is_a_credentials_failure_naming_hf_token(status):
+    from types import SimpleNamespace
+
+    from repa import storage
+    from repa.hf_cache import _failure
+
+    refused = RuntimeError("Client error")
+    refused.response = SimpleNamespace(status_code=status)  # as HfHubHTTPError carries it
+    error = _failure("hf://org/gated/model.safetensors", refused)
+    assert isinstance(error, storage.StorageError) and error.kind == "access"
+    assert "hf://org/gated/model.safetensors" in str(error) and "HF_TOKEN" in str(error)
+
+
+def test_an_unreachable_hub_is_an_unreachable_store_naming_hf_endpoint():
+    from repa import storage
+    from repa.hf_cache import _failure
+
+    try:
+        raise OSError("wrapped") from ConnectionRefusedError("refused")
+    except OSError as e:
+        error = _failure("hf://org/name/config.json", e)
+    assert isinstance(error, storage.StorageError) and error.kind == "unreachable"
+    assert "HF_ENDPOINT" in str(error) and "HF_HUB_OFFLINE" in str(error)

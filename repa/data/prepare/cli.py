@@ -6,12 +6,12 @@ import argparse
 import sys
 
 from repa import storage
-from repa.data.format import MANIFEST_NAME, MOMENTS_DTYPES, ManifestError, ShardError
+from repa.data.format import MANIFEST_NAME, MOMENTS_DTYPES
 from repa.data.prepare.finalize import finalize, verify_dataset
 from repa.data.prepare.images import prepare_images
 from repa.data.prepare.latents import prepare_latents
 from repa.data.prepare.plan import DEFAULT_TARGET_SHARD_BYTES
-from repa.data.prepare.report import DEFAULT_MAX_BAD_FRACTION, PrepareError
+from repa.data.prepare.report import DEFAULT_MAX_BAD_FRACTION
 
 __all__ = ["add_arguments", "run"]
 
@@ -108,7 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run one `repa prepare` stage; prints a summary. Exit 0 ok, 1 failed (message on stderr)."""
+    """Run one `repa prepare` stage; prints a summary. Exit 0 ok, 1 when finalize finds shards not done;
+    failures (bad source, missing manifest, storage) end in ``repa.cli``'s one line and exit code."""
     cfg = None
     if getattr(args, "config", None) or getattr(args, "overrides", None):
         from repa.config import config_from_args
@@ -118,60 +119,56 @@ def run(args: argparse.Namespace) -> int:
     if not data_url:
         print(f"repa prepare {args.prepare_stage}: give DATA_URL or --config with data.url", file=sys.stderr)
         return 2
-    options = (cfg.data.storage_options or None) if cfg is not None else None
-    try:
-        if args.prepare_stage == "images":
-            resolution = args.resolution or (cfg.data.resolution if cfg is not None else 256)
-            summary = prepare_images(
-                args.source_url,
-                data_url,
-                resolution=resolution,
-                samples_per_shard=args.samples_per_shard,
-                target_shard_bytes=int(args.target_shard_mb * 1e6),
-                seed=args.seed,
-                max_per_class=args.max_per_class,
-                png_compress_level=args.png_compress_level,
-                num_workers=args.num_workers,
-                worker_index=args.worker_index,
-                worker_count=args.worker_count,
-                max_bad_fraction=args.max_bad_fraction,
-                progress=not args.no_progress,
-                storage_options=options,
-            )
-            print(summary.format())
-        elif args.prepare_stage == "latents":
-            summary = prepare_latents(
-                data_url,
-                vae=args.vae or (cfg.vae.name if cfg is not None else "sd-vae-ft-mse"),
-                vae_weights_url=args.vae_weights_url or (cfg.vae.weights_url if cfg is not None else None),
-                batch_size=args.batch_size,
-                device=args.device,
-                moments_dtype=args.moments_dtype,
-                worker_index=args.worker_index,
-                worker_count=args.worker_count,
-                progress=not args.no_progress,
-                storage_options=options,
-            )
-            print(summary.format())
-        elif args.prepare_stage == "finalize":
-            manifest = finalize(data_url, max_bad_fraction=args.max_bad_fraction, storage_options=options)
-            if manifest is None:
-                print(
-                    f"repa prepare finalize: {data_url}: not all shards are done; see the log",
-                    file=sys.stderr,
-                )
-                return 1
+    # The output is the config's data set: data.storage_options reach it (also when DATA_URL is given).
+    data = storage.Location(data_url, dict(cfg.data.storage_options)) if cfg is not None else data_url
+    if args.prepare_stage == "images":
+        resolution = args.resolution or (cfg.data.resolution if cfg is not None else 256)
+        summary = prepare_images(
+            args.source_url,
+            data,
+            resolution=resolution,
+            samples_per_shard=args.samples_per_shard,
+            target_shard_bytes=int(args.target_shard_mb * 1e6),
+            seed=args.seed,
+            max_per_class=args.max_per_class,
+            png_compress_level=args.png_compress_level,
+            num_workers=args.num_workers,
+            worker_index=args.worker_index,
+            worker_count=args.worker_count,
+            max_bad_fraction=args.max_bad_fraction,
+            progress=not args.no_progress,
+        )
+        print(summary.format())
+    elif args.prepare_stage == "latents":
+        vae_weights = args.vae_weights_url or (cfg.vae.weights_url if cfg is not None else None)
+        summary = prepare_latents(
+            data,
+            vae=args.vae or (cfg.vae.name if cfg is not None else "sd-vae-ft-mse"),
+            vae_weights_url=cfg.storage.locate(vae_weights) if cfg is not None else vae_weights,
+            batch_size=args.batch_size,
+            device=args.device,
+            moments_dtype=args.moments_dtype,
+            worker_index=args.worker_index,
+            worker_count=args.worker_count,
+            progress=not args.no_progress,
+        )
+        print(summary.format())
+    elif args.prepare_stage == "finalize":
+        manifest = finalize(data, max_bad_fraction=args.max_bad_fraction)
+        if manifest is None:
             print(
-                f"{storage.join(data_url, MANIFEST_NAME)}: {manifest.num_samples:,} samples, "
-                f"{len(manifest.shards)} shards"
+                f"repa prepare finalize: {data_url}: not all shards are done; see the log",
+                file=sys.stderr,
             )
-        elif args.prepare_stage == "verify":
-            manifest = verify_dataset(data_url, check_samples=not args.quick, storage_options=options)
-            print(
-                f"{data_url}: ok: {len(manifest.shards)} shards, {manifest.num_samples:,} samples "
-                "agree with the manifest"
-            )
-    except (PrepareError, ManifestError, ShardError, storage.StorageError, FileNotFoundError) as e:
-        print(f"repa prepare {args.prepare_stage}: error: {e}", file=sys.stderr)
-        return 1
+            return 1
+        print(
+            f"{storage.join(data_url, MANIFEST_NAME)}: {manifest.num_samples:,} samples, "
+            f"{len(manifest.shards)} shards"
+        )
+    elif args.prepare_stage == "verify":
+        manifest = verify_dataset(data, check_samples=not args.quick)
+        print(
+            f"{data_url}: ok: {len(manifest.shards)} shards, {manifest.num_samples:,} samples "
+            "agree with the manifest"
+        )
     return 0

@@ -38,10 +38,9 @@ def _vae_identity(sidecar: Sidecar) -> tuple[Any, ...]:
 
 
 def finalize(
-    data_url: str,
+    data_url: str | storage.Location,
     *,
     max_bad_fraction: float | None = None,
-    storage_options: dict[str, Any] | None = None,
 ) -> Manifest | None:
     """Assemble ``manifest.json`` from ``plan.json`` + all sidecars; None if some shard is not done yet.
 
@@ -49,9 +48,9 @@ def finalize(
     None while a latents run is half done (shards with and without moments). PrepareError if the
     dataset-wide fraction of unreadable images exceeds ``max_bad_fraction``.
     """
-    plan = read_plan(data_url, storage_options)
+    plan = read_plan(data_url)
     num_shards = int(plan["num_shards"])
-    names = {e.name for e in storage.list_entries(data_url, storage_options)}
+    names = {e.name for e in storage.list_entries(data_url)}
     missing = [s for s in range(num_shards) if sidecar_name(s) not in names or shard_name(s) not in names]
     if missing:
         logger.info(
@@ -59,7 +58,7 @@ def finalize(
         )
         return None
     with ThreadPoolExecutor(16) as pool:
-        sidecars = list(pool.map(lambda s: read_sidecar(data_url, s, storage_options), range(num_shards)))
+        sidecars = list(pool.map(lambda s: read_sidecar(data_url, s), range(num_shards)))
     for s, side in enumerate(sidecars):
         if side.plan != plan["fingerprint"]:
             raise PrepareError(
@@ -87,29 +86,27 @@ def finalize(
         moments_dtype=first.moments_dtype,
         moments_shape=first.moments_shape,
         created_by=str(plan.get("created_by", "")),
-    ).validate(storage.join(data_url, MANIFEST_NAME))
+    ).validate(str(storage.join(data_url, MANIFEST_NAME)))
     text = manifest.to_json().encode()
     url = storage.join(data_url, MANIFEST_NAME)
     try:
-        current = storage.read_bytes(url, storage_options)
+        current = storage.read_bytes(url)
     except FileNotFoundError:
         current = None
     if current != text:
-        storage.write_bytes_atomic(url, text, storage_options)
+        storage.write_bytes_atomic(url, text)
     logger.info("%s: %d samples in %d shards", url, manifest.num_samples, len(manifest.shards))
     return manifest
 
 
-def verify_dataset(
-    data_url: str, *, check_samples: bool = True, storage_options: dict[str, Any] | None = None
-) -> Manifest:
+def verify_dataset(data_url: str | storage.Location, *, check_samples: bool = True) -> Manifest:
     """Check every shard against ``manifest.json`` (bytes, sha256, keys, labels, moments).
 
     Raises ShardError naming the first bad shard (and sample); returns the manifest if all agree.
     """
-    manifest = read_manifest(data_url, storage_options)
+    manifest = read_manifest(data_url)
     for info in manifest.shards:
-        data = storage.read_bytes(storage.join(data_url, info.name), storage_options)
+        data = storage.read_bytes(storage.join(data_url, info.name))
         check_shard_bytes(data, info)
         if not check_samples:
             continue

@@ -13,7 +13,6 @@ import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from PIL import Image
 
@@ -72,14 +71,14 @@ def _load_image(source: Source, f: SourceFile, resolution: int, compress_level: 
 
 
 def _shard_done(
-    data_url: str, shard: int, fingerprint: str, entries: dict[str, storage.Entry], options
+    data_url: str | storage.Location, shard: int, fingerprint: str, entries: dict[str, storage.Entry]
 ) -> bool:
     """True if shard and sidecar are committed for this plan and the shard has the recorded size."""
     side, tar = entries.get(sidecar_name(shard)), entries.get(shard_name(shard))
     if side is None or tar is None:
         return False
     try:
-        sidecar = read_sidecar(data_url, shard, options)
+        sidecar = read_sidecar(data_url, shard)
     except ManifestError as e:
         logger.warning("%s; redoing the shard", e)
         return False
@@ -88,9 +87,7 @@ def _shard_done(
             f"{storage.join(data_url, sidecar_name(shard))}: belongs to another plan ({sidecar.plan}); "
             "the output URL holds a different dataset: use a new URL or delete it"
         )
-    size = (
-        tar.size if tar.size is not None else storage.size(storage.join(data_url, shard_name(shard)), options)
-    )
+    size = tar.size if tar.size is not None else storage.size(storage.join(data_url, shard_name(shard)))
     expected = sidecar.pending["bytes"] if sidecar.pending else sidecar.shard.bytes
     if size not in (sidecar.shard.bytes, expected):
         logger.warning("%s: size %s != %s in its sidecar; redoing it", shard_name(shard), size, expected)
@@ -99,8 +96,8 @@ def _shard_done(
 
 
 def prepare_images(
-    source_url: str,
-    out_url: str,
+    source_url: str | storage.Location,
+    out_url: str | storage.Location,
     *,
     resolution: int = 256,
     samples_per_shard: int | None = None,
@@ -113,8 +110,6 @@ def prepare_images(
     worker_count: int | None = None,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     progress: bool = False,
-    storage_options: dict[str, Any] | None = None,
-    source_storage_options: dict[str, Any] | None = None,
 ) -> PrepareSummary:
     """Stage 1: ImageNet-style source -> ``shard-NNNNNN.tar`` (png + cls) + sidecars at ``out_url``.
 
@@ -131,9 +126,7 @@ def prepare_images(
     if samples_per_shard is None:
         samples_per_shard = max(1, target_shard_bytes // estimate_sample_bytes(resolution))
     threads = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
-    source = open_source(
-        source_url, max_per_class=max_per_class, storage_options=source_storage_options, num_threads=threads
-    )
+    source = open_source(source_url, max_per_class=max_per_class, num_threads=threads)
     summary = PrepareSummary("images", index, count)
     try:
         plan = make_plan(
@@ -153,17 +146,13 @@ def prepare_images(
             index,
             count,
         )
-        write_or_check_plan(out_url, plan, storage_options)
+        write_or_check_plan(out_url, plan)
         mine = worker_shards(plan.num_shards, index, count)
         summary.shards_assigned = len(mine)
-        storage.cleanup_temps(
-            out_url, [n for s in mine for n in (shard_name(s), sidecar_name(s))], storage_options
-        )
-        entries = {e.name: e for e in storage.list_entries(out_url, storage_options)}
+        storage.cleanup_temps(out_url, [n for s in mine for n in (shard_name(s), sidecar_name(s))])
+        entries = {e.name: e for e in storage.list_entries(out_url)}
         with ThreadPoolExecutor(16) as pool:  # one small GET per finished shard: overlap them
-            done = list(
-                pool.map(lambda s: _shard_done(out_url, s, plan.fingerprint, entries, storage_options), mine)
-            )
+            done = list(pool.map(lambda s: _shard_done(out_url, s, plan.fingerprint, entries), mine))
         todo = [s for s, finished in zip(mine, done) if not finished]
         summary.shards_skipped = len(mine) - len(todo)
         # Early abort only once this worker cannot end below the limit; finalize checks the whole set.
@@ -190,8 +179,8 @@ def prepare_images(
                     shard_name(s), items[0][0], len(samples), len(data), sha256_hex(data), tuple(skipped)
                 )
                 sidecar = Sidecar(plan.fingerprint, info, {sample_key(i): f.rel for i, f in items})
-                storage.write_bytes_atomic(storage.join(out_url, shard_name(s)), data, storage_options)
-                write_sidecar(out_url, s, sidecar, storage_options)
+                storage.write_bytes_atomic(storage.join(out_url, shard_name(s)), data)
+                write_sidecar(out_url, s, sidecar)
                 summary.shards_written += 1
                 summary.samples_written += len(samples)
                 summary.bytes_written += len(data)
@@ -199,7 +188,7 @@ def prepare_images(
                 bar.set_postfix(samples=summary.samples_written, bad=len(summary.bad_files))
     finally:
         source.close()
-    summary.manifest = finalize(out_url, max_bad_fraction=max_bad_fraction, storage_options=storage_options)
+    summary.manifest = finalize(out_url, max_bad_fraction=max_bad_fraction)
     summary.seconds = time.monotonic() - t0
     logger.info("%s", summary.format().splitlines()[0])
     return summary

@@ -46,17 +46,16 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 def prepare_latents(
-    data_url: str,
+    data_url: str | storage.Location,
     *,
     vae: Any = "sd-vae-ft-mse",
-    vae_weights_url: str | None = None,
+    vae_weights_url: str | storage.Location | None = None,
     batch_size: int = 64,
     device: str = "cpu",
     moments_dtype: str = "float16",
     worker_index: int | None = None,
     worker_count: int | None = None,
     progress: bool = False,
-    storage_options: dict[str, Any] | None = None,
 ) -> PrepareSummary:
     """Stage 2: add ``{key}.moments.npy`` (VAE ``cat([mean, std])``) to every shard of this worker.
 
@@ -74,7 +73,7 @@ def prepare_latents(
     if batch_size <= 0:
         raise PrepareError(f"batch_size: expected > 0, got {batch_size}")
     index, count = resolve_worker(worker_index, worker_count)
-    plan = read_plan(data_url, storage_options)
+    plan = read_plan(data_url)
     if isinstance(vae, str):
         from repa.vae import build_vae
 
@@ -94,14 +93,12 @@ def prepare_latents(
     summary = PrepareSummary("latents", index, count)
     mine = worker_shards(int(plan["num_shards"]), index, count)
     summary.shards_assigned = len(mine)
-    storage.cleanup_temps(
-        data_url, [n for s in mine for n in (shard_name(s), sidecar_name(s))], storage_options
-    )
+    storage.cleanup_temps(data_url, [n for s in mine for n in (shard_name(s), sidecar_name(s))])
 
     todo: list[tuple[int, Sidecar]] = []
     for s in mine:
         try:
-            side = read_sidecar(data_url, s, storage_options)
+            side = read_sidecar(data_url, s)
         except FileNotFoundError:
             raise PrepareError(
                 f"{data_url}: {shard_name(s)} has no sidecar: its images stage is not done; "
@@ -115,18 +112,18 @@ def prepare_latents(
         else:
             todo.append((s, side))
     if todo:  # the old manifest's checksums are about to go stale: readers should fail clearly, not late
-        storage.remove(storage.join(data_url, MANIFEST_NAME), storage_options=storage_options)
+        storage.remove(storage.join(data_url, MANIFEST_NAME))
 
     fp16_worst: dict[str, float] = {}
     with progress_bar(len(todo), "latents", progress) as bar:
         for s, side in todo:
             name = shard_name(s)
             url = storage.join(data_url, name)
-            data = storage.read_bytes(url, storage_options)
+            data = storage.read_bytes(url)
             digest = sha256_hex(data)
             if digest != side.shard.sha256:
                 if side.pending and digest == side.pending["sha256"]:  # crashed after the shard write
-                    _commit_pending(data_url, s, side, storage_options)
+                    _commit_pending(data_url, s, side)
                     summary.shards_skipped += 1
                     bar.update(1)
                     continue
@@ -160,9 +157,9 @@ def prepare_latents(
             side.vae, side.vae_details, side.moments_dtype = vae.name, details, moments_dtype
             side.moments_shape = moments_shape
             side.moments_fp16_error = shard_err or None
-            write_sidecar(data_url, s, side, storage_options)  # 1. announce the new shard
-            storage.write_bytes_atomic(url, new, storage_options)  # 2. replace the shard atomically
-            _commit_pending(data_url, s, side, storage_options)  # 3. commit its record
+            write_sidecar(data_url, s, side)  # 1. announce the new shard
+            storage.write_bytes_atomic(url, new)  # 2. replace the shard atomically
+            _commit_pending(data_url, s, side)  # 3. commit its record
             for k, v in shard_err.items():
                 fp16_worst[k] = max(fp16_worst.get(k, 0.0), v)
             summary.shards_written += 1
@@ -171,14 +168,14 @@ def prepare_latents(
             bar.update(1)
             bar.set_postfix(samples=summary.samples_written)
     summary.moments_fp16_error = fp16_worst or None
-    summary.manifest = finalize(data_url, storage_options=storage_options)
+    summary.manifest = finalize(data_url)
     summary.seconds = time.monotonic() - t0
     logger.info("%s", summary.format().splitlines()[0])
     return summary
 
 
-def _commit_pending(data_url: str, shard: int, side: Sidecar, storage_options: dict[str, Any] | None) -> None:
+def _commit_pending(data_url: str | storage.Location, shard: int, side: Sidecar) -> None:
     assert side.pending is not None
     side.shard = dataclasses.replace(side.shard, bytes=side.pending["bytes"], sha256=side.pending["sha256"])
     side.pending = None
-    write_sidecar(data_url, shard, side, storage_options)
+    write_sidecar(data_url, shard, side)

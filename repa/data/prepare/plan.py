@@ -204,10 +204,10 @@ def make_plan(
     )
 
 
-def read_plan(data_url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+def read_plan(data_url: str | storage.Location) -> dict[str, Any]:
     url = storage.join(data_url, PLAN_NAME)
     try:
-        doc = json.loads(storage.read_bytes(url, storage_options))
+        doc = json.loads(storage.read_bytes(url))
     except FileNotFoundError:
         raise PrepareError(
             f"{data_url}: no {PLAN_NAME}; run `repa prepare images SOURCE {data_url}` first"
@@ -220,11 +220,11 @@ def read_plan(data_url: str, storage_options: dict[str, Any] | None) -> dict[str
     return doc
 
 
-def write_or_check_plan(out_url: str, plan: Plan, storage_options: dict[str, Any] | None) -> None:
+def write_or_check_plan(out_url: str | storage.Location, plan: Plan) -> None:
     url = storage.join(out_url, PLAN_NAME)
     text = json.dumps(plan.to_dict(), indent=1) + "\n"
     try:
-        existing = storage.read_bytes(url, storage_options)
+        existing = storage.read_bytes(url)
     except FileNotFoundError:
         existing = None
     except (OSError, storage.StorageError) as e:  # e.g. a path component is a file, no permission
@@ -241,6 +241,6 @@ def write_or_check_plan(out_url: str, plan: Plan, storage_options: dict[str, Any
             )
         return
     try:
-        storage.write_bytes_atomic(url, text.encode(), storage_options)
+        storage.write_bytes_atomic(url, text.encode())
     except (OSError, storage.StorageError) as e:
         raise PrepareError(f"{out_url}: output not writable ({type(e).__name__}: {e})") from e

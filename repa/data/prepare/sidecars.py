@@ -63,14 +63,10 @@ class Sidecar:
             raise ManifestError(f"{where}: malformed sidecar ({type(e).__name__}: {e})") from None
 
 
-def read_sidecar(data_url: str, shard: int, storage_options: dict[str, Any] | None) -> Sidecar:
+def read_sidecar(data_url: str | storage.Location, shard: int) -> Sidecar:
     url = storage.join(data_url, sidecar_name(shard))
-    return Sidecar.from_json(storage.read_bytes(url, storage_options), where=url)
+    return Sidecar.from_json(storage.read_bytes(url), where=str(url))
 
 
-def write_sidecar(
-    data_url: str, shard: int, sidecar: Sidecar, storage_options: dict[str, Any] | None
-) -> None:
-    storage.write_bytes_atomic(
-        storage.join(data_url, sidecar_name(shard)), sidecar.to_json(), storage_options
-    )
+def write_sidecar(data_url: str | storage.Location, shard: int, sidecar: Sidecar) -> None:
+    storage.write_bytes_atomic(storage.join(data_url, sidecar_name(shard)), sidecar.to_json())

@@ -12,7 +12,6 @@ import logging
 import tarfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from repa import storage
 from repa.data.prepare.report import PrepareError
@@ -63,33 +62,33 @@ class FolderSource:
 
     def __init__(
         self,
-        url: str,
+        where: str | storage.Location,
         *,
         max_per_class: int | None = None,
-        storage_options: dict[str, Any] | None = None,
         num_threads: int = 8,
     ) -> None:
-        self.storage_options = storage_options
-        entries = storage.list_entries(url, storage_options)
+        url = where if isinstance(where, storage.Location) else storage.Location(where)
+        entries = storage.list_entries(url)
         dirs = [e.name for e in entries if e.is_dir and not e.name.startswith(".")]
         if dirs == ["train"] or ("train" in dirs and {"val", "test"} & set(dirs)):
             logger.info("%s: using its train/ folder (ILSVRC layout)", url)
             url = storage.join(url, "train")
-            entries = storage.list_entries(url, storage_options)
+            entries = storage.list_entries(url)
             dirs = [e.name for e in entries if e.is_dir and not e.name.startswith(".")]
-        self.url = url
+        self.location = url
+        self.url = str(url)
 
         def list_class(name: str) -> list[SourceFile]:
-            found = storage.list_entries(storage.join(url, name), storage_options)
+            found = storage.list_entries(storage.join(url, name))
             return [SourceFile(f"{name}/{e.name}", -1) for e in found if not e.is_dir and _is_image(e.name)]
 
         with ThreadPoolExecutor(max(1, num_threads)) as pool:  # object stores: one LIST per class
             listed = dict(zip(dirs, pool.map(list_class, dirs)))
-        self.files = _build_files(listed, url, max_per_class)
+        self.files = _build_files(listed, self.url, max_per_class)
         self.class_names = tuple(sorted(listed))
 
     def read(self, f: SourceFile) -> bytes:
-        return storage.read_bytes(storage.join(self.url, f.rel), self.storage_options)
+        return storage.read_bytes(storage.join(self.location, f.rel))
 
     def close(self) -> None:
         pass
@@ -102,12 +101,10 @@ class TarSource:
     scan streams the file once per worker, so prefer an extracted folder there for large N).
     """
 
-    def __init__(
-        self, url: str, *, max_per_class: int | None = None, storage_options: dict[str, Any] | None = None
-    ) -> None:
-        self.url = url
-        fs, path = storage.filesystem(url, storage_options)
-        self._file = storage.retry(lambda: fs.open(path, "rb"), what=url)
+    def __init__(self, where: str | storage.Location, *, max_per_class: int | None = None) -> None:
+        self.url = url = str(where)
+        fs, path = storage.filesystem(where, operation="read")
+        self._file = storage.retry(lambda: fs.open(path, "rb"), what=url, operation="read")
         self._lock = threading.Lock()
         per_class: dict[str, list[SourceFile]] = {}
         depths: set[int] = set()
@@ -174,17 +171,16 @@ Source = FolderSource | TarSource
 
 
 def open_source(
-    source_url: str,
+    source: str | storage.Location,
     *,
     max_per_class: int | None = None,
-    storage_options: dict[str, Any] | None = None,
     num_threads: int = 8,
 ) -> Source:
-    """A FolderSource or (``*.tar``) TarSource; PrepareError if missing or without class folders."""
-    if not storage.exists(source_url, storage_options):
+    """A FolderSource or (``*.tar``) TarSource of a URL or Location; PrepareError if missing or without
+    class folders."""
+    source_url = str(source)
+    if not storage.exists(source):
         raise PrepareError(f"{source_url}: source not found")
     if source_url.rstrip("/").lower().endswith(".tar"):
-        return TarSource(source_url, max_per_class=max_per_class, storage_options=storage_options)
-    return FolderSource(
-        source_url, max_per_class=max_per_class, storage_options=storage_options, num_threads=num_threads
-    )
+        return TarSource(source, max_per_class=max_per_class)
+    return FolderSource(source, max_per_class=max_per_class, num_threads=num_threads)
