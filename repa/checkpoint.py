@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from repa import storage
+from repa import conditional, storage
 from repa.config import ConfigError
 from repa.weights import WeightsError, load_torch_bytes, load_torch_file
 
@@ -207,8 +207,20 @@ def read_verified(
     return data
 
 
-def quarantine_checkpoint(ref: CheckpointRef, reason: str, storage_options: dict | None = None) -> None:
-    """Mark a committed checkpoint so that no reader picks it again; its files are kept."""
+def _no_fence() -> None:
+    """A writer without a run lease (``repa watch``, tools): nothing to check."""
+
+
+def quarantine_checkpoint(
+    ref: CheckpointRef,
+    reason: str,
+    storage_options: dict | None = None,
+    *,
+    fence: Callable[[], None] = _no_fence,
+) -> None:
+    """Mark a committed checkpoint so that no reader picks it again; its files are kept. ``fence``
+    (the trainer's ``Lease.check_held``) runs right before the marker is written."""
+    fence()
     record = {"reason": reason, "time": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
     storage.write_bytes_atomic(
         storage.join(ref.url, QUARANTINE), json.dumps(record, indent=1).encode(), storage_options
@@ -227,6 +239,7 @@ def load_latest_verified(
     *,
     max_step: int | None = None,
     quarantine: bool = True,
+    fence: Callable[[], None] = _no_fence,
 ) -> tuple[CheckpointRef | None, dict[str, Any] | None]:
     """``(ref, state)`` of the newest committed checkpoint (at most ``max_step``) that verifies and
     loads, or ``(None, None)``. Each newer one that fails is quarantined (``quarantine``) or skipped,
@@ -240,7 +253,7 @@ def load_latest_verified(
             return ref, load_checkpoint_state(ref, storage_options)
         except CorruptCheckpointError as e:
             if quarantine:
-                quarantine_checkpoint(ref, str(e), storage_options)
+                quarantine_checkpoint(ref, str(e), storage_options, fence=fence)
             else:
                 log.warning("skipping checkpoint step %d: %s", ref.step, e)
     return None, None
@@ -280,11 +293,18 @@ def save_checkpoint(
     ema_state_dict: dict[str, torch.Tensor] | None,
     reference_model_args: dict[str, Any] | None = None,
     storage_options: dict | None = None,
+    *,
+    fence: Callable[[], None] = _no_fence,
 ) -> CheckpointRef:
-    """Write ``state`` (and the EMA export) under ``step-NNNNNNN/`` and commit it with the marker."""
+    """Write ``state`` (and the EMA export) under ``step-NNNNNNN/`` and commit it with the marker.
+
+    ``fence`` (the trainer's ``Lease.check_held``) runs before each file and right before the marker:
+    a trainer whose lease was taken over stops uploading and commits nothing (``repa.lease``).
+    """
     url = storage.join(checkpoints_url(run_url), step_dir_name(step))
     names = set(storage.listdir(url, storage_options))
     if QUARANTINE in names:
+        fence()
         aside = storage.join(
             checkpoints_url(run_url), QUARANTINE_DIR, f"{step_dir_name(step)}-{int(time.time())}"
         )
@@ -297,7 +317,9 @@ def save_checkpoint(
         return CheckpointRef(step, url)
     files = serialize_checkpoint(step, state, ema_state_dict, reference_model_args)
     for name, data in files.items():
-        storage.write_bytes_atomic(storage.join(url, name), data, storage_options)
+        conditional.write_fenced(
+            storage.Location(storage.join(url, name), storage_options or {}), data, fence
+        )
     marker = {
         "format": FORMAT,
         "step": step,
@@ -307,8 +329,10 @@ def save_checkpoint(
             for name, data in files.items()
         },
     }
-    storage.write_bytes_atomic(
-        storage.join(url, MARKER), json.dumps(marker, indent=1).encode(), storage_options
+    conditional.write_fenced(
+        storage.Location(storage.join(url, MARKER), storage_options or {}),
+        json.dumps(marker, indent=1).encode(),
+        fence,
     )
     log.info("committed checkpoint step %d -> %s", step, url)
     return CheckpointRef(step, url)
@@ -413,6 +437,8 @@ def apply_retention(
     keep_latest: int,
     keep_every_steps: int,
     storage_options: dict | None = None,
+    *,
+    fence: Callable[[], None] = _no_fence,
 ) -> list[str]:
     """Delete committed checkpoints except the latest ``keep_latest`` and every multiple of
     ``keep_every_steps`` (0 = none kept for that rule), and every uncommitted folder older than the
@@ -430,12 +456,14 @@ def apply_retention(
     deleted = []
     for ref in committed:
         if ref.step not in keep:
+            fence()
             storage.remove(storage.join(ref.url, MARKER), storage_options=storage_options)
             storage.remove(ref.url, recursive=True, storage_options=storage_options)
             deleted.append(ref.url)
     for url in partial:
         match = _STEP_DIR.match(url.rstrip("/").rsplit("/", 1)[-1])
         if match and int(match.group(1)) < newest:
+            fence()
             storage.remove(url, recursive=True, storage_options=storage_options)
             deleted.append(url)
     return deleted

@@ -232,10 +232,10 @@ class Trainer:
         except Exception as e:
             raise ConfigError("storage.run_url", f"{cfg.storage.run_url} is not writable: {e}") from e
         lease = Lease(
-            cfg.storage.run_url,
+            storage.Location(cfg.storage.run_url, self.storage_options or {}),
             stale_seconds=cfg.storage.lease_stale_seconds,
             renew_seconds=cfg.storage.lease_renew_seconds,
-            storage_options=self.storage_options,
+            conditional_writes=cfg.storage.lease_conditional_writes,
         )
         lease.acquire()
         self.lease = lease
@@ -329,13 +329,20 @@ class Trainer:
         return D.autocast(self.device, self.cfg.train.precision)
 
     # ------------------------------------------------------------------ checkpoints
+    def _fence(self) -> None:
+        """Right before a visible write: this process must still hold the run's lease (rank 0)."""
+        if self.lease is not None:
+            self.lease.check_held()
+
     def resume(self) -> ckpt.CheckpointRef | None:
         """Load the newest committed checkpoint that verifies (rank 0 chooses, quarantining broken
         ones; every rank loads the chosen one, verified again)."""
         state: dict[str, Any] | None = None
         ref: ckpt.CheckpointRef | None = None
         if self.info.is_main:
-            ref, state = ckpt.load_latest_verified(self.cfg.storage.run_url, self.storage_options)
+            ref, state = ckpt.load_latest_verified(
+                self.cfg.storage.run_url, self.storage_options, fence=self._fence
+            )
         ref = D.broadcast_object(self.info, ref)
         if ref is None:
             return None
@@ -373,7 +380,7 @@ class Trainer:
             snapshot = ckpt.cpu_snapshot(state, self._snapshot_pool)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # the pinned copies are complete
-            step, cfg, options = self.step, self.cfg, self.storage_options
+            step, cfg, options, fence = self.step, self.cfg, self.storage_options, self._fence
             reference_args = dict(self.model_args)
 
             def upload() -> ckpt.CheckpointRef:
@@ -385,9 +392,14 @@ class Trainer:
                     snapshot["ema"] if cfg.checkpoint.export_ema else None,
                     reference_args,
                     options,
+                    fence=fence,
                 )
                 ckpt.apply_retention(
-                    cfg.storage.run_url, cfg.checkpoint.keep_latest, cfg.checkpoint.keep_every_steps, options
+                    cfg.storage.run_url,
+                    cfg.checkpoint.keep_latest,
+                    cfg.checkpoint.keep_every_steps,
+                    options,
+                    fence=fence,
                 )
                 log.info("checkpoint step %d saved in %.1f s", step, time.monotonic() - started)
                 return ref
@@ -658,7 +670,13 @@ class Trainer:
         """Flush TensorBoard and drop the lease; after a storage failure touch the store no more (each
         call would wait out another deadline and its error would hide the first one)."""
         store_down = failed is not None and _is_storage_failure(failed)
-        if failed is not None and self.info.is_main and self.saver.busy:
+        if isinstance(failed, LeaseError) and self.info.is_main and self.saver.busy:
+            # Evicted: the upload thread stops at its next fence (before its next file or the marker);
+            # join it, so that the interpreter never exits under a thread inside torch (SIGABRT, 134).
+            log.warning("lease lost: stopping the checkpoint upload of step %s in flight", self.saver.step)
+            with contextlib.suppress(Exception):
+                self.saver.wait()
+        elif failed is not None and self.info.is_main and self.saver.busy:
             log.warning("abandoning the checkpoint upload of step %s in flight", self.saver.step)
         try:
             if tb is not None:
