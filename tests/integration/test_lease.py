@@ -22,7 +22,7 @@ from repa import checkpoint as ckpt
 from repa import conditional, storage
 from repa.lease import Lease, LeaseError
 from repa.storage import Location
-from tests.integration.test_train import TINY, _make_data, _subprocess_env
+from tests.integration.test_train import TINY, _make_data, _subprocess_env, _wait_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -246,39 +246,39 @@ def _train_argv(data_url: str, run_url: str, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("offset_ms", [0, 25])
 def test_two_full_trainers_started_together_leave_one_run(data, tmp_path, offset_ms):
-    """Real ``repa train`` pairs: one trains every step and commits every checkpoint; the other exits 5
-    with one line and writes nothing."""
+    """Real ``repa train`` pairs, released together once both have imported torch and repa: one trains
+    every step and commits every checkpoint; the other exits 5 with one line and writes nothing."""
     run_url = f"file://{tmp_path}/run"
-    argv = _train_argv(data, run_url, "train.max_steps=4", "checkpoint.every_steps=2")
-    env = _subprocess_env()
+    argv = _train_argv(data, run_url, "train.max_steps=30", "checkpoint.every_steps=10", "log.every_steps=10")
     go = tmp_path / "go"
-    # Both import torch first, then wait for the same file: the race is over the lease, not over import.
     wrapper = (
-        "import os,sys,time,runpy\n"
-        f"while not os.path.exists({str(go)!r}): time.sleep(0.002)\n"
-        f"time.sleep(float(sys.argv.pop(1)))\n"
-        "sys.argv=['repa']+sys.argv[1:]\nimport torch\nrunpy.run_module('repa',run_name='__main__')\n"
+        "import os, sys, time, runpy\n"
+        "import torch, repa.cli, repa.train.trainer\n"
+        f"open(os.path.join({str(tmp_path)!r}, 'ready-%d' % os.getpid()), 'w').close()\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
+        "time.sleep(float(sys.argv.pop(1)))\n"
+        "sys.argv = ['repa'] + sys.argv[1:]\n"
+        "runpy.run_module('repa', run_name='__main__')\n"
     )
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", wrapper, str(delay), *argv[3:]],
-            env=env,
+            env=_subprocess_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         for delay in (0.0, offset_ms / 1000.0)
     ]
-    time.sleep(0.5)
+    _wait_for(lambda: len(list(tmp_path.glob("ready-*"))) == 2, 240, "both trainers importing repa")
     go.touch()
     outs = [p.communicate(timeout=300) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 5], [(p.returncode, err[-2000:]) for p, (_, err) in zip(procs, outs, strict=True)]
     loser_err = next(err for p, (_, err) in zip(procs, outs, strict=True) if p.returncode == 5)
-    errors = [line for line in loser_err.splitlines() if line.startswith("repa") or "error" in line.lower()]
-    assert "Traceback" not in loser_err and len(errors) >= 1, loser_err
+    assert "Traceback" not in loser_err and "lease" in loser_err.splitlines()[-1], loser_err
     committed, _ = ckpt.list_checkpoints(run_url)
-    assert [ref.step for ref in committed] == [2, 4]
+    assert [ref.step for ref in committed] == [10, 20, 30]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,8 +286,77 @@ def test_two_full_trainers_started_together_leave_one_run(data, tmp_path, offset
 # ----------------------------------------------------------------------------------------------
 
 
-def test_a_frozen_owner_whose_lease_was_taken_over_exits_5_and_commits_nothing(data, tmp_path, s3_proxy):
-    """Owner A uploads a checkpoint slowly (throttled S3); it is frozen (SIGSTOP) during the upload,
-    its lease goes stale, B takes the run over and trains; A is continued (SIGCONT): it exits 5 (not
-    134), commits nothing after the takeover, and every checkpoint B saves is B's own."""
-    pytest.skip("not yet")
+def _seeds(run_url: str) -> dict[int, int]:
+    """``{step: train.seed}`` of every committed checkpoint, each verified against its COMMITTED."""
+    committed, _ = ckpt.list_checkpoints(run_url)
+    return {ref.step: ckpt.load_checkpoint_state(ref)["config"]["train"]["seed"] for ref in committed}
+
+
+def test_a_frozen_owner_whose_lease_was_taken_over_exits_5_and_commits_nothing(data, s3_bucket, s3_proxy):
+    """Owner A (seed 0) uploads its step-2 checkpoint slowly through a throttled proxy and is frozen
+    (SIGSTOP) during that upload. While it is frozen the proxy resets its connections (S3 closes a
+    connection idle for ~20 s; the default stale time is 600 s), its lease goes stale, and B (seed 1,
+    straight to the store) takes the run over and commits step 2. A is then continued (SIGCONT): it
+    exits 5, not 134, commits nothing, and every checkpoint of the run is B's (seed 1, verified)."""
+    import signal
+
+    run_url = f"{s3_bucket}/run"
+    lease_keys = ("storage.lease_stale_seconds=4", "storage.lease_renew_seconds=1", "log.tensorboard=false")
+    slow = (
+        f"storage.storage_options.client_kwargs.endpoint_url={s3_proxy.url}",
+        "storage.deadline_seconds=60",
+        "storage.read_timeout_seconds=30",
+    )
+    env = _subprocess_env()
+    a_argv = _train_argv(data, run_url, "train.max_steps=4", "checkpoint.every_steps=2", "log.every_steps=1")
+    s3_proxy.throttle(150_000)  # state.pt (~1 MB) takes ~7 s
+    a = subprocess.Popen(
+        [*a_argv, *[x for k in (*lease_keys, *slow) for x in ("--set", k)]],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    b = None
+    try:
+
+        def stepped_2() -> bool:
+            line = a.stdout.readline()
+            lines.append(line)
+            words = line.split(" step ", 1)[-1].split() if " step " in line else []
+            return bool(words) and words[0].isdigit() and int(words[0]) >= 2
+
+        _wait_for(stepped_2, 240, "owner A at step 2", a)
+        time.sleep(1.0)  # the step-2 upload is under way (about 7 s at this rate)
+        a.send_signal(signal.SIGSTOP)
+        frozen = time.monotonic()
+        assert not storage.exists(f"{run_url}/checkpoints/step-0000002/COMMITTED")
+        s3_proxy.set_mode("drop")  # the store drops the frozen client's idle connections
+        time.sleep(0.5)
+        s3_proxy.set_mode("pass")
+        s3_proxy.throttle(None)
+        time.sleep(max(0.0, frozen + 5.0 - time.monotonic()))  # A's lease is now stale (4 s)
+        b_argv = _train_argv(
+            data, run_url, "train.max_steps=4", "checkpoint.every_steps=2", "train.seed=1", *lease_keys
+        )
+        b = subprocess.Popen(b_argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        _wait_for(
+            lambda: storage.exists(f"{run_url}/checkpoints/step-0000002/COMMITTED"), 240, "B's step 2", b
+        )
+        a.send_signal(signal.SIGCONT)  # while B is still training
+        a_out, _ = a.communicate(timeout=240)
+        b_out, _ = b.communicate(timeout=240)
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+    a_out = "".join(lines) + a_out
+    assert a.returncode == 5, a_out[-6000:]
+    assert "terminate called" not in a_out and "Traceback" not in a_out, a_out[-6000:]
+    assert "taken over by owner" in a_out, a_out[-6000:]
+    assert b.returncode == 0, b_out[-6000:]
+    assert "is stale" in b_out and "taking it over" in b_out, b_out[-6000:]
+    assert "committed checkpoint step" not in a_out, a_out[-6000:]
+    assert _seeds(run_url) == {2: 1, 4: 1}  # B's own, not "already committed" by A
