@@ -172,16 +172,24 @@ def _local_read(path: str) -> Versioned | None:
     return Versioned(data, hashlib.sha256(data).hexdigest())
 
 
-def _local_write(path: str, data: bytes, *, exclusive: bool) -> str:
-    """Write a complete temporary sibling, then link (exclusive) or rename it over ``path``."""
+def _local_write(path: str, data: bytes, *, exclusive: bool, fence: Callable[[], None] | None = None) -> str:
+    """Write a complete temporary sibling, run ``fence``, then link (exclusive) or rename it over
+    ``path``; the content's token. A write error names ``path``."""
     directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{name}")
+    os.makedirs(directory or ".", exist_ok=True)
+    tmp = os.path.join(
+        directory, f".tmp-{uuid.uuid4().hex}-{name}"
+    )  # storage.cleanup_temps removes leftovers
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        if exclusive:
+        if fence is not None:
+            fence()
+        if not exclusive:
+            os.replace(tmp, path)
+        else:
             try:
                 os.link(tmp, path)
             except FileExistsError:
@@ -190,8 +198,10 @@ def _local_write(path: str, data: bytes, *, exclusive: bool) -> str:
                 if e.errno in (errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
                     raise Unsupported(f"{path}: this file system has no hard links ({e.strerror})") from e
                 raise
-        else:
-            os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # write()/fsync() errors (ENOSPC, EIO) name no file: name it
+            raise type(e)(e.errno, e.strerror or str(e), path) from e
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -303,14 +313,21 @@ def create(where: Location, data: bytes) -> str:
     return _remote(where, "create", lambda: _gcs_upload(fs, path, data, "0"))
 
 
+@contextlib.contextmanager
+def _held_locally(where: Location, kind: str, fs: Any, path: str, token: str) -> Iterator[None]:
+    """Under the local or process lock: PreconditionFailed unless the object's version is ``token``."""
+    with _local_lock(path) if kind == "local" else _memory_lock:
+        current = _local_read(path) if kind == "local" else _memory_read(fs, path)
+        if current is None or current.token != token:
+            raise PreconditionFailed(f"{where.url}: changed since it was read")
+        yield
+
+
 def replace(where: Location, data: bytes, token: str) -> str:
     """Overwrite the object only if its version is still ``token``; the new token."""
     kind, fs, path = _kind(where)
     if kind in ("local", "memory"):
-        with _local_lock(path) if kind == "local" else _memory_lock:
-            current = _local_read(path) if kind == "local" else _memory_read(fs, path)
-            if current is None or current.token != token:
-                raise PreconditionFailed(f"{where.url}: changed since it was read")
+        with _held_locally(where, kind, fs, path, token):
             if kind == "local":
                 return _local_write(path, data, exclusive=False)
             fs.pipe_file(path, data)
@@ -329,10 +346,7 @@ def delete(where: Location, token: str) -> None:
     """
     kind, fs, path = _kind(where)
     if kind in ("local", "memory"):
-        with _local_lock(path) if kind == "local" else _memory_lock:
-            current = _local_read(path) if kind == "local" else _memory_read(fs, path)
-            if current is None or current.token != token:
-                raise PreconditionFailed(f"{where.url}: changed since it was read")
+        with _held_locally(where, kind, fs, path, token):
             fs.rm_file(path)
         return
     if kind == "s3":
@@ -386,23 +400,7 @@ def write_fenced(where: Location, data: bytes, fence: Callable[[], None]) -> Non
         storage.write_bytes_atomic(where, data)
         return
     if local is not None:
-        directory, name = os.path.split(local)
-        os.makedirs(directory or ".", exist_ok=True)
-        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{name}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            fence()
-            os.replace(tmp, local)
-        except OSError as e:
-            if e.filename is None:  # write()/fsync() errors (ENOSPC, EIO) name no file: name it
-                raise type(e)(e.errno, e.strerror or str(e), local) from e
-            raise
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
+        _local_write(local, data, exclusive=False, fence=fence)
         return
 
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import time
@@ -292,7 +293,9 @@ def _seeds(run_url: str) -> dict[int, int]:
     return {ref.step: ckpt.load_checkpoint_state(ref)["config"]["train"]["seed"] for ref in committed}
 
 
-def test_a_frozen_owner_whose_lease_was_taken_over_exits_5_and_commits_nothing(data, s3_bucket, s3_proxy):
+def test_a_frozen_owner_whose_lease_was_taken_over_exits_5_and_commits_nothing(
+    data, s3_bucket, s3_proxy, tmp_path
+):
     """Owner A (seed 0) uploads its step-2 checkpoint slowly through a throttled proxy and is frozen
     (SIGSTOP) during that upload. While it is frozen the proxy resets its connections (S3 closes a
     connection idle for ~20 s; the default stale time is 600 s), its lease goes stale, and B (seed 1,
@@ -310,24 +313,17 @@ def test_a_frozen_owner_whose_lease_was_taken_over_exits_5_and_commits_nothing(d
     env = _subprocess_env()
     a_argv = _train_argv(data, run_url, "train.max_steps=4", "checkpoint.every_steps=2", "log.every_steps=1")
     s3_proxy.throttle(150_000)  # state.pt (~1 MB) takes ~7 s
-    a = subprocess.Popen(
-        [*a_argv, *[x for k in (*lease_keys, *slow) for x in ("--set", k)]],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
+    log = tmp_path / "a.log"
+    with open(log, "w") as out:
+        a = subprocess.Popen(
+            [*a_argv, *[x for k in (*lease_keys, *slow) for x in ("--set", k)]],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     b = None
     try:
-
-        def stepped_2() -> bool:
-            line = a.stdout.readline()
-            lines.append(line)
-            words = line.split(" step ", 1)[-1].split() if " step " in line else []
-            return bool(words) and words[0].isdigit() and int(words[0]) >= 2
-
-        _wait_for(stepped_2, 240, "owner A at step 2", a)
+        _wait_for(lambda: re.search(r"step +2 of", log.read_text()), 240, "owner A at step 2", a)
         time.sleep(1.0)  # the step-2 upload is under way (about 7 s at this rate)
         a.send_signal(signal.SIGSTOP)
         frozen = time.monotonic()
@@ -345,14 +341,14 @@ def test_a_frozen_owner_whose_lease_was_taken_over_exits_5_and_commits_nothing(d
             lambda: storage.exists(f"{run_url}/checkpoints/step-0000002/COMMITTED"), 240, "B's step 2", b
         )
         a.send_signal(signal.SIGCONT)  # while B is still training
-        a_out, _ = a.communicate(timeout=240)
+        a.wait(timeout=240)
         b_out, _ = b.communicate(timeout=240)
     finally:
         for proc in (a, b):
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGCONT)
                 proc.kill()
-    a_out = "".join(lines) + a_out
+    a_out = log.read_text()
     assert a.returncode == 5, a_out[-6000:]
     assert "terminate called" not in a_out and "Traceback" not in a_out, a_out[-6000:]
     assert "taken over by owner" in a_out, a_out[-6000:]
