@@ -315,11 +315,14 @@ def save_checkpoint(
     elif MARKER in names:
         log.info("checkpoint for step %d already committed at %s", step, url)
         return CheckpointRef(step, url)
+    elif names:  # an unfinished save (a crash, an evicted writer): its files go, ours are created below
+        fence()
+        for name in names:
+            storage.remove(storage.join(url, name), recursive=True, storage_options=storage_options)
     files = serialize_checkpoint(step, state, ema_state_dict, reference_model_args)
     for name, data in files.items():
-        conditional.write_fenced(
-            storage.Location(storage.join(url, name), storage_options or {}), data, fence
-        )
+        where = storage.Location(storage.join(url, name), storage_options or {})
+        conditional.write_fenced(where, data, fence, exclusive=True)  # a late write never replaces ours
     marker = {
         "format": FORMAT,
         "step": step,
@@ -333,6 +336,7 @@ def save_checkpoint(
         storage.Location(storage.join(url, MARKER), storage_options or {}),
         json.dumps(marker, indent=1).encode(),
         fence,
+        exclusive=True,
     )
     log.info("committed checkpoint step %d -> %s", step, url)
     return CheckpointRef(step, url)

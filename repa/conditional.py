@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import threading
 import uuid
@@ -54,6 +55,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class PreconditionFailed(RuntimeError):
@@ -386,35 +389,45 @@ def check(where: Location) -> None:
             storage.remove(probe)
 
 
-def write_fenced(where: Location, data: bytes, fence: Callable[[], None]) -> None:
+def write_fenced(where: Location, data: bytes, fence: Callable[[], None], *, exclusive: bool = False) -> None:
     """``storage.write_bytes_atomic`` with ``fence()`` (``Lease.check_held``) run right before the
     bytes become visible: before the rename of the complete temporary file (local), before every
     attempt of the PUT (object stores; a retry after a lost connection is a new write, and must not land
-    after a takeover). A PUT frozen in flight is cut by the store itself: S3 and GCS close a connection
-    idle for tens of seconds, far below ``storage.lease_stale_seconds``.
+    after a takeover).
+
+    A writer frozen between its fence and its write (or with a PUT in flight) can still land that one
+    write after a takeover. With ``exclusive`` (checkpoint files) the write is a create-if-absent, so
+    that late write can never replace the new owner's file; when the new owner finds such a file in its
+    way it checks its own lease, removes the intruder and writes again.
     """
-    fs, path = storage.filesystem(where)
-    local = storage.local_path(where.url)
-    if local is None and not getattr(fs, "async_impl", False):  # memory:// and other sync stores
+    for attempt in range(3):
+        try:
+            _write_fenced_once(where, data, fence, exclusive)
+            return
+        except PreconditionFailed:
+            if attempt == 2:
+                raise
+            fence()  # still ours: the object is a late write of an evicted writer (or our own retry)
+            log.warning(
+                "%s: replacing an object this process did not write (an evicted writer's?)", where.url
+            )
+            storage.remove(where)
+
+
+def _write_fenced_once(where: Location, data: bytes, fence: Callable[[], None], exclusive: bool) -> None:
+    kind, fs, path = _kind(where)
+    if kind == "local":
+        _local_write(path, data, exclusive=exclusive, fence=fence)
+        return
+    if kind == "memory":
         fence()
-        storage.write_bytes_atomic(where, data)
-        return
-    if local is not None:
-        _local_write(local, data, exclusive=False, fence=fence)
-        return
-
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "s3" in protocols or "s3a" in protocols:
-        write = _s3_write_fenced
-    elif "gs" in protocols or "gcs" in protocols:
-        write = _gcs_write_fenced
-    else:  # another async store (http): no retries below ours to worry about
-
-        def write(fs: Any, path: str, data: bytes, fence: Callable[[], None]) -> None:
-            fence()
+        with _memory_lock:
+            if exclusive and fs.exists(path):
+                raise PreconditionFailed(f"{where.url}: exists")
             fs.pipe_file(path, data)
-
-    storage.retry(lambda: write(fs, path, data, fence), what=where.url, operation="write")
+        return
+    write = _s3_write_fenced if kind == "s3" else _gcs_write_fenced
+    _remote(where, "create" if exclusive else "write", lambda: write(fs, path, data, fence, exclusive))
     fs.invalidate_cache(path)
 
 
@@ -425,13 +438,14 @@ _S3_SINGLE_PUT = 64 << 20  # larger objects: multipart upload (one PUT holds at 
 _GCS_SIMPLE_UPLOAD = 32 << 20  # gcsfs's own limit for its single-request upload is 50 MB
 
 
-def _s3_write_fenced(fs: Any, path: str, data: bytes, fence: Callable[[], None]) -> None:
+def _s3_write_fenced(fs: Any, path: str, data: bytes, fence: Callable[[], None], exclusive: bool) -> None:
     # The fence reads the lease through fsspec's event loop, so it runs between the coroutines, not in one.
     bucket, key, _ = fs.split_path(path)
+    condition = {"IfNoneMatch": "*"} if exclusive else {}
     _sync(fs, fs.set_session())
     if len(data) <= _S3_SINGLE_PUT:
         fence()
-        _sync(fs, fs._s3.put_object(Bucket=bucket, Key=key, Body=data))
+        _sync(fs, fs._s3.put_object(Bucket=bucket, Key=key, Body=data, **condition))
         return
     upload_id = _sync(fs, fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key))["UploadId"]
 
@@ -455,7 +469,7 @@ def _s3_write_fenced(fs: Any, path: str, data: bytes, fence: Callable[[], None])
         _sync(
             fs,
             fs._s3.complete_multipart_upload(
-                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": uploaded}
+                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": uploaded}, **condition
             ),
         )
     except BaseException:
@@ -464,17 +478,19 @@ def _s3_write_fenced(fs: Any, path: str, data: bytes, fence: Callable[[], None])
         raise
 
 
-def _gcs_write_fenced(fs: Any, path: str, data: bytes, fence: Callable[[], None]) -> None:
+def _gcs_write_fenced(fs: Any, path: str, data: bytes, fence: Callable[[], None], exclusive: bool) -> None:
     fence()
     if len(data) > _GCS_SIMPLE_UPLOAD:
         # A resumable upload becomes visible with its last chunk, which gcsfs sends (and may retry)
         # itself: this write is fenced once, before it starts.
-        fs.pipe_file(path, data)
+        fs.pipe_file(path, data, mode="create" if exclusive else "overwrite")
         return
     bucket, key, _ = fs.split_path(path)
     request = getattr(type(fs)._request, "__wrapped__", None)  # gcsfs's request without its retries
     args = ("POST", f"{fs._location}/upload/storage/v1/b/{bucket}/o")
     kwargs = {"uploadType": "media", "name": key, "headers": {"Content-Type": "application/octet-stream"}}
+    if exclusive:
+        kwargs["ifGenerationMatch"] = "0"
     if request is not None:
         _sync(fs, request(fs, *args, data=data, **kwargs))
     else:

@@ -269,8 +269,10 @@ class Lease:
             )
 
     def _lose(self, current: LeaseRecord | None) -> str:
-        who = current.describe(self.clock()) if current is not None else "nobody (it was deleted)"
-        self.lost = f"the lease of {self.run_url} was taken over by {who}"
+        if current is None:
+            self.lost = f"the lease of {self.run_url} is gone (taken over, then released or deleted)"
+        else:
+            self.lost = f"the lease of {self.run_url} was taken over by {current.describe(self.clock())}"
         return self.lost
 
     def renew(self) -> None:
