@@ -634,6 +634,11 @@ class StorageConfig(_Section):
     stale: a new ``repa train`` takes it over with a warning (the old writer crashed)."""
     lease_renew_seconds: float = setting(60.0, gt=0.0, le=86_400.0)
     """Heartbeat period of the lease; must be well below lease_stale_seconds."""
+    lease_conditional_writes: bool = True
+    """Take and renew the lease with the store's conditional writes (S3 If-None-Match/If-Match, GCS
+    ifGenerationMatch, link/flock on a file system), so two trainers started together cannot both win.
+    A store without them refuses the run; false runs anyway with a plain write and read-back (two
+    trainers started within one round trip can both train)."""
 
     def check(self) -> None:
         if self.lease_renew_seconds * 2 > self.lease_stale_seconds:

@@ -51,7 +51,7 @@ import torch
 
 from repa import storage
 from repa.config import ConfigError
-from repa.storage import Location
+from repa.storage import Location, conditional
 from repa.weights import WeightsError, load_torch_bytes
 
 log = logging.getLogger(__name__)
@@ -317,9 +317,14 @@ def save_checkpoint(
         )
         fence()  # moving a folder changes what readers see
         storage.move(folder, aside)
+    elif names:  # an unfinished save (a crash, an evicted writer): its files go, ours are created below
+        fence()
+        for name in names:
+            storage.remove(folder.join(name), recursive=True)
     files = serialize_checkpoint(step, state, ema_state_dict, reference_model_args)
     for name, data in files.items():
-        storage.write_bytes_atomic(folder.join(name), data)
+        # create-if-absent, fenced: a late write of an evicted writer never replaces ours (repa.storage.conditional)
+        conditional.write_fenced(folder.join(name), data, fence, exclusive=True)
     marker = {
         "format": FORMAT,
         "step": step,
@@ -331,8 +336,11 @@ def save_checkpoint(
     }
     if writer is not None:
         marker["writer"] = writer
-    fence()  # the marker makes the checkpoint visible: only the lease holder may write it
-    storage.write_bytes_atomic(folder.join(MARKER), json.dumps(marker, indent=1).encode())
+    # The marker makes the checkpoint visible: only the lease holder may write it (fenced right before
+    # the bytes land), and only once (create-if-absent).
+    conditional.write_fenced(
+        folder.join(MARKER), json.dumps(marker, indent=1).encode(), fence, exclusive=True
+    )
     log.info("committed checkpoint step %d -> %s", step, folder.url)
     return CheckpointRef(step, folder.url, dict(folder.options))
 

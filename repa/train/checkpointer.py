@@ -75,10 +75,10 @@ def _probe_and_lease(cfg: RunConfig) -> Lease:
     except Exception as e:
         raise ConfigError("storage.run_url", f"{cfg.storage.run_url} is not writable: {e}") from e
     lease = Lease(
-        cfg.storage.run_url,
+        run,
         stale_seconds=cfg.storage.lease_stale_seconds,
         renew_seconds=cfg.storage.lease_renew_seconds,
-        storage_options=dict(run.options) or None,
+        conditional_writes=cfg.storage.lease_conditional_writes,
     )
     lease.acquire()
     storage.write_bytes_atomic(run.join("config.yaml"), cfg.to_yaml().encode())
