@@ -321,21 +321,6 @@ class Lease:
                 log.error("%s; this trainer will stop", self._lose(current))
                 raise LeaseError(f"{self.lost}; this trainer commits nothing more")
 
-    def check_held(self) -> None:
-        """Fencing: raise :class:`LeaseError` naming the new owner unless this process still holds the
-        lease. Called right before every write that makes state visible (``repa.checkpoint.store``).
-
-        This body re-reads the record and compares the owner (a read-then-write window remains); a store
-        that supports conditional writes replaces it with a generation/ETag fencing token, same name and
-        semantics.
-        """
-        current = self.read()
-        if current is not None and current.owner == self.owner:
-            return
-        who = current.describe(self.clock()) if current is not None else "nobody (the lease object is gone)"
-        self.lost = self.lost or f"the lease of {self.run_url} was taken over by {who}"
-        raise LeaseError(f"{self.lost}; this trainer writes nothing more")
-
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.renew_seconds):
             try:

@@ -323,7 +323,8 @@ def save_checkpoint(
             storage.remove(folder.join(name), recursive=True)
     files = serialize_checkpoint(step, state, ema_state_dict, reference_model_args)
     for name, data in files.items():
-        # create-if-absent, fenced: a late write of an evicted writer never replaces ours (repa.storage.conditional)
+        # Create-if-absent, fenced: a late write of an evicted writer never replaces ours
+        # (repa.storage.conditional).
         conditional.write_fenced(folder.join(name), data, fence, exclusive=True)
     marker = {
         "format": FORMAT,
