@@ -5,8 +5,10 @@
   resize to 299x299): pool_3 features (2048) and the bias-free logits (1008) that ADM's softmax
   graph uses. :func:`build_inception` loads it from a local path or fsspec URL and never downloads
   (clusters often lack network); the weights must be a plain state dict of tensors.
+  The same pass also gives sFID's spatial features (``mixed_6/conv``, :mod:`repa.eval.inception`).
 - :func:`iter_features` / :func:`extract_features`: one pass of any :class:`FeatureExtractor` over an
-  :data:`~repa.eval.images.ImageSource`, giving features, logits and running statistics at once.
+  :data:`~repa.eval.images.ImageSource`, giving features, logits, sFID's spatial features and running
+  statistics at once.
 
 Why not hand torch-fidelity a Dataset and call ``calculate_metrics``: its datasets must be held
 whole (50K x 256^2 x 3 = 9.8 GB), each metric would re-run Inception, and ADM's precomputed
@@ -33,6 +35,7 @@ from torch import nn
 from repa import storage
 from repa.eval.errors import MetricsError
 from repa.eval.images import ImageSource, iter_image_batches
+from repa.eval.inception import SpatialTap
 from repa.eval.stats import FeatureStats, RunningFeatureStats
 
 __all__ = [
@@ -40,12 +43,14 @@ __all__ = [
     "INCEPTION_WEIGHTS_FILENAME",
     "INCEPTION_WEIGHTS_SOURCE_URL",
     "ExtractedFeatures",
+    "FeatureBatch",
     "FeatureExtractor",
     "InceptionFeatureExtractor",
     "build_inception",
     "compute_feature_stats",
     "extract_features",
     "extractor_device",
+    "iter_feature_batches",
     "iter_features",
     "sha256_file",
 ]
@@ -71,6 +76,7 @@ class FeatureExtractor(Protocol):
     ``name`` labels the metric (``FD_<name>``; Inception's gives ``FID``) and is checked against the
     name stored with reference statistics. Optional members used when present:
     ``features_and_logits(images) -> ((B, D), (B, C))`` enables the Inception Score,
+    ``features_logits_spatial(images) -> ((B, D), (B, C), (B, 2023))`` enables sFID,
     ``weights_sha256: str`` is recorded and checked against references, ``device`` (or, for an
     ``nn.Module``, its first parameter's device) is where batches are sent.
     """
@@ -81,10 +87,12 @@ class FeatureExtractor(Protocol):
 
 
 class InceptionFeatureExtractor(nn.Module):
-    """torch-fidelity's TF-compatible InceptionV3: pool_3 features (2048) and bias-free logits (1008)."""
+    """torch-fidelity's TF-compatible InceptionV3: pool_3 features (2048), bias-free logits (1008) and,
+    from a hook in the same pass, sFID's ``mixed_6/conv`` features (2023; :mod:`repa.eval.inception`)."""
 
     name = INCEPTION_NAME
     feature_dim = 2048
+    resize = "torch-fidelity interpolate_bilinear_2d_like_tensorflow1x to 299x299 (TF1 bilinear, as ADM)"
 
     def __init__(self, weights_path: str, weights_sha256: str | None = None) -> None:
         super().__init__()
@@ -102,6 +110,7 @@ class InceptionFeatureExtractor(nn.Module):
             ) from e
         self.weights_sha256 = weights_sha256 or sha256_file(weights_path)
         self.requires_grad_(False).eval()
+        self._spatial = SpatialTap(self.net)
 
     @property
     def device(self) -> torch.device:
@@ -110,6 +119,12 @@ class InceptionFeatureExtractor(nn.Module):
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features, logits = self.net(images)  # (B, 2048), (B, 1008); resized to 299x299 inside
         return features, logits
+
+    def features_logits_spatial(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        features, logits = self.net(images)
+        return features, logits, self._spatial.take()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.features_and_logits(images)[0]
@@ -195,29 +210,44 @@ class ExtractedFeatures:
     image_size: tuple[int, int]  # (H, W) of the inputs
     extractor_name: str
     extractor_sha256: str | None
+    spatial_stats: FeatureStats | None = None  # sFID's mixed_6/conv statistics (2023), when asked for
 
     @property
     def num_samples(self) -> int:
         return self.stats.num_samples
 
 
-def iter_features(
+@dataclass
+class FeatureBatch:
+    """What one batch of images gives in the one pass (all float32 on the CPU but ``images``)."""
+
+    images: torch.Tensor  # (B, 3, H, W) uint8, CPU
+    features: torch.Tensor  # (B, D)
+    logits: torch.Tensor | None  # (B, C) when asked for
+    spatial: torch.Tensor | None  # (B, 2023) sFID features when asked for
+
+
+def iter_feature_batches(
     extractor: FeatureExtractor,
     images: ImageSource,
     batch_size: int,
     with_logits: bool,
+    with_spatial: bool = False,
     expected_size: tuple[int, int] | None = None,
     expected_size_label: str = "",
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """Yield (images uint8 CPU (B,3,H,W), features (B,D) float32 CPU, logits (B,C) or None) per batch.
+) -> Iterator[FeatureBatch]:
+    """One pass of ``extractor`` over ``images``: features, and logits / sFID features when asked for.
 
-    The one pass over images behind :func:`extract_features` and reference statistics
-    (:func:`repa.eval.refstats.compute_reference_stats`). ``expected_size`` (H, W) rejects images of
-    another size before they are processed, naming ``expected_size_label`` in the error.
+    The one pass behind :func:`extract_features` and reference statistics
+    (:func:`repa.eval.refstats.compute_reference_stats`): the network runs once per image whatever
+    is asked for. ``expected_size`` (H, W) rejects images of another size before they are processed,
+    naming ``expected_size_label`` in the error.
     """
     name = getattr(extractor, "name", type(extractor).__name__)
     if with_logits and not hasattr(extractor, "features_and_logits"):
         raise MetricsError(f"feature extractor {name!r} has no features_and_logits(); cannot compute an IS")
+    if with_spatial and not hasattr(extractor, "features_logits_spatial"):
+        raise MetricsError(f"feature extractor {name!r} has no spatial features; sFID needs Inception's")
     device = extractor_device(extractor)
     if isinstance(extractor, nn.Module) and extractor.training:
         logger.warning("feature extractor %r is in training mode (dropout/batch norm on): call .eval()", name)
@@ -229,7 +259,11 @@ def iter_features(
                     f"{tuple(expected_size)}"
                 )
             x = batch.to(device, non_blocking=True)
-            if with_logits:
+            spatial = None
+            if with_spatial:
+                feats, logits, spatial = extractor.features_logits_spatial(x)
+                logits = logits if with_logits else None
+            elif with_logits:
                 feats, logits = extractor.features_and_logits(x)
             else:
                 feats, logits = extractor(x), None
@@ -238,7 +272,27 @@ def iter_features(
                 raise MetricsError(
                     f"feature extractor {name!r} returned {shape}, expected ({batch.shape[0]}, D)"
                 )
-            yield batch, feats.float().cpu(), None if logits is None else logits.float().cpu()
+            yield FeatureBatch(
+                images=batch,
+                features=feats.float().cpu(),
+                logits=None if logits is None else logits.float().cpu(),
+                spatial=None if spatial is None else spatial.float().cpu(),
+            )
+
+
+def iter_features(
+    extractor: FeatureExtractor,
+    images: ImageSource,
+    batch_size: int,
+    with_logits: bool,
+    expected_size: tuple[int, int] | None = None,
+    expected_size_label: str = "",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """:func:`iter_feature_batches` as (images uint8 (B,3,H,W), features (B,D), logits (B,C) or None)."""
+    for b in iter_feature_batches(
+        extractor, images, batch_size, with_logits, False, expected_size, expected_size_label
+    ):
+        yield b.images, b.features, b.logits
 
 
 def extract_features(
@@ -249,24 +303,29 @@ def extract_features(
     keep_features: bool = True,
     expected_size: tuple[int, int] | None = None,
     expected_size_label: str = "the expected size",
+    with_spatial: bool = False,
 ) -> ExtractedFeatures:
     """Run ``extractor`` over all images: running stats, and (optionally) all features and logits.
 
-    ``expected_size`` (H, W) rejects images of another size before they are processed.
+    ``with_spatial`` adds sFID's statistics (Inception only) from the same pass. ``expected_size``
+    (H, W) rejects images of another size before they are processed.
     """
     running = RunningFeatureStats()
+    running_spatial = RunningFeatureStats() if with_spatial else None
     feats, logits = [], []
     size: tuple[int, int] | None = None
     start = time.perf_counter()
-    for batch, f, lg in iter_features(
-        extractor, images, batch_size, with_logits, expected_size, expected_size_label
+    for b in iter_feature_batches(
+        extractor, images, batch_size, with_logits, with_spatial, expected_size, expected_size_label
     ):
-        size = (batch.shape[2], batch.shape[3])
-        running.update(f)
+        size = (b.images.shape[2], b.images.shape[3])
+        running.update(b.features)
+        if running_spatial is not None:
+            running_spatial.update(b.spatial)
         if keep_features:
-            feats.append(f)
-        if lg is not None:
-            logits.append(lg)
+            feats.append(b.features)
+        if b.logits is not None:
+            logits.append(b.logits)
     if size is None:
         raise MetricsError("no images were given")
     name = getattr(extractor, "name", type(extractor).__name__)
@@ -285,6 +344,7 @@ def extract_features(
         image_size=size,
         extractor_name=name,
         extractor_sha256=getattr(extractor, "weights_sha256", None),
+        spatial_stats=None if running_spatial is None else running_spatial.finalize(),
     )
 
 

@@ -32,7 +32,14 @@ from repa.eval.features import (
 )
 from repa.eval.images import ImageSource
 from repa.eval.refstats import ReferenceStats
-from repa.eval.stats import frechet_distance, inception_score, precision_recall
+from repa.eval.stats import (
+    check_gaussian,
+    check_sample_count,
+    class_balance,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+)
 
 __all__ = ["EvalResult", "evaluate", "evaluate_features", "write_result_json"]
 
@@ -59,6 +66,10 @@ class EvalResult:
     reference_sha256: str | None
     reference_url: str | None
     image_size: tuple[int, int]
+    sfid: float | None = None  # ADM's sFID (mixed_6/conv statistics), when the reference has mu_s/sigma_s
+    class_balance: dict[str, Any] | None = (
+        None  # stats.class_balance of the labels; its "problem" names a bad set
+    )
 
     @property
     def metric_name(self) -> str:
@@ -109,8 +120,14 @@ def evaluate_features(
     precision_recall_k: int | None = 3,
     batch_size: int = 64,
     pr_batch_size: int = 10000,
+    labels: Any = None,
+    num_classes: int | None = None,
 ) -> EvalResult:
     """Metrics from already-extracted generated features (e.g. gathered from all ranks).
+
+    Degenerate statistics are refused before any number is made (:func:`repa.eval.stats.check_gaussian`,
+    :func:`~repa.eval.stats.check_sample_count`). ``labels``/``num_classes`` (class-conditional
+    samples) add :func:`~repa.eval.stats.class_balance` to the result.
 
     FID/FD always; IS when ``inception_score_splits`` is set (needs logits); precision/recall when
     ``precision_recall_k`` is set: against ``reference.features`` if stored with the same extractor,
@@ -128,7 +145,27 @@ def evaluate_features(
             f"generated images are {tuple(generated.image_size)} but {_describe(reference)} are of "
             f"{tuple(reference.image_size)} images; evaluate at the reference resolution"
         )
+    name = generated.extractor_name
+    if labels is not None and not num_classes:
+        raise MetricsError("class labels were given without num_classes; pass the model's number of classes")
+    check_sample_count(
+        generated.num_samples, "generated samples", is_splits=inception_score_splits, pr_k=precision_recall_k
+    )
+    if reference.num_images is not None:
+        check_sample_count(reference.num_images, _describe(reference))
+    check_gaussian(generated.stats, f"generated samples ({name} features)")
+    check_gaussian(ref_stats, f"{_describe(reference)} ({name})")
     fd = frechet_distance(generated.stats.mu, generated.stats.sigma, ref_stats.mu, ref_stats.sigma)
+    sfid = None
+    if generated.spatial_stats is not None and reference.spatial_stats is not None:
+        gs, rs = generated.spatial_stats, reference.spatial_stats
+        check_gaussian(gs, "generated samples (sFID's mixed_6/conv features)")
+        check_gaussian(rs, f"{_describe(reference)} (sFID's mu_s/sigma_s)")
+        if gs.dim != rs.dim:
+            raise MetricsError(
+                f"{_describe(reference)} have {rs.dim} sFID features (mu_s), Inception gives {gs.dim}"
+            )
+        sfid = frechet_distance(gs.mu, gs.sigma, rs.mu, rs.sigma)
 
     is_mean = is_std = None
     if inception_score_splits:
@@ -166,6 +203,8 @@ def evaluate_features(
         reference_sha256=reference.sha256,
         reference_url=reference.source,
         image_size=tuple(generated.image_size),
+        sfid=sfid,
+        class_balance=None if labels is None else class_balance(labels, num_classes),
     )
 
 
@@ -196,8 +235,13 @@ def evaluate(
     precision_recall_k: int | None = 3,
     batch_size: int = 64,
     pr_batch_size: int = 10000,
+    labels: Any = None,
+    num_classes: int | None = None,
 ) -> EvalResult:
-    """FID (or FD_<name>), IS and precision/recall of ``images`` against ``reference`` in one pass.
+    """FID (or FD_<name>), sFID, IS and precision/recall of ``images`` against ``reference`` in one pass.
+
+    sFID is computed when ``reference`` has ``mu_s``/``sigma_s`` (ADM's batches, repa's Inception
+    statistics) and the extractor gives spatial features (Inception).
 
     Pass ``inception_score_splits=None`` / ``precision_recall_k=None`` to skip IS / PR (e.g. for an
     extractor without logits, or a reference with mu/sigma only). Images must match the reference
@@ -213,11 +257,14 @@ def evaluate(
     _check_same_extractor(reference, name, getattr(extractor, "weights_sha256", None))
     if precision_recall_k:
         _check_precision_recall_possible(reference, name)  # before the (long) pass over the samples
+    # sFID whenever the reference has mu_s/sigma_s and the extractor is Inception: same pass, no extra cost.
+    with_spatial = reference.mu_s is not None and hasattr(extractor, "features_logits_spatial")
     generated = extract_features(
         extractor,
         images,
         batch_size=batch_size,
         with_logits=with_logits,
+        with_spatial=with_spatial,
         expected_size=reference.image_size,
         expected_size_label=f"the image size of {_describe(reference)}",
     )
@@ -229,6 +276,8 @@ def evaluate(
         precision_recall_k=precision_recall_k,
         batch_size=batch_size,
         pr_batch_size=pr_batch_size,
+        labels=labels,
+        num_classes=num_classes,
     )
 
 
