@@ -133,6 +133,11 @@ class DinoV2FeatureExtractor(nn.Module):
         self.net = _fidelity_class()(model)
         self.weights_sha256 = weights_sha256
         self.feature_dim = int(getattr(model, "num_features", 0) or getattr(model, "embed_dim", 0))
+        self.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> DinoV2FeatureExtractor:
+        """Stays in eval mode: features must not depend on train/eval state."""
+        return super().train(False)
 
     @property
     def device(self) -> torch.device:

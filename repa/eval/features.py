@@ -45,10 +45,12 @@ __all__ = [
     "ExtractedFeatures",
     "FeatureBatch",
     "FeatureExtractor",
+    "FeaturePass",
     "InceptionFeatureExtractor",
     "build_inception",
     "compute_feature_stats",
     "extract_features",
+    "extract_features_many",
     "extractor_device",
     "iter_feature_batches",
     "iter_features",
@@ -227,6 +229,112 @@ class FeatureBatch:
     spatial: torch.Tensor | None  # (B, 2023) sFID features when asked for
 
 
+class FeaturePass:
+    """One extractor's share of a pass over images: checks, runs it on each batch, accumulates.
+
+    :func:`extract_features` drives one; :func:`extract_features_many` drives several over the same
+    batches, so images are read once however many networks score them (Inception for FID, sFID, IS
+    and precision/recall; DINOv2 for FD-DINOv2), and each network sees each image once.
+    """
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        with_logits: bool = False,
+        with_spatial: bool = False,
+        keep_features: bool = True,
+        expected_size: tuple[int, int] | None = None,
+        expected_size_label: str = "the expected size",
+    ) -> None:
+        self.extractor = extractor
+        self.name = getattr(extractor, "name", type(extractor).__name__)
+        if with_logits and not hasattr(extractor, "features_and_logits"):
+            raise MetricsError(
+                f"feature extractor {self.name!r} has no features_and_logits(); cannot compute an IS"
+            )
+        if with_spatial and not hasattr(extractor, "features_logits_spatial"):
+            raise MetricsError(
+                f"feature extractor {self.name!r} has no spatial features; sFID needs Inception's"
+            )
+        if isinstance(extractor, nn.Module) and extractor.training:
+            logger.warning(
+                "feature extractor %r is in training mode (dropout/batch norm on): call .eval()", self.name
+            )
+        self.with_logits, self.with_spatial, self.keep_features = with_logits, with_spatial, keep_features
+        self.expected_size, self.expected_size_label = expected_size, expected_size_label
+        self.device = extractor_device(extractor)
+        self.running = RunningFeatureStats()
+        self.running_spatial = RunningFeatureStats() if with_spatial else None
+        self.features: list[torch.Tensor] = []
+        self.logits: list[torch.Tensor] = []
+        self.size: tuple[int, int] | None = None
+        self.seconds = 0.0
+
+    def run(self, batch: torch.Tensor) -> FeatureBatch:
+        """Features of one uint8 CPU batch (B, 3, H, W) (under ``torch.inference_mode`` by the caller)."""
+        if self.expected_size is not None and tuple(batch.shape[2:]) != tuple(self.expected_size):
+            raise MetricsError(
+                f"image size {tuple(batch.shape[2:])} does not match {self.expected_size_label} "
+                f"{tuple(self.expected_size)}"
+            )
+        x = batch.to(self.device, non_blocking=True)
+        spatial = None
+        if self.with_spatial:
+            feats, logits, spatial = self.extractor.features_logits_spatial(x)
+            logits = logits if self.with_logits else None
+        elif self.with_logits:
+            feats, logits = self.extractor.features_and_logits(x)
+        else:
+            feats, logits = self.extractor(x), None
+        if not torch.is_tensor(feats) or feats.ndim != 2 or feats.shape[0] != batch.shape[0]:
+            shape = tuple(feats.shape) if torch.is_tensor(feats) else type(feats).__name__
+            raise MetricsError(
+                f"feature extractor {self.name!r} returned {shape}, expected ({batch.shape[0]}, D)"
+            )
+        return FeatureBatch(
+            images=batch,
+            features=feats.float().cpu(),
+            logits=None if logits is None else logits.float().cpu(),
+            spatial=None if spatial is None else spatial.float().cpu(),
+        )
+
+    def add(self, batch: torch.Tensor) -> FeatureBatch:
+        """:meth:`run` and accumulate: running statistics, and the features/logits kept."""
+        start = time.perf_counter()
+        b = self.run(batch)
+        self.size = (int(batch.shape[2]), int(batch.shape[3]))
+        self.running.update(b.features)
+        if self.running_spatial is not None:
+            self.running_spatial.update(b.spatial)
+        if self.keep_features:
+            self.features.append(b.features)
+        if b.logits is not None:
+            self.logits.append(b.logits)
+        self.seconds += time.perf_counter() - start
+        return b
+
+    def result(self) -> ExtractedFeatures:
+        if self.size is None:
+            raise MetricsError("no images were given")
+        logger.info(
+            "extracted %s features of %d images (%dx%d) in %.1f s",
+            self.name,
+            self.running.n,
+            self.size[0],
+            self.size[1],
+            self.seconds,
+        )
+        return ExtractedFeatures(
+            stats=self.running.finalize(),
+            features=torch.cat(self.features) if self.keep_features else None,
+            logits=torch.cat(self.logits) if self.logits else None,
+            image_size=self.size,
+            extractor_name=self.name,
+            extractor_sha256=getattr(self.extractor, "weights_sha256", None),
+            spatial_stats=None if self.running_spatial is None else self.running_spatial.finalize(),
+        )
+
+
 def iter_feature_batches(
     extractor: FeatureExtractor,
     images: ImageSource,
@@ -238,46 +346,14 @@ def iter_feature_batches(
 ) -> Iterator[FeatureBatch]:
     """One pass of ``extractor`` over ``images``: features, and logits / sFID features when asked for.
 
-    The one pass behind :func:`extract_features` and reference statistics
-    (:func:`repa.eval.refstats.compute_reference_stats`): the network runs once per image whatever
-    is asked for. ``expected_size`` (H, W) rejects images of another size before they are processed,
-    naming ``expected_size_label`` in the error.
+    Behind reference statistics (:func:`repa.eval.refstats.compute_reference_stats`): the network
+    runs once per image whatever is asked for. ``expected_size`` (H, W) rejects images of another
+    size before they are processed, naming ``expected_size_label`` in the error.
     """
-    name = getattr(extractor, "name", type(extractor).__name__)
-    if with_logits and not hasattr(extractor, "features_and_logits"):
-        raise MetricsError(f"feature extractor {name!r} has no features_and_logits(); cannot compute an IS")
-    if with_spatial and not hasattr(extractor, "features_logits_spatial"):
-        raise MetricsError(f"feature extractor {name!r} has no spatial features; sFID needs Inception's")
-    device = extractor_device(extractor)
-    if isinstance(extractor, nn.Module) and extractor.training:
-        logger.warning("feature extractor %r is in training mode (dropout/batch norm on): call .eval()", name)
+    one = FeaturePass(extractor, with_logits, with_spatial, False, expected_size, expected_size_label)
     with torch.inference_mode():
         for batch in iter_image_batches(images, batch_size):
-            if expected_size is not None and tuple(batch.shape[2:]) != tuple(expected_size):
-                raise MetricsError(
-                    f"image size {tuple(batch.shape[2:])} does not match {expected_size_label} "
-                    f"{tuple(expected_size)}"
-                )
-            x = batch.to(device, non_blocking=True)
-            spatial = None
-            if with_spatial:
-                feats, logits, spatial = extractor.features_logits_spatial(x)
-                logits = logits if with_logits else None
-            elif with_logits:
-                feats, logits = extractor.features_and_logits(x)
-            else:
-                feats, logits = extractor(x), None
-            if not torch.is_tensor(feats) or feats.ndim != 2 or feats.shape[0] != batch.shape[0]:
-                shape = tuple(feats.shape) if torch.is_tensor(feats) else type(feats).__name__
-                raise MetricsError(
-                    f"feature extractor {name!r} returned {shape}, expected ({batch.shape[0]}, D)"
-                )
-            yield FeatureBatch(
-                images=batch,
-                features=feats.float().cpu(),
-                logits=None if logits is None else logits.float().cpu(),
-                spatial=None if spatial is None else spatial.float().cpu(),
-            )
+            yield one.run(batch)
 
 
 def iter_features(
@@ -295,6 +371,17 @@ def iter_features(
         yield b.images, b.features, b.logits
 
 
+def extract_features_many(
+    passes: list[FeaturePass], images: ImageSource, batch_size: int = 64
+) -> list[ExtractedFeatures]:
+    """Read ``images`` once and give every batch to each pass in turn; one result per pass."""
+    with torch.inference_mode():
+        for batch in iter_image_batches(images, batch_size):
+            for one in passes:
+                one.add(batch)
+    return [one.result() for one in passes]
+
+
 def extract_features(
     extractor: FeatureExtractor,
     images: ImageSource,
@@ -310,42 +397,8 @@ def extract_features(
     ``with_spatial`` adds sFID's statistics (Inception only) from the same pass. ``expected_size``
     (H, W) rejects images of another size before they are processed.
     """
-    running = RunningFeatureStats()
-    running_spatial = RunningFeatureStats() if with_spatial else None
-    feats, logits = [], []
-    size: tuple[int, int] | None = None
-    start = time.perf_counter()
-    for b in iter_feature_batches(
-        extractor, images, batch_size, with_logits, with_spatial, expected_size, expected_size_label
-    ):
-        size = (b.images.shape[2], b.images.shape[3])
-        running.update(b.features)
-        if running_spatial is not None:
-            running_spatial.update(b.spatial)
-        if keep_features:
-            feats.append(b.features)
-        if b.logits is not None:
-            logits.append(b.logits)
-    if size is None:
-        raise MetricsError("no images were given")
-    name = getattr(extractor, "name", type(extractor).__name__)
-    logger.info(
-        "extracted %s features of %d images (%dx%d) in %.1f s",
-        name,
-        running.n,
-        size[0],
-        size[1],
-        time.perf_counter() - start,
-    )
-    return ExtractedFeatures(
-        stats=running.finalize(),
-        features=torch.cat(feats) if keep_features else None,
-        logits=torch.cat(logits) if logits else None,
-        image_size=size,
-        extractor_name=name,
-        extractor_sha256=getattr(extractor, "weights_sha256", None),
-        spatial_stats=None if running_spatial is None else running_spatial.finalize(),
-    )
+    one = FeaturePass(extractor, with_logits, with_spatial, keep_features, expected_size, expected_size_label)
+    return extract_features_many([one], images, batch_size)[0]
 
 
 def compute_feature_stats(

@@ -27,21 +27,22 @@ from repa.eval.features import (
     INCEPTION_NAME,
     ExtractedFeatures,
     FeatureExtractor,
+    FeaturePass,
     extract_features,
+    extract_features_many,
     extractor_device,
 )
 from repa.eval.images import ImageSource
 from repa.eval.refstats import ReferenceStats
 from repa.eval.stats import (
-    check_gaussian,
     check_sample_count,
+    checked_frechet_distance,
     class_balance,
-    frechet_distance,
     inception_score,
     precision_recall,
 )
 
-__all__ = ["EvalResult", "evaluate", "evaluate_features", "write_result_json"]
+__all__ = ["EvalResult", "MetricJob", "evaluate", "evaluate_features", "evaluate_many", "write_result_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -153,19 +154,22 @@ def evaluate_features(
     )
     if reference.num_images is not None:
         check_sample_count(reference.num_images, _describe(reference))
-    check_gaussian(generated.stats, f"generated samples ({name} features)")
-    check_gaussian(ref_stats, f"{_describe(reference)} ({name})")
-    fd = frechet_distance(generated.stats.mu, generated.stats.sigma, ref_stats.mu, ref_stats.sigma)
+    fd = checked_frechet_distance(
+        generated.stats, ref_stats, f"generated samples ({name} features)", f"{_describe(reference)} ({name})"
+    )
     sfid = None
     if generated.spatial_stats is not None and reference.spatial_stats is not None:
         gs, rs = generated.spatial_stats, reference.spatial_stats
-        check_gaussian(gs, "generated samples (sFID's mixed_6/conv features)")
-        check_gaussian(rs, f"{_describe(reference)} (sFID's mu_s/sigma_s)")
         if gs.dim != rs.dim:
             raise MetricsError(
                 f"{_describe(reference)} have {rs.dim} sFID features (mu_s), Inception gives {gs.dim}"
             )
-        sfid = frechet_distance(gs.mu, gs.sigma, rs.mu, rs.sigma)
+        sfid = checked_frechet_distance(
+            gs,
+            rs,
+            "generated samples (sFID's mixed_6/conv features)",
+            f"{_describe(reference)} (sFID's mu_s/sigma_s)",
+        )
 
     is_mean = is_std = None
     if inception_score_splits:
@@ -227,6 +231,71 @@ def _reference_features(
     return reference.feature_cache[key]
 
 
+@dataclass
+class MetricJob:
+    """One network's metrics in a pass: ``extractor`` against ``reference``, IS / PR when set."""
+
+    extractor: FeatureExtractor
+    reference: ReferenceStats
+    inception_score_splits: int | None = None
+    precision_recall_k: int | None = None
+
+
+def _plan_pass(job: MetricJob) -> FeaturePass:
+    """Everything that can be refused before the (long) pass over the samples, and that job's pass."""
+    extractor, reference = job.extractor, job.reference
+    name = getattr(extractor, "name", type(extractor).__name__)
+    with_logits = bool(job.inception_score_splits)
+    if with_logits and not hasattr(extractor, "features_and_logits"):
+        raise MetricsError(
+            f"feature extractor {name!r} has no classifier logits; pass inception_score_splits=None"
+        )
+    _check_same_extractor(reference, name, getattr(extractor, "weights_sha256", None))
+    if job.precision_recall_k:
+        _check_precision_recall_possible(reference, name)
+    # sFID whenever the reference has mu_s/sigma_s and the extractor is Inception: same pass, no extra cost.
+    with_spatial = reference.mu_s is not None and hasattr(extractor, "features_logits_spatial")
+    return FeaturePass(
+        extractor,
+        with_logits=with_logits,
+        with_spatial=with_spatial,
+        keep_features=bool(job.precision_recall_k),
+        expected_size=reference.image_size,
+        expected_size_label=f"the image size of {_describe(reference)}",
+    )
+
+
+def evaluate_many(
+    images: ImageSource,
+    jobs: list[MetricJob],
+    batch_size: int = 64,
+    pr_batch_size: int = 10000,
+    labels: Any = None,
+    num_classes: int | None = None,
+) -> list[EvalResult]:
+    """Every job's metrics from ONE read of ``images``: each network sees each image once.
+
+    E.g. Inception against ADM's batch (FID, sFID, IS, precision/recall) and DINOv2 against its own
+    reference statistics (FD-DINOv2). All jobs are checked before the first image is read.
+    """
+    passes = [_plan_pass(job) for job in jobs]
+    extracted = extract_features_many(passes, images, batch_size)
+    return [
+        evaluate_features(
+            generated,
+            job.reference,
+            job.extractor,
+            inception_score_splits=job.inception_score_splits,
+            precision_recall_k=job.precision_recall_k,
+            batch_size=batch_size,
+            pr_batch_size=pr_batch_size,
+            labels=labels,
+            num_classes=num_classes,
+        )
+        for generated, job in zip(extracted, jobs, strict=True)
+    ]
+
+
 def evaluate(
     images: ImageSource,
     reference: ReferenceStats,
@@ -248,37 +317,8 @@ def evaluate(
     image size when it is known (ADM's reference batch is 256x256); this is checked before any
     feature is computed.
     """
-    name = getattr(extractor, "name", type(extractor).__name__)
-    with_logits = bool(inception_score_splits)
-    if with_logits and not hasattr(extractor, "features_and_logits"):
-        raise MetricsError(
-            f"feature extractor {name!r} has no classifier logits; pass inception_score_splits=None"
-        )
-    _check_same_extractor(reference, name, getattr(extractor, "weights_sha256", None))
-    if precision_recall_k:
-        _check_precision_recall_possible(reference, name)  # before the (long) pass over the samples
-    # sFID whenever the reference has mu_s/sigma_s and the extractor is Inception: same pass, no extra cost.
-    with_spatial = reference.mu_s is not None and hasattr(extractor, "features_logits_spatial")
-    generated = extract_features(
-        extractor,
-        images,
-        batch_size=batch_size,
-        with_logits=with_logits,
-        with_spatial=with_spatial,
-        expected_size=reference.image_size,
-        expected_size_label=f"the image size of {_describe(reference)}",
-    )
-    return evaluate_features(
-        generated,
-        reference,
-        extractor,
-        inception_score_splits=inception_score_splits,
-        precision_recall_k=precision_recall_k,
-        batch_size=batch_size,
-        pr_batch_size=pr_batch_size,
-        labels=labels,
-        num_classes=num_classes,
-    )
+    job = MetricJob(extractor, reference, inception_score_splits, precision_recall_k)
+    return evaluate_many(images, [job], batch_size, pr_batch_size, labels, num_classes)[0]
 
 
 def write_result_json(

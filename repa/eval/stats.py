@@ -20,6 +20,7 @@ class-conditional sample set whose labels are not the uniform draw the protocol 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ __all__ = [
     "RunningFeatureStats",
     "check_gaussian",
     "check_sample_count",
+    "checked_frechet_distance",
     "class_balance",
     "frechet_distance",
     "inception_score",
@@ -57,7 +59,13 @@ def _check_psd(eigenvalues: np.ndarray, name: str) -> None:
         raise MetricsError(f"{name} is not positive semi-definite (smallest eigenvalue {eigenvalues[0]:.3g})")
 
 
-def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
+def frechet_distance(
+    mu1: Any,
+    sigma1: Any,
+    mu2: Any,
+    sigma2: Any,
+    checks: Callable[[np.ndarray, np.ndarray], None] | None = None,
+) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (FID when the stats are Inception's).
 
     d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2})   (Dowson & Landau 1982).
@@ -91,8 +99,11 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
     s1 = (s1 + s1.T) / 2  # stored covariances can be asymmetric at rounding level
     s2 = (s2 + s2.T) / 2
     w1, v1 = np.linalg.eigh(s1)  # ascending
+    w2 = np.linalg.eigvalsh(s2)
+    if checks is not None:  # checked_frechet_distance: the sanity checks reuse the eigenvalues
+        checks(w1, w2)
     _check_psd(w1, "sigma1")
-    _check_psd(np.linalg.eigvalsh(s2), "sigma2")
+    _check_psd(w2, "sigma2")
     keep = w1 > _rank_tolerance(w1)
     a = v1[:, keep] * np.sqrt(w1[keep])  # (D, r), S1 = A A^T
     tr_covmean = 0.0
@@ -221,7 +232,23 @@ def check_sample_count(
             )
 
 
-def check_gaussian(stats: FeatureStats, what: str) -> None:
+def checked_frechet_distance(
+    generated: FeatureStats, reference: FeatureStats, gen_what: str, ref_what: str
+) -> float:
+    """:func:`frechet_distance` after :func:`check_gaussian` on both sides (sharing the eigenvalues)."""
+    check_gaussian(generated, gen_what, eigenvalues=False)
+    check_gaussian(reference, ref_what, eigenvalues=False)
+
+    def collapse_checks(w_gen: np.ndarray, w_ref: np.ndarray) -> None:
+        check_gaussian(generated, gen_what, eigenvalues=w_gen)
+        check_gaussian(reference, ref_what, eigenvalues=w_ref)
+
+    return frechet_distance(
+        generated.mu, generated.sigma, reference.mu, reference.sigma, checks=collapse_checks
+    )
+
+
+def check_gaussian(stats: FeatureStats, what: str, eigenvalues: np.ndarray | bool | None = None) -> None:
     """Refuse degenerate statistics before a Fréchet distance is computed from them.
 
     - non-finite mu/sigma (a NaN feature anywhere poisons both);
@@ -231,6 +258,8 @@ def check_gaussian(stats: FeatureStats, what: str) -> None:
       ``D`` dimensions span (min(N - 1, D)), e.g. 50,000 samples that are a few hundred distinct images
       (mode collapse, a sampler returning the same batch). A Fréchet distance is computable then, but
       it does not measure what the protocol means.
+
+    ``eigenvalues``: sigma's, when already computed; ``False`` skips the (eigenvalue) collapse check.
     """
     mu, sigma, n = stats.mu, stats.sigma, stats.num_samples
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
@@ -241,8 +270,8 @@ def check_gaussian(stats: FeatureStats, what: str) -> None:
             f"{what}: features are constant over all {n} samples (variance {total:.3g}): the images are "
             "identical or the network ignores its input"
         )
-    if n >= 3:
-        w = np.linalg.eigvalsh((sigma + sigma.T) / 2)
+    if n >= 3 and eigenvalues is not False:
+        w = np.linalg.eigvalsh((sigma + sigma.T) / 2) if eigenvalues is None else np.asarray(eigenvalues)
         rank = int((w > _rank_tolerance(w)).sum())
         span = min(n - 1, stats.dim)
         if rank < span and rank <= max(1, span // 10):

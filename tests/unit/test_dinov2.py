@@ -5,7 +5,7 @@ weights come from a file (never the hub), and DINOv2's own position-embedding re
 torch-fidelity's extractor loads its network with ``torch.hub.load``; the test hands it the same tiny
 network through that call (monkeypatched), so both sides score with identical weights. Images are
 224x224: there torch-fidelity's TF1-bilinear resize and dgm-eval's PIL bicubic (used by repa) are both
-the identity, the one place the two pipelines are meant to differ (docs/evaluation.md).
+the identity, the one place the two pipelines are meant to differ (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -129,3 +129,34 @@ def test_resize_is_pils_bicubic_as_dgm_eval():
     assert np.array_equal(out[1].permute(1, 2, 0).numpy(), np.asarray(pil))
     same = _images(1, seed=4)
     assert pil_bicubic_resize(same) is same
+
+
+def test_inception_and_dinov2_jobs_share_one_read_of_the_images(extractor, toy):
+    from repa.eval.metrics import MetricJob, evaluate_many
+
+    images = _images(12, seed=5)
+    reads = []
+
+    def batches():  # a stream that can be read once, counting what is read
+        for chunk in images.split(5):
+            reads.append(len(chunk))
+            yield chunk
+
+    toy_ref = compute_reference_stats(_images(12, seed=6), toy, keep_features=12)
+    dino_ref = compute_reference_stats(_images(12, seed=6), extractor, keep_features=0)
+    toy.calls = 0
+    toy_result, dino_result = evaluate_many(
+        batches(),
+        [
+            MetricJob(toy, toy_ref, inception_score_splits=2, precision_recall_k=3),
+            MetricJob(extractor, dino_ref),
+        ],
+        batch_size=5,
+    )
+    assert reads == [5, 5, 2] and toy.calls == 3  # images read once; each network saw each batch once
+    toy_alone = evaluate(images, toy_ref, toy, inception_score_splits=2, precision_recall_k=3, batch_size=5)
+    assert toy_result == toy_alone  # same batches, same numbers
+    alone = evaluate(
+        images, dino_ref, extractor, inception_score_splits=None, precision_recall_k=None, batch_size=5
+    )
+    assert dino_result.fid == alone.fid and dino_result.metric_name == f"FD_{DINOV2_NAME}"

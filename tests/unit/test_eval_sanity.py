@@ -71,7 +71,8 @@ def test_too_few_samples_for_the_requested_metric_are_refused(toy_reference):
              r"at least 10", _evaluate, images, toy_reference, inception_score_splits=10)  # fmt: skip
     _refusal(r"3 samples are too few for precision/recall with k=3, which needs at least 4", _evaluate,
              images[:3], toy_reference, precision_recall_k=3)  # fmt: skip
-    _refusal(r"feature statistics: 1 samples are too few for a Fréchet distance", _evaluate, images[:1], toy_reference)
+    _refusal(r"feature statistics: 1 samples are too few for a Fréchet distance", _evaluate,
+             images[:1], toy_reference)  # fmt: skip
 
 
 def test_reference_of_another_extractor_or_resolution_is_refused(toy_reference):
