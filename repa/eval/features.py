@@ -52,6 +52,7 @@ __all__ = [
     "extract_features",
     "extract_features_many",
     "extractor_device",
+    "extractor_provenance",
     "iter_feature_batches",
     "iter_features",
     "sha256_file",
@@ -184,6 +185,16 @@ def build_inception(
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def extractor_provenance(extractor: Any) -> dict[str, str | None]:
+    """What a result records about a feature network: ``name``, ``weights_sha256`` (of the file it was
+    built from) and ``resize`` (the resize path into it, as text); None where the extractor does not say."""
+    return {
+        "name": getattr(extractor, "name", type(extractor).__name__),
+        "weights_sha256": getattr(extractor, "weights_sha256", None),
+        "resize": getattr(extractor, "resize", None),
+    }
 
 
 def extractor_device(extractor: Any) -> torch.device:

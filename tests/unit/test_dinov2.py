@@ -10,6 +10,9 @@ the identity, the one place the two pipelines are meant to differ (docs/metrics.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 import timm
@@ -23,6 +26,7 @@ from repa.eval.dinov2 import (
     dinov2_pos_embed_for,
     pil_bicubic_resize,
 )
+from repa.eval.features import extractor_provenance
 from repa.eval.images import UInt8ImageDataset
 from repa.eval.metrics import evaluate
 from tests.eval_helpers import rel
@@ -62,7 +66,7 @@ def extractor(tiny_weights):
     return build_dinov2(tiny_weights, device="cpu", model_kwargs=TINY)
 
 
-def test_fd_dinov2_and_precision_recall_equal_torch_fidelity(extractor, monkeypatch):
+def test_fd_dinov2_and_precision_recall_equal_torch_fidelity(extractor, tiny_weights, monkeypatch):
     import torch_fidelity
 
     generated, reference_images = _images(20, seed=1), _images(20, seed=2, res=4)
@@ -70,6 +74,9 @@ def test_fd_dinov2_and_precision_recall_equal_torch_fidelity(extractor, monkeypa
     assert reference.feature_extractor == DINOV2_NAME and reference.mu_s is None
     ours = evaluate(generated, reference, extractor, inception_score_splits=None, precision_recall_k=3)
     assert ours.metric_name == f"FD_{DINOV2_NAME}" and ours.feature_extractor_sha256
+    provenance = extractor_provenance(extractor)
+    assert provenance["name"] == DINOV2_NAME and "PIL bicubic to 224x224" in provenance["resize"]
+    assert provenance["weights_sha256"] == hashlib.sha256(Path(tiny_weights).read_bytes()).hexdigest()
 
     monkeypatch.setattr(torch.hub, "load", lambda repo, name, *a, **k: extractor.net.model)
     theirs = torch_fidelity.calculate_metrics(

@@ -17,7 +17,12 @@ import torch
 from torch import nn
 
 from repa.eval import compute_reference_stats, load_reference_stats, save_reference_stats
-from repa.eval.features import INCEPTION_WEIGHTS_FILENAME, build_inception, extract_features
+from repa.eval.features import (
+    INCEPTION_WEIGHTS_FILENAME,
+    build_inception,
+    extract_features,
+    extractor_provenance,
+)
 from repa.eval.inception import (
     SPATIAL_DIM,
     SPATIAL_MODULE,
@@ -71,6 +76,9 @@ def test_spatial_layer_is_adms_mixed_6_conv_in_torch_fidelitys_graph(inception):
     for b, c, h, w in [(0, 0, 0, 0), (1, 6, 16, 16), (0, 3, 5, 11), (1, 1, 9, 2)]:
         assert spatial[b, (h * 17 + w) * 7 + c] == act[b, c, h, w]
     assert torch.equal(spatial_features(act), spatial)
+    provenance = extractor_provenance(inception)
+    assert provenance["name"] == "inception-v3-compat" and "299x299" in provenance["resize"]
+    assert len(provenance["weights_sha256"]) == 64
 
 
 def test_one_inception_pass_per_image_gives_all_three_outputs(inception, images):
