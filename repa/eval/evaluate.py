@@ -236,9 +236,10 @@ def _code_version() -> dict[str, Any]:
 
 def metric_tags(result: Any) -> dict[str, float | None]:
     """The TensorBoard scalars of one result: ``eval/fid`` (``eval/fd_<name>`` for other networks),
-    ``eval/is``, ``eval/precision``, ``eval/recall``. With Inception weights that are not the published
-    file (sha256 not starting with its name's prefix, e.g. the random weights of ``repa demo`` and the
-    tests) every tag ends in ``_random_inception``: such numbers only compare with the same file."""
+    ``eval/sfid`` (when the reference has sFID statistics), ``eval/is``, ``eval/precision``,
+    ``eval/recall``. With Inception weights that are not the published file (sha256 not starting with
+    its name's prefix, e.g. the random weights of ``repa demo`` and the tests) every tag ends in
+    ``_random_inception``: such numbers only compare with the same file."""
     suffix = ""
     if result.feature_extractor == INCEPTION_NAME and not (result.feature_extractor_sha256 or "").startswith(
         INCEPTION_SHA256_PREFIX
@@ -246,6 +247,7 @@ def metric_tags(result: Any) -> dict[str, float | None]:
         suffix = "_random_inception"
     return {
         f"eval/{result.metric_name.lower()}{suffix}": result.fid,
+        f"eval/sfid{suffix}": result.sfid,  # None (not written) without mu_s/sigma_s in the reference
         f"eval/is{suffix}": result.inception_score_mean,
         f"eval/precision{suffix}": result.precision,
         f"eval/recall{suffix}": result.recall,
@@ -433,11 +435,12 @@ def evaluate_checkpoint(
 
     write_result_json(plan.result_url, result, protocol, so)
     log.info(
-        "%s step %s: %s %.4f%s -> %s",
+        "%s step %s: %s %.4f%s%s -> %s",
         source.url,
         source.step,
         result.metric_name,
         result.fid,
+        "" if result.sfid is None else f", sFID {result.sfid:.4f}",
         "" if result.inception_score_mean is None else f", IS {result.inception_score_mean:.3f}",
         plan.result_url,
     )

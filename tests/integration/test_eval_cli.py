@@ -196,7 +196,9 @@ def test_inception_fid_and_is_end_to_end_with_random_weights(tmp_path):
         "eval/fid_random_inception",
         "eval/best_fid_random_inception",
         "eval/is_random_inception",
+        "eval/sfid_random_inception",  # repa's Inception reference statistics carry mu_s/sigma_s
     }
+    assert np.isfinite(result["sfid"]) and result["sfid"] > 0
     assert scalars["eval/fid_random_inception"][0][0] == 200
 
 
