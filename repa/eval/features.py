@@ -5,8 +5,10 @@
   resize to 299x299): pool_3 features (2048) and the bias-free logits (1008) that ADM's softmax
   graph uses. :func:`build_inception` loads it from a local path or fsspec URL and never downloads
   (clusters often lack network); the weights must be a plain state dict of tensors.
+  The same pass also gives sFID's spatial features (``mixed_6/conv``, :mod:`repa.eval.inception`).
 - :func:`iter_features` / :func:`extract_features`: one pass of any :class:`FeatureExtractor` over an
-  :data:`~repa.eval.images.ImageSource`, giving features, logits and running statistics at once.
+  :data:`~repa.eval.images.ImageSource`, giving features, logits, sFID's spatial features and running
+  statistics at once.
 
 Why not hand torch-fidelity a Dataset and call ``calculate_metrics``: its datasets must be held
 whole (50K x 256^2 x 3 = 9.8 GB), each metric would re-run Inception, and ADM's precomputed
@@ -35,6 +37,7 @@ from torch import nn
 from repa import storage
 from repa.eval.errors import EvalError, MetricsError
 from repa.eval.images import ImageSource, iter_image_batches
+from repa.eval.inception import SpatialTap
 from repa.eval.stats import FeatureStats, RunningFeatureStats
 
 if TYPE_CHECKING:
@@ -45,15 +48,20 @@ __all__ = [
     "INCEPTION_WEIGHTS_FILENAME",
     "INCEPTION_WEIGHTS_SOURCE_URL",
     "ExtractedFeatures",
+    "FeatureBatch",
     "FeatureExtractor",
+    "FeaturePass",
     "InceptionFeatureExtractor",
     "build_extractor",
     "build_inception",
     "compute_feature_stats",
     "extract_features",
+    "extract_features_many",
     "extractor_device",
     "extractor_identity",
+    "extractor_provenance",
     "is_published_inception",
+    "iter_feature_batches",
     "iter_features",
     "sha256_file",
 ]
@@ -91,6 +99,7 @@ class FeatureExtractor(Protocol):
     ``name`` labels the metric (``FD_<name>``; Inception's gives ``FID``) and is checked against the
     name stored with reference statistics. Optional members used when present:
     ``features_and_logits(images) -> ((B, D), (B, C))`` enables the Inception Score,
+    ``features_logits_spatial(images) -> ((B, D), (B, C), (B, 2023))`` enables sFID,
     ``weights_sha256: str`` is recorded and checked against references, ``device`` (or, for an
     ``nn.Module``, its first parameter's device) is where batches are sent.
     """
@@ -101,10 +110,12 @@ class FeatureExtractor(Protocol):
 
 
 class InceptionFeatureExtractor(nn.Module):
-    """torch-fidelity's TF-compatible InceptionV3: pool_3 features (2048) and bias-free logits (1008)."""
+    """torch-fidelity's TF-compatible InceptionV3: pool_3 features (2048), bias-free logits (1008) and,
+    from a hook in the same pass, sFID's ``mixed_6/conv`` features (2023; :mod:`repa.eval.inception`)."""
 
     name = INCEPTION_NAME
     feature_dim = 2048
+    resize = "torch-fidelity interpolate_bilinear_2d_like_tensorflow1x to 299x299 (TF1 bilinear, as ADM)"
 
     def __init__(self, weights_path: str, weights_sha256: str | None = None) -> None:
         super().__init__()
@@ -122,6 +133,7 @@ class InceptionFeatureExtractor(nn.Module):
             ) from e
         self.weights_sha256 = weights_sha256 or sha256_file(weights_path)
         self.requires_grad_(False).eval()
+        self._spatial = SpatialTap(self.net)
 
     @property
     def device(self) -> torch.device:
@@ -130,6 +142,12 @@ class InceptionFeatureExtractor(nn.Module):
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features, logits = self.net(images)  # (B, 2048), (B, 1008); resized to 299x299 inside
         return features, logits
+
+    def features_logits_spatial(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        features, logits = self.net(images)
+        return features, logits, self._spatial.take()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.features_and_logits(images)[0]
@@ -187,6 +205,16 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def extractor_provenance(extractor: Any) -> dict[str, str | None]:
+    """What a result records about a feature network: ``name``, ``weights_sha256`` (of the file it was
+    built from) and ``resize`` (the resize path into it, as text); None where the extractor does not say."""
+    return {
+        "name": getattr(extractor, "name", type(extractor).__name__),
+        "weights_sha256": getattr(extractor, "weights_sha256", None),
+        "resize": getattr(extractor, "resize", None),
+    }
+
+
 def extractor_device(extractor: Any) -> torch.device:
     """Where ``extractor`` takes input: its ``device``, else an nn.Module's first parameter's, else CPU."""
     device = getattr(extractor, "device", None)
@@ -213,10 +241,148 @@ class ExtractedFeatures:
     image_size: tuple[int, int]  # (H, W) of the inputs
     extractor_name: str
     extractor_sha256: str | None
+    spatial_stats: FeatureStats | None = None  # sFID's mixed_6/conv statistics (2023), when asked for
 
     @property
     def num_samples(self) -> int:
         return self.stats.num_samples
+
+
+@dataclass
+class FeatureBatch:
+    """What one batch of images gives in the one pass (all float32 on the CPU but ``images``)."""
+
+    images: torch.Tensor  # (B, 3, H, W) uint8, CPU
+    features: torch.Tensor  # (B, D)
+    logits: torch.Tensor | None  # (B, C) when asked for
+    spatial: torch.Tensor | None  # (B, 2023) sFID features when asked for
+
+
+class FeaturePass:
+    """One extractor's share of a pass over images: checks, runs it on each batch, accumulates.
+
+    :func:`extract_features` drives one; :func:`extract_features_many` drives several over the same
+    batches, so images are read once however many networks score them (Inception for FID, sFID, IS
+    and precision/recall; DINOv2 for FD-DINOv2), and each network sees each image once.
+    """
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        with_logits: bool = False,
+        with_spatial: bool = False,
+        keep_features: bool = True,
+        expected_size: tuple[int, int] | None = None,
+        expected_size_label: str = "the expected size",
+    ) -> None:
+        self.extractor = extractor
+        self.name = getattr(extractor, "name", type(extractor).__name__)
+        if with_logits and not hasattr(extractor, "features_and_logits"):
+            raise MetricsError(
+                f"feature extractor {self.name!r} has no features_and_logits(); cannot compute an IS"
+            )
+        if with_spatial and not hasattr(extractor, "features_logits_spatial"):
+            raise MetricsError(
+                f"feature extractor {self.name!r} has no spatial features; sFID needs Inception's"
+            )
+        if isinstance(extractor, nn.Module) and extractor.training:
+            logger.warning(
+                "feature extractor %r is in training mode (dropout/batch norm on): call .eval()", self.name
+            )
+        self.with_logits, self.with_spatial, self.keep_features = with_logits, with_spatial, keep_features
+        self.expected_size, self.expected_size_label = expected_size, expected_size_label
+        self.device = extractor_device(extractor)
+        self.running = RunningFeatureStats()
+        self.running_spatial = RunningFeatureStats() if with_spatial else None
+        self.features: list[torch.Tensor] = []
+        self.logits: list[torch.Tensor] = []
+        self.size: tuple[int, int] | None = None
+        self.seconds = 0.0
+
+    def run(self, batch: torch.Tensor) -> FeatureBatch:
+        """Features of one uint8 CPU batch (B, 3, H, W) (under ``torch.inference_mode`` by the caller)."""
+        if self.expected_size is not None and tuple(batch.shape[2:]) != tuple(self.expected_size):
+            raise MetricsError(
+                f"image size {tuple(batch.shape[2:])} does not match {self.expected_size_label} "
+                f"{tuple(self.expected_size)}"
+            )
+        x = batch.to(self.device, non_blocking=True)
+        spatial = None
+        if self.with_spatial:
+            feats, logits, spatial = self.extractor.features_logits_spatial(x)
+            logits = logits if self.with_logits else None
+        elif self.with_logits:
+            feats, logits = self.extractor.features_and_logits(x)
+        else:
+            feats, logits = self.extractor(x), None
+        if not torch.is_tensor(feats) or feats.ndim != 2 or feats.shape[0] != batch.shape[0]:
+            shape = tuple(feats.shape) if torch.is_tensor(feats) else type(feats).__name__
+            raise MetricsError(
+                f"feature extractor {self.name!r} returned {shape}, expected ({batch.shape[0]}, D)"
+            )
+        return FeatureBatch(
+            images=batch,
+            features=feats.float().cpu(),
+            logits=None if logits is None else logits.float().cpu(),
+            spatial=None if spatial is None else spatial.float().cpu(),
+        )
+
+    def add(self, batch: torch.Tensor) -> FeatureBatch:
+        """:meth:`run` and accumulate: running statistics, and the features/logits kept."""
+        start = time.perf_counter()
+        b = self.run(batch)
+        self.size = (int(batch.shape[2]), int(batch.shape[3]))
+        self.running.update(b.features)
+        if self.running_spatial is not None:
+            self.running_spatial.update(b.spatial)
+        if self.keep_features:
+            self.features.append(b.features)
+        if b.logits is not None:
+            self.logits.append(b.logits)
+        self.seconds += time.perf_counter() - start
+        return b
+
+    def result(self) -> ExtractedFeatures:
+        if self.size is None:
+            raise MetricsError("no images were given")
+        logger.info(
+            "extracted %s features of %d images (%dx%d) in %.1f s",
+            self.name,
+            self.running.n,
+            self.size[0],
+            self.size[1],
+            self.seconds,
+        )
+        return ExtractedFeatures(
+            stats=self.running.finalize(),
+            features=torch.cat(self.features) if self.keep_features else None,
+            logits=torch.cat(self.logits) if self.logits else None,
+            image_size=self.size,
+            extractor_name=self.name,
+            extractor_sha256=getattr(self.extractor, "weights_sha256", None),
+            spatial_stats=None if self.running_spatial is None else self.running_spatial.finalize(),
+        )
+
+
+def iter_feature_batches(
+    extractor: FeatureExtractor,
+    images: ImageSource,
+    batch_size: int,
+    with_logits: bool,
+    with_spatial: bool = False,
+    expected_size: tuple[int, int] | None = None,
+    expected_size_label: str = "",
+) -> Iterator[FeatureBatch]:
+    """One pass of ``extractor`` over ``images``: features, and logits / sFID features when asked for.
+
+    Behind reference statistics (:func:`repa.eval.refstats.compute_reference_stats`): the network
+    runs once per image whatever is asked for. ``expected_size`` (H, W) rejects images of another
+    size before they are processed, naming ``expected_size_label`` in the error.
+    """
+    one = FeaturePass(extractor, with_logits, with_spatial, False, expected_size, expected_size_label)
+    with torch.inference_mode():
+        for batch in iter_image_batches(images, batch_size):
+            yield one.run(batch)
 
 
 def iter_features(
@@ -227,36 +393,22 @@ def iter_features(
     expected_size: tuple[int, int] | None = None,
     expected_size_label: str = "",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """Yield (images uint8 CPU (B,3,H,W), features (B,D) float32 CPU, logits (B,C) or None) per batch.
+    """:func:`iter_feature_batches` as (images uint8 (B,3,H,W), features (B,D), logits (B,C) or None)."""
+    for b in iter_feature_batches(
+        extractor, images, batch_size, with_logits, False, expected_size, expected_size_label
+    ):
+        yield b.images, b.features, b.logits
 
-    The one pass over images behind :func:`extract_features` and reference statistics
-    (:func:`repa.eval.refstats.compute_reference_stats`). ``expected_size`` (H, W) rejects images of
-    another size before they are processed, naming ``expected_size_label`` in the error.
-    """
-    name = getattr(extractor, "name", type(extractor).__name__)
-    if with_logits and not hasattr(extractor, "features_and_logits"):
-        raise MetricsError(f"feature extractor {name!r} has no features_and_logits(); cannot compute an IS")
-    device = extractor_device(extractor)
-    if isinstance(extractor, nn.Module) and extractor.training:
-        logger.warning("feature extractor %r is in training mode (dropout/batch norm on): call .eval()", name)
+
+def extract_features_many(
+    passes: list[FeaturePass], images: ImageSource, batch_size: int = 64
+) -> list[ExtractedFeatures]:
+    """Read ``images`` once and give every batch to each pass in turn; one result per pass."""
     with torch.inference_mode():
         for batch in iter_image_batches(images, batch_size):
-            if expected_size is not None and tuple(batch.shape[2:]) != tuple(expected_size):
-                raise MetricsError(
-                    f"image size {tuple(batch.shape[2:])} does not match {expected_size_label} "
-                    f"{tuple(expected_size)}"
-                )
-            x = batch.to(device, non_blocking=True)
-            if with_logits:
-                feats, logits = extractor.features_and_logits(x)
-            else:
-                feats, logits = extractor(x), None
-            if not torch.is_tensor(feats) or feats.ndim != 2 or feats.shape[0] != batch.shape[0]:
-                shape = tuple(feats.shape) if torch.is_tensor(feats) else type(feats).__name__
-                raise MetricsError(
-                    f"feature extractor {name!r} returned {shape}, expected ({batch.shape[0]}, D)"
-                )
-            yield batch, feats.float().cpu(), None if logits is None else logits.float().cpu()
+            for one in passes:
+                one.add(batch)
+    return [one.result() for one in passes]
 
 
 def extract_features(
@@ -267,43 +419,15 @@ def extract_features(
     keep_features: bool = True,
     expected_size: tuple[int, int] | None = None,
     expected_size_label: str = "the expected size",
+    with_spatial: bool = False,
 ) -> ExtractedFeatures:
     """Run ``extractor`` over all images: running stats, and (optionally) all features and logits.
 
-    ``expected_size`` (H, W) rejects images of another size before they are processed.
+    ``with_spatial`` adds sFID's statistics (Inception only) from the same pass. ``expected_size``
+    (H, W) rejects images of another size before they are processed.
     """
-    running = RunningFeatureStats()
-    feats, logits = [], []
-    size: tuple[int, int] | None = None
-    start = time.perf_counter()
-    for batch, f, lg in iter_features(
-        extractor, images, batch_size, with_logits, expected_size, expected_size_label
-    ):
-        size = (batch.shape[2], batch.shape[3])
-        running.update(f)
-        if keep_features:
-            feats.append(f)
-        if lg is not None:
-            logits.append(lg)
-    if size is None:
-        raise MetricsError("no images were given")
-    name = getattr(extractor, "name", type(extractor).__name__)
-    logger.info(
-        "extracted %s features of %d images (%dx%d) in %.1f s",
-        name,
-        running.n,
-        size[0],
-        size[1],
-        time.perf_counter() - start,
-    )
-    return ExtractedFeatures(
-        stats=running.finalize(),
-        features=torch.cat(feats) if keep_features else None,
-        logits=torch.cat(logits) if logits else None,
-        image_size=size,
-        extractor_name=name,
-        extractor_sha256=getattr(extractor, "weights_sha256", None),
-    )
+    one = FeaturePass(extractor, with_logits, with_spatial, keep_features, expected_size, expected_size_label)
+    return extract_features_many([one], images, batch_size)[0]
 
 
 def compute_feature_stats(

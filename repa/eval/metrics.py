@@ -27,15 +27,30 @@ from repa.eval.features import (
     INCEPTION_NAME,
     ExtractedFeatures,
     FeatureExtractor,
+    FeaturePass,
     extract_features,
+    extract_features_many,
     extractor_device,
     is_published_inception,
 )
 from repa.eval.images import ImageSource
 from repa.eval.refstats import ReferenceStats
-from repa.eval.stats import frechet_distance, inception_score, precision_recall
+from repa.eval.stats import (
+    check_sample_count,
+    checked_frechet_distance,
+    class_balance,
+    inception_score,
+    precision_recall,
+)
 
-__all__ = ["EvalResult", "evaluate_features", "score_images", "write_result_json"]
+__all__ = [
+    "EvalResult",
+    "MetricJob",
+    "evaluate_features",
+    "evaluate_many",
+    "score_images",
+    "write_result_json",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +76,10 @@ class EvalResult:
     reference_sha256: str | None
     reference_url: str | None
     image_size: tuple[int, int]
+    sfid: float | None = None  # ADM's sFID (mixed_6/conv statistics), when the reference has mu_s/sigma_s
+    class_balance: dict[str, Any] | None = (
+        None  # stats.class_balance of the labels; its "problem" names a bad set
+    )
 
     @property
     def metric_name(self) -> str:
@@ -113,8 +132,14 @@ def evaluate_features(
     precision_recall_k: int | None = 3,
     batch_size: int = 64,
     pr_batch_size: int = 10000,
+    labels: Any = None,
+    num_classes: int | None = None,
 ) -> EvalResult:
     """Metrics from already-extracted generated features (e.g. gathered from all ranks).
+
+    Degenerate statistics are refused before any number is made (:func:`repa.eval.stats.check_gaussian`,
+    :func:`~repa.eval.stats.check_sample_count`). ``labels``/``num_classes`` (class-conditional
+    samples) add :func:`~repa.eval.stats.class_balance` to the result.
 
     FID/FD always; IS when ``inception_score_splits`` is set (needs logits); precision/recall when
     ``precision_recall_k`` is set: against ``reference.features`` if stored with the same extractor,
@@ -132,7 +157,30 @@ def evaluate_features(
             f"generated images are {tuple(generated.image_size)} but {_describe(reference)} are of "
             f"{tuple(reference.image_size)} images; evaluate at the reference resolution"
         )
-    fd = frechet_distance(generated.stats.mu, generated.stats.sigma, ref_stats.mu, ref_stats.sigma)
+    name = generated.extractor_name
+    if labels is not None and not num_classes:
+        raise MetricsError("class labels were given without num_classes; pass the model's number of classes")
+    check_sample_count(
+        generated.num_samples, "generated samples", is_splits=inception_score_splits, pr_k=precision_recall_k
+    )
+    if reference.num_images is not None:
+        check_sample_count(reference.num_images, _describe(reference))
+    fd = checked_frechet_distance(
+        generated.stats, ref_stats, f"generated samples ({name} features)", f"{_describe(reference)} ({name})"
+    )
+    sfid = None
+    if generated.spatial_stats is not None and reference.spatial_stats is not None:
+        gs, rs = generated.spatial_stats, reference.spatial_stats
+        if gs.dim != rs.dim:
+            raise MetricsError(
+                f"{_describe(reference)} have {rs.dim} sFID features (mu_s), Inception gives {gs.dim}"
+            )
+        sfid = checked_frechet_distance(
+            gs,
+            rs,
+            "generated samples (sFID's mixed_6/conv features)",
+            f"{_describe(reference)} (sFID's mu_s/sigma_s)",
+        )
 
     is_mean = is_std = None
     if inception_score_splits:
@@ -170,6 +218,8 @@ def evaluate_features(
         reference_sha256=reference.sha256,
         reference_url=reference.source,
         image_size=tuple(generated.image_size),
+        sfid=sfid,
+        class_balance=None if labels is None else class_balance(labels, num_classes),
     )
 
 
@@ -192,6 +242,71 @@ def _reference_features(
     return reference.feature_cache[key]
 
 
+@dataclass
+class MetricJob:
+    """One network's metrics in a pass: ``extractor`` against ``reference``, IS / PR when set."""
+
+    extractor: FeatureExtractor
+    reference: ReferenceStats
+    inception_score_splits: int | None = None
+    precision_recall_k: int | None = None
+
+
+def _plan_pass(job: MetricJob) -> FeaturePass:
+    """Everything that can be refused before the (long) pass over the samples, and that job's pass."""
+    extractor, reference = job.extractor, job.reference
+    name = getattr(extractor, "name", type(extractor).__name__)
+    with_logits = bool(job.inception_score_splits)
+    if with_logits and not hasattr(extractor, "features_and_logits"):
+        raise MetricsError(
+            f"feature extractor {name!r} has no classifier logits; pass inception_score_splits=None"
+        )
+    _check_same_extractor(reference, name, getattr(extractor, "weights_sha256", None))
+    if job.precision_recall_k:
+        _check_precision_recall_possible(reference, name)
+    # sFID whenever the reference has mu_s/sigma_s and the extractor is Inception: same pass, no extra cost.
+    with_spatial = reference.mu_s is not None and hasattr(extractor, "features_logits_spatial")
+    return FeaturePass(
+        extractor,
+        with_logits=with_logits,
+        with_spatial=with_spatial,
+        keep_features=bool(job.precision_recall_k),
+        expected_size=reference.image_size,
+        expected_size_label=f"the image size of {_describe(reference)}",
+    )
+
+
+def evaluate_many(
+    images: ImageSource,
+    jobs: list[MetricJob],
+    batch_size: int = 64,
+    pr_batch_size: int = 10000,
+    labels: Any = None,
+    num_classes: int | None = None,
+) -> list[EvalResult]:
+    """Every job's metrics from ONE read of ``images``: each network sees each image once.
+
+    E.g. Inception against ADM's batch (FID, sFID, IS, precision/recall) and DINOv2 against its own
+    reference statistics (FD-DINOv2). All jobs are checked before the first image is read.
+    """
+    passes = [_plan_pass(job) for job in jobs]
+    extracted = extract_features_many(passes, images, batch_size)
+    return [
+        evaluate_features(
+            generated,
+            job.reference,
+            job.extractor,
+            inception_score_splits=job.inception_score_splits,
+            precision_recall_k=job.precision_recall_k,
+            batch_size=batch_size,
+            pr_batch_size=pr_batch_size,
+            labels=labels,
+            num_classes=num_classes,
+        )
+        for generated, job in zip(extracted, jobs, strict=True)
+    ]
+
+
 def score_images(
     images: ImageSource,
     reference: ReferenceStats,
@@ -200,40 +315,21 @@ def score_images(
     precision_recall_k: int | None = 3,
     batch_size: int = 64,
     pr_batch_size: int = 10000,
+    labels: Any = None,
+    num_classes: int | None = None,
 ) -> EvalResult:
-    """FID (or FD_<name>), IS and precision/recall of ``images`` against ``reference`` in one pass.
+    """FID (or FD_<name>), sFID, IS and precision/recall of ``images`` against ``reference`` in one pass.
+
+    sFID is computed when ``reference`` has ``mu_s``/``sigma_s`` (ADM's batches, repa's Inception
+    statistics) and the extractor gives spatial features (Inception).
 
     Pass ``inception_score_splits=None`` / ``precision_recall_k=None`` to skip IS / PR (e.g. for an
     extractor without logits, or a reference with mu/sigma only). Images must match the reference
     image size when it is known (ADM's reference batch is 256x256); this is checked before any
     feature is computed.
     """
-    name = getattr(extractor, "name", type(extractor).__name__)
-    with_logits = bool(inception_score_splits)
-    if with_logits and not hasattr(extractor, "features_and_logits"):
-        raise MetricsError(
-            f"feature extractor {name!r} has no classifier logits; pass inception_score_splits=None"
-        )
-    _check_same_extractor(reference, name, getattr(extractor, "weights_sha256", None))
-    if precision_recall_k:
-        _check_precision_recall_possible(reference, name)  # before the (long) pass over the samples
-    generated = extract_features(
-        extractor,
-        images,
-        batch_size=batch_size,
-        with_logits=with_logits,
-        expected_size=reference.image_size,
-        expected_size_label=f"the image size of {_describe(reference)}",
-    )
-    return evaluate_features(
-        generated,
-        reference,
-        extractor,
-        inception_score_splits=inception_score_splits,
-        precision_recall_k=precision_recall_k,
-        batch_size=batch_size,
-        pr_batch_size=pr_batch_size,
-    )
+    job = MetricJob(extractor, reference, inception_score_splits, precision_recall_k)
+    return evaluate_many(images, [job], batch_size, pr_batch_size, labels, num_classes)[0]
 
 
 def write_result_json(

@@ -4,8 +4,10 @@ Two formats are read, one is written:
 
 - ADM (openai/guided-diffusion ``evaluations``), e.g. ``VIRTUAL_imagenet256_labeled.npz``:
   ``mu`` (2048,), ``sigma`` (2048, 2048) of Inception pool_3 features, ``arr_0`` (10000, 256, 256, 3)
-  uint8 reference images for precision/recall (``mu_s``/``sigma_s``, for sFID, are ignored).
+  uint8 reference images for precision/recall, ``mu_s`` (2023,), ``sigma_s`` (2023, 2023) of the
+  ``mixed_6/conv`` spatial features for sFID (:mod:`repa.eval.inception`). Read as they are.
 - repa (``repa eval ref-stats``; :func:`save_reference_stats`): ``mu``, ``sigma`` (float64),
+  ``mu_s``/``sigma_s`` as ADM's (when the extractor is Inception),
   ``num_images``, ``feature_extractor`` and ``feature_extractor_sha256`` (which network, which
   weights), ``image_size`` (H, W), and optionally ``features`` (a uniform random subset of the
   features, float32) and/or ``arr_0`` (the same subset of images, NHWC uint8) for precision/recall.
@@ -28,7 +30,7 @@ import numpy as np
 
 from repa import storage
 from repa.eval.errors import MetricsError
-from repa.eval.features import FeatureExtractor, iter_features, sha256_file
+from repa.eval.features import FeatureExtractor, iter_feature_batches, sha256_file
 from repa.eval.images import ImageSource
 from repa.eval.stats import FeatureStats, RunningFeatureStats
 
@@ -66,6 +68,8 @@ class ReferenceStats:
     image_size: tuple[int, int] | None = None  # (H, W) the statistics were computed at
     sha256: str | None = None  # of the file it was loaded from / saved to
     source: str | None = None  # URL it was loaded from / saved to
+    mu_s: np.ndarray | None = None  # (2023,) sFID statistics (ADM's mixed_6/conv[..., :7]); None: no sFID
+    sigma_s: np.ndarray | None = None  # (2023, 2023)
     feature_cache: dict[tuple[str, str | None], Any] = field(default_factory=dict, repr=False, compare=False)
     """Features of ``images`` per (extractor name, weights sha256), filled by the first evaluation."""
 
@@ -82,6 +86,18 @@ class ReferenceStats:
             )
         if not (np.isfinite(self.mu).all() and np.isfinite(self.sigma).all()):
             raise ReferenceStatsError(f"{where}: mu or sigma contains NaN or inf")
+        if (self.mu_s is None) != (self.sigma_s is None):
+            raise ReferenceStatsError(f"{where}: mu_s and sigma_s (sFID) come together; only one is present")
+        if self.mu_s is not None:
+            self.mu_s = np.asarray(self.mu_s, dtype=np.float64)
+            self.sigma_s = np.asarray(self.sigma_s, dtype=np.float64)
+            ds = self.mu_s.shape[0] if self.mu_s.ndim == 1 else -1
+            if ds < 0 or self.sigma_s.shape != (ds, ds):
+                raise ReferenceStatsError(
+                    f"{where}: mu_s {self.mu_s.shape} and sigma_s {self.sigma_s.shape} are not (D,), (D, D)"
+                )
+            if not (np.isfinite(self.mu_s).all() and np.isfinite(self.sigma_s).all()):
+                raise ReferenceStatsError(f"{where}: mu_s or sigma_s contains NaN or inf")
         if self.features is not None:
             self.features = np.asarray(self.features, dtype=np.float32)
             if self.features.ndim != 2 or self.features.shape[1] != d:
@@ -106,6 +122,13 @@ class ReferenceStats:
     @property
     def stats(self) -> FeatureStats:
         return FeatureStats(mu=self.mu, sigma=self.sigma, num_samples=self.num_images or 0)
+
+    @property
+    def spatial_stats(self) -> FeatureStats | None:
+        """sFID's Gaussian (``mu_s``/``sigma_s``), or None when the file has none."""
+        if self.mu_s is None:
+            return None
+        return FeatureStats(mu=self.mu_s, sigma=self.sigma_s, num_samples=self.num_images or 0)
 
 
 def load_reference_stats(url: str | storage.Location, load_images: bool = True) -> ReferenceStats:
@@ -157,6 +180,8 @@ def load_reference_stats(url: str | storage.Location, load_images: bool = True) 
             image_size=None if size is None else tuple(int(s) for s in size),
             sha256=digest,
             source=url,
+            mu_s=optional("mu_s"),
+            sigma_s=optional("sigma_s"),
         )
     if ref.image_size is None and not load_images and "arr_0" in keys:
         # Keep the resolution check even when the images themselves are not loaded.
@@ -198,6 +223,9 @@ def save_reference_stats(url: str | storage.Location, ref: ReferenceStats) -> st
         arrays["feature_extractor_sha256"] = np.asarray(ref.feature_extractor_sha256)
     if ref.image_size is not None:
         arrays["image_size"] = np.asarray(ref.image_size, dtype=np.int64)
+    if ref.mu_s is not None:
+        arrays["mu_s"] = ref.mu_s.astype(np.float64)
+        arrays["sigma_s"] = ref.sigma_s.astype(np.float64)
     if ref.features is not None:
         arrays["features"] = ref.features.astype(np.float32)
     if ref.images is not None:
@@ -253,18 +281,26 @@ def compute_reference_stats(
 
     ``keep_features`` / ``keep_images``: size of a uniform random subset (one reservoir, so the kept
     features and images are the same samples) stored for precision/recall; ADM's reference batch
-    holds 10,000 images. Save the result with :func:`save_reference_stats`.
+    holds 10,000 images. sFID's ``mu_s``/``sigma_s`` come from the same pass when the extractor has
+    spatial features (Inception). Save the result with :func:`save_reference_stats`.
     """
     if keep_features < 0 or keep_images < 0:
         raise ReferenceStatsError(
             f"keep_features/keep_images must be >= 0, got {keep_features}/{keep_images}"
         )
     running = RunningFeatureStats()
+    with_spatial = hasattr(extractor, "features_logits_spatial")
+    running_spatial = RunningFeatureStats()
     reservoir = _Reservoir(max(keep_features, keep_images), seed)
     size = None
-    for batch, feats, _ in iter_features(extractor, images, batch_size, with_logits=False):
+    for b in iter_feature_batches(
+        extractor, images, batch_size, with_logits=False, with_spatial=with_spatial
+    ):
+        batch, feats = b.images, b.features
         size = (int(batch.shape[2]), int(batch.shape[3]))
         running.update(feats)
+        if with_spatial:
+            running_spatial.update(b.spatial)
         if reservoir.capacity:
             columns = [feats.numpy()]
             if keep_images:
@@ -273,6 +309,7 @@ def compute_reference_stats(
     if size is None:
         raise ReferenceStatsError("no reference images were given")
     stats = running.finalize()
+    spatial = running_spatial.finalize() if with_spatial else None
     # The reservoir's slot order is not random (no replacement happens before it is full): shuffle, so the
     # kept images are a uniform subset of the kept features' samples. When everything is kept, keep the
     # input order.
@@ -288,6 +325,8 @@ def compute_reference_stats(
         features=reservoir.subset(0, keep_features, order),
         images=reservoir.subset(1, keep_images, order),
         image_size=size,
+        mu_s=None if spatial is None else spatial.mu,
+        sigma_s=None if spatial is None else spatial.sigma,
     )
 
 

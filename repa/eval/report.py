@@ -73,6 +73,9 @@ def score_label(payload: dict[str, Any]) -> str:
 def score_line(payload: dict[str, Any]) -> str:
     """``FID (50000 samples) 2.0612, IS 271.130, precision 0.7800, recall 0.6100``: one result, printed."""
     parts = [f"{score_label(payload)} {payload['fid']:.4f}"]
+    if payload.get("sfid") is not None:
+        sfid_name = "sFID" if _published(payload) else "sFD (unpublished Inception weights)"
+        parts.append(f"{sfid_name} {payload['sfid']:.4f}")
     is_name = "IS" if _published(payload) else "IS (unpublished Inception weights)"
     if payload.get("inception_score_mean") is not None:
         parts.append(f"{is_name} {payload['inception_score_mean']:.3f}")
@@ -100,7 +103,8 @@ def provenance_brief(payload: dict[str, Any]) -> str:
 
 def metric_tags(payload: dict[str, Any]) -> dict[str, float | None]:
     """The TensorBoard scalars of one result: ``eval/fid`` (``eval/fd_<name>`` for other networks),
-    ``eval/is``, ``eval/precision``, ``eval/recall``. With Inception weights that are not the published
+    ``eval/sfid`` (when the reference has sFID statistics), ``eval/is``, ``eval/precision``,
+    ``eval/recall``. With Inception weights that are not the published
     file (sha256 not starting with its name's prefix, e.g. the random weights of ``repa demo`` and the
     tests) the Fréchet tag is ``eval/fd_unpublished_inception`` and every other tag ends in
     ``_unpublished_inception``: such numbers only compare with the same file."""
@@ -110,6 +114,7 @@ def metric_tags(payload: dict[str, Any]) -> dict[str, float | None]:
         name, suffix = "fd", _TAG_SUFFIX
     return {
         f"eval/{name}{suffix}": payload["fid"],
+        f"eval/sfid{suffix}": payload.get("sfid"),  # None (not written) without mu_s/sigma_s in the reference
         f"eval/is{suffix}": payload.get("inception_score_mean"),
         f"eval/precision{suffix}": payload.get("precision"),
         f"eval/recall{suffix}": payload.get("recall"),

@@ -10,11 +10,17 @@ that are already extracted (numpy/torch only; no network, no storage):
 - IS (Salimans et al. 2016): ``exp(E_x KL(p(y|x) || p(y)))`` over 10 contiguous splits —
   :func:`inception_score`;
 - precision/recall (Kynkäänniemi et al. 2019): k-NN (k=3) manifolds of the pool features —
-  :func:`precision_recall`.
+  :func:`precision_recall`;
+
+and the checks that refuse a score rather than write a meaningless one (:func:`check_gaussian`,
+:func:`check_sample_count`: non-finite, constant or collapsed features, too few samples) and name a
+class-conditional sample set whose labels are not the uniform draw the protocol makes
+(:func:`class_balance`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +30,13 @@ import torch
 from repa.eval.errors import MetricsError
 
 __all__ = [
+    "MIN_SAMPLES",
     "FeatureStats",
     "RunningFeatureStats",
+    "check_gaussian",
+    "check_sample_count",
+    "checked_frechet_distance",
+    "class_balance",
     "frechet_distance",
     "inception_score",
     "precision_recall",
@@ -48,7 +59,13 @@ def _check_psd(eigenvalues: np.ndarray, name: str) -> None:
         raise MetricsError(f"{name} is not positive semi-definite (smallest eigenvalue {eigenvalues[0]:.3g})")
 
 
-def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
+def frechet_distance(
+    mu1: Any,
+    sigma1: Any,
+    mu2: Any,
+    sigma2: Any,
+    checks: Callable[[np.ndarray, np.ndarray], None] | None = None,
+) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (FID when the stats are Inception's).
 
     d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2})   (Dowson & Landau 1982).
@@ -82,8 +99,11 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
     s1 = (s1 + s1.T) / 2  # stored covariances can be asymmetric at rounding level
     s2 = (s2 + s2.T) / 2
     w1, v1 = np.linalg.eigh(s1)  # ascending
+    w2 = np.linalg.eigvalsh(s2)
+    if checks is not None:  # checked_frechet_distance: the sanity checks reuse the eigenvalues
+        checks(w1, w2)
     _check_psd(w1, "sigma1")
-    _check_psd(np.linalg.eigvalsh(s2), "sigma2")
+    _check_psd(w2, "sigma2")
     keep = w1 > _rank_tolerance(w1)
     a = v1[:, keep] * np.sqrt(w1[keep])  # (D, r), S1 = A A^T
     tr_covmean = 0.0
@@ -151,6 +171,12 @@ class RunningFeatureStats:
             return
         if self.mean is not None and x.shape[1] != self.mean.shape[0]:
             raise MetricsError(f"feature dimension changed from {self.mean.shape[0]} to {x.shape[1]}")
+        if not np.isfinite(x).all():
+            bad = int((~np.isfinite(x).all(axis=1)).sum())
+            raise MetricsError(
+                f"{bad} of {x.shape[0]} feature vectors in a batch contain NaN or inf: the images or the "
+                "feature extractor's weights are broken (refusing to score)"
+            )
         mean_b = x.mean(axis=0)
         centered = x - mean_b
         self._merge(x.shape[0], mean_b, centered.T @ centered)
@@ -173,9 +199,123 @@ class RunningFeatureStats:
         self.n = n
 
     def finalize(self) -> FeatureStats:
-        if self.n < 2:
-            raise MetricsError(f"need at least 2 samples for a covariance, got {self.n}")
+        check_sample_count(self.n, "feature statistics")  # a covariance needs 2 samples
         return FeatureStats(mu=self.mean.copy(), sigma=self.scatter / (self.n - 1), num_samples=self.n)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sanity: refuse degenerate statistics (issue 22, item 5)
+# ----------------------------------------------------------------------------------------------------------
+
+MIN_SAMPLES = {"fd": 2, "is": 10, "pr": 4}
+"""Fewest samples each metric is defined for: a covariance needs 2; IS's 10 splits one sample each;
+precision/recall with k=3 a 4th point (k-th neighbour besides itself). ``check_sample_count``
+scales IS/PR with their ``splits``/``k``. Small N is legal above these but biased (FID falls with N,
+Chong & Forsyth 2020): the result records N and ``repa eval compare`` tells numbers of different N apart."""
+
+
+def check_sample_count(
+    n: int, what: str, fd: bool = True, is_splits: int | None = None, pr_k: int | None = None
+) -> None:
+    """Refuse ``n`` samples of ``what`` that are too few for a requested metric (one line, names both)."""
+    needs = []
+    if fd:
+        needs.append(("a Fréchet distance (FID/sFID/FD)", MIN_SAMPLES["fd"]))
+    if is_splits:
+        needs.append((f"an Inception Score over {is_splits} splits", max(MIN_SAMPLES["is"], is_splits)))
+    if pr_k:
+        needs.append((f"precision/recall with k={pr_k}", pr_k + 1))
+    for metric, minimum in needs:
+        if n < minimum:
+            raise MetricsError(
+                f"{what}: {n} samples are too few for {metric}, which needs at least {minimum}"
+            )
+
+
+def checked_frechet_distance(
+    generated: FeatureStats, reference: FeatureStats, gen_what: str, ref_what: str
+) -> float:
+    """:func:`frechet_distance` after :func:`check_gaussian` on both sides (sharing the eigenvalues)."""
+    check_gaussian(generated, gen_what, eigenvalues=False)
+    check_gaussian(reference, ref_what, eigenvalues=False)
+
+    def collapse_checks(w_gen: np.ndarray, w_ref: np.ndarray) -> None:
+        check_gaussian(generated, gen_what, eigenvalues=w_gen)
+        check_gaussian(reference, ref_what, eigenvalues=w_ref)
+
+    return frechet_distance(
+        generated.mu, generated.sigma, reference.mu, reference.sigma, checks=collapse_checks
+    )
+
+
+def check_gaussian(stats: FeatureStats, what: str, eigenvalues: np.ndarray | bool | None = None) -> None:
+    """Refuse degenerate statistics before a Fréchet distance is computed from them.
+
+    - non-finite mu/sigma (a NaN feature anywhere poisons both);
+    - constant features: sigma == 0, every sample gave the same vector (identical images, a network
+      that ignores its input, a broken decode);
+    - collapsed features: the covariance's numerical rank is at most a tenth of what ``N`` samples in
+      ``D`` dimensions span (min(N - 1, D)), e.g. 50,000 samples that are a few hundred distinct images
+      (mode collapse, a sampler returning the same batch). A Fréchet distance is computable then, but
+      it does not measure what the protocol means.
+
+    ``eigenvalues``: sigma's, when already computed; ``False`` skips the (eigenvalue) collapse check.
+    """
+    mu, sigma, n = stats.mu, stats.sigma, stats.num_samples
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise MetricsError(f"{what}: feature statistics contain NaN or inf (refusing to score)")
+    total = float(np.trace(sigma))
+    if total <= 1e-12 * max(1.0, float(mu @ mu)):
+        raise MetricsError(
+            f"{what}: features are constant over all {n} samples (variance {total:.3g}): the images are "
+            "identical or the network ignores its input"
+        )
+    if n >= 3 and eigenvalues is not False:
+        w = np.linalg.eigvalsh((sigma + sigma.T) / 2) if eigenvalues is None else np.asarray(eigenvalues)
+        rank = int((w > _rank_tolerance(w)).sum())
+        span = min(n - 1, stats.dim)
+        if rank < span and rank <= max(1, span // 10):
+            raise MetricsError(
+                f"{what}: features collapsed: the covariance of {n} samples has rank {rank} of a possible "
+                f"{span} (few distinct images: mode collapse or a repeated batch)"
+            )
+
+
+def class_balance(labels: Any, num_classes: int, p_threshold: float = 1e-6) -> dict[str, Any]:
+    """Counts of a class-conditional sample set's labels and whether they fit the protocol's uniform draw.
+
+    Samples draw their label uniformly at random (ADM/REPA ``sample_ddp.py``); the counts are then
+    multinomial, and Pearson's chi-square test against uniform gives ``p_value``. ``problem`` names a
+    set that is not such a draw (p below ``p_threshold``: e.g. one class, half the classes, labels
+    out of range); it is recorded in the result, the score is still computed.
+    """
+    from scipy.stats import chi2
+
+    y = np.asarray(labels).astype(np.int64).ravel()
+    out: dict[str, Any] = {"num_classes": int(num_classes), "num_samples": int(y.size), "problem": None}
+    if y.size == 0:
+        out["problem"] = "no labels"
+        return out
+    outside = int(((y < 0) | (y >= num_classes)).sum())
+    counts = np.bincount(y[(y >= 0) & (y < num_classes)], minlength=num_classes)
+    expected = y.size / num_classes
+    stat = float(((counts - expected) ** 2).sum() / expected)
+    p = float(chi2.sf(stat, num_classes - 1)) if num_classes > 1 else 1.0
+    out.update(
+        min_count=int(counts.min()),
+        max_count=int(counts.max()),
+        classes_present=int((counts > 0).sum()),
+        chi2=stat,
+        p_value=p,
+    )
+    if outside:
+        out["problem"] = f"{outside} labels outside [0, {num_classes})"
+    elif p < p_threshold:
+        out["problem"] = (
+            f"labels are not a uniform draw over {num_classes} classes (chi-square p={p:.2g}; "
+            f"{out['classes_present']} classes present, counts {out['min_count']}..{out['max_count']})"
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

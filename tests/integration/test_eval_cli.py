@@ -218,7 +218,9 @@ def test_inception_fid_and_is_end_to_end_with_random_weights(tmp_path):
         "eval/fd_unpublished_inception",
         "eval/best_fd_unpublished_inception",
         "eval/is_unpublished_inception",
+        "eval/sfid_unpublished_inception",  # repa's Inception reference statistics carry mu_s/sigma_s
     }
+    assert np.isfinite(result["sfid"]) and result["sfid"] > 0
     assert scalars["eval/fd_unpublished_inception"][0][0] == 200
 
 

@@ -118,7 +118,14 @@ def test_the_eval_stack_is_layered():
     assert eval_deps["repa.eval.errors"] == set()
     assert eval_deps["repa.eval.stats"] == {"repa.eval.errors"}
     assert eval_deps["repa.eval.images"] == {"repa.eval.errors"}
-    assert eval_deps["repa.eval.features"] == {"repa.eval.errors", "repa.eval.images", "repa.eval.stats"}
+    assert eval_deps["repa.eval.inception"] == set()  # sFID's layer: a hook, no statistics, no files
+    assert eval_deps["repa.eval.dinov2"] == {"repa.eval.errors"}
+    assert eval_deps["repa.eval.features"] == {
+        "repa.eval.errors",
+        "repa.eval.images",
+        "repa.eval.inception",
+        "repa.eval.stats",
+    }
     assert "repa.eval.metrics" not in eval_deps["repa.eval.refstats"]
 
 
