@@ -2,7 +2,7 @@
 of an evicted trainer.
 
 Stores: the local file system, the session's moto S3 server (its PUT made atomic by
-``tests.moto_conditions``, as AWS's is) and the GCS emulator (``tests.support.gcs_emulator`` adds
+``tests.support.moto_conditions``, as AWS's is) and the GCS emulator (``tests.support.gcs_emulator`` adds
 ``ifGenerationMatch``).
 """
 
@@ -42,7 +42,7 @@ def store(request, tmp_path) -> str:
     if request.param == "file":
         return f"file://{tmp_path}/store"
     if request.param == "s3":
-        from tests.moto_conditions import serialize_puts
+        from tests.support.moto_conditions import serialize_puts
 
         serialize_puts()
         return request.getfixturevalue("s3_bucket") + "/store"
