@@ -30,7 +30,7 @@ from repa.eval.inception import (
     TORCH_BLOCK_NAMES,
     spatial_features,
 )
-from repa.eval.metrics import evaluate
+from repa.eval.metrics import score_images
 from repa.eval.refstats import ReferenceStats, ReferenceStatsError
 from tests.support.eval_helpers import adm_frechet_distance, mixed_images, rel
 
@@ -105,7 +105,7 @@ def test_sfid_equals_an_independent_adm_formula_on_the_same_features(inception, 
     np.testing.assert_allclose(reference.mu_s, ref.mean(axis=0), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(reference.sigma_s, np.cov(ref, rowvar=False), rtol=1e-8, atol=1e-10)
 
-    result = evaluate(images, reference, inception, inception_score_splits=None, precision_recall_k=None)
+    result = score_images(images, reference, inception, inception_score_splits=None, precision_recall_k=None)
     expected = adm_frechet_distance(gen.mean(axis=0), np.cov(gen, rowvar=False), ref.mean(axis=0),
                                     np.cov(ref, rowvar=False))  # fmt: skip
     assert expected > 1.0  # the two sets differ: not a 0 vs 0 comparison
@@ -130,7 +130,7 @@ def test_adm_style_npz_with_mu_s_sigma_s_is_read_as_it_is(tmp_path, inception, i
     ref = load_reference_stats(str(path))
     np.testing.assert_array_equal(ref.mu_s, spatial.mean(0).astype(np.float32))
     assert ref.sigma_s.shape == (2023, 2023) and ref.spatial_stats.dim == 2023
-    result = evaluate(images[:4], ref, inception, inception_score_splits=None, precision_recall_k=None)
+    result = score_images(images[:4], ref, inception, inception_score_splits=None, precision_recall_k=None)
     assert result.sfid is not None and np.isfinite(result.sfid)
 
 
@@ -171,5 +171,5 @@ def _real_weights() -> str:
 def test_real_inception_sfid_of_a_reference_batch_against_itself_is_zero(images):
     inception = build_inception(_real_weights(), device="cpu")
     reference = compute_reference_stats(images, inception, keep_features=0)
-    result = evaluate(images, reference, inception, inception_score_splits=None, precision_recall_k=None)
+    result = score_images(images, reference, inception, inception_score_splits=None, precision_recall_k=None)
     assert abs(result.sfid) < 1e-6 and abs(result.fid) < 1e-6
