@@ -21,7 +21,7 @@ listing while keeping its files for inspection, and :func:`load_latest_verified`
 next-newest one. A later save of the same step first sets the quarantined folder aside under
 ``checkpoints/quarantined/``.
 
-Fencing (docs/kubernetes.md, "One writer per run"): the writes that change what a reader sees -- the
+Fencing (one writer per run, ``repa.lease``): the writes that change what a reader sees -- the
 ``COMMITTED`` marker, a ``QUARANTINED`` marker, the deletions of retention and rollback, setting a
 folder aside -- call ``fence()`` right before them; the trainer passes its lease's
 :meth:`repa.lease.Lease.check_held`, so a trainer whose lease was taken over raises

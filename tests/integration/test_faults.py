@@ -294,9 +294,8 @@ def test_sigterm_to_torchrun_commits_a_slow_checkpoint_exits_143_and_resumes_bit
     assert proc.returncode == 143, output[-6000:]
     assert took > 30.0, f"the save took {took:.0f} s: not slow enough to test the shutdown timeout"
     s3_proxy.throttle(None)
-    ref, state = ckpt.load_latest_verified(
-        storage.Location(run_url, options or {}), quarantine=False
-    )  # verified against COMMITTED
+    # verified against COMMITTED
+    ref, state = ckpt.load_latest_verified(storage.Location(run_url, options or {}), quarantine=False)
     assert ref is not None and state["world_size"] == 2 and ref.step >= 3, output[-6000:]
     assert "Traceback" not in output and "SignalException" not in output, output[-6000:]
     assert [s for s, _ in _scalars(run_url, options, "train/preempted_at_step")] == [ref.step]
