@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,28 +55,19 @@ def flops_per_image(model: nn.Module, model_args: dict[str, Any], encoders: nn.M
     return total
 
 
+@dataclass
 class MetricsProcessor:
     """Per-step reporting of one process (a no-op except on rank 0)."""
 
-    def __init__(
-        self,
-        cfg: RunConfig,
-        info: D.DistInfo,
-        health: HealthGuard,
-        lr: Callable[[], float],
-        flops_per_image: float,
-        num_samples: int,
-        sample_grid: Callable[[], torch.Tensor],
-    ) -> None:
-        self.cfg = cfg
-        self.info = info
-        self.health = health
-        self.lr = lr
-        self.flops_per_image = flops_per_image
-        self.num_samples = num_samples  # per epoch (the manifest's), for the log line's epoch column
-        self.sample_grid = sample_grid
-        self.meter = Throughput()
-        self.tb: TensorBoardLogger | None = None
+    cfg: RunConfig
+    info: D.DistInfo
+    health: HealthGuard
+    lr: Callable[[], float]
+    flops_per_image: float
+    num_samples: int  # per epoch (the manifest's), for the log line's epoch column
+    sample_grid: Callable[[], torch.Tensor]
+    meter: Throughput = field(default_factory=Throughput)
+    tb: TensorBoardLogger | None = None
 
     # ------------------------------------------------------------------ the writer
     def open(self, step: int, resumed: bool) -> None:
