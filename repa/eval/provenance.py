@@ -66,22 +66,15 @@ INFO_FIELDS = ("versions.repa", "versions.torch", "versions.torch_fidelity")
 ALL_FIELDS = SUBJECT_FIELDS + PROTOCOL_FIELDS + INFO_FIELDS
 
 UINT8_CONVERSION = "clamp(255 * (x + 1) / 2, 0, 255), truncated (reference generate.py)"
-# The resize into each network, as it happens (torch-fidelity's port of TF1's graph resizes inside).
-INCEPTION_RESIZE = "uint8 HxW -> float32, TF1-compatible bilinear resize to 299x299 inside the network"
 
 
 def extractor_record(extractor: Any) -> dict[str, Any]:
-    """``{name, weights_sha256, resize}`` of one feature network (its ``resize`` attribute when it
-    has one, else Inception's path for Inception and "the extractor's own" otherwise)."""
-    from repa.eval.features import INCEPTION_NAME
+    """``{name, weights_sha256, resize}`` of one feature network, as the extractor itself says
+    (``repa.eval.features.extractor_provenance``); a custom network that does not say is recorded so."""
+    from repa.eval.features import extractor_provenance
 
-    name = getattr(extractor, "name", type(extractor).__name__)
-    default = INCEPTION_RESIZE if name == INCEPTION_NAME else "the extractor's own (not recorded)"
-    return {
-        "name": name,
-        "weights_sha256": getattr(extractor, "weights_sha256", None),
-        "resize": getattr(extractor, "resize", default),
-    }
+    record = extractor_provenance(extractor)
+    return {**record, "resize": record["resize"] or "the extractor's own (not recorded)"}
 
 
 def label_distribution(labels: Sequence[int], num_classes: int) -> dict[str, Any]:

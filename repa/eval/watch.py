@@ -119,7 +119,7 @@ class Watcher:
             )
         self.cfg = cfg
         self.run_url = cfg.storage.run_url.rstrip("/")
-        self.run = cfg.storage.locate(self.run_url)
+        self.run_at = cfg.storage.locate(self.run_url)
         self.process = process
         self.is_done = is_done
         self.plan = plan
@@ -162,7 +162,7 @@ class Watcher:
     # ------------------------------------------------------------------ one poll
     def poll_once(self, report: WatchReport) -> None:
         """List once and handle every pending checkpoint. Listing errors propagate (the caller backs off)."""
-        committed, partial = ckpt.list_checkpoints(self.run)
+        committed, partial = ckpt.list_checkpoints(self.run_at)
         report.polls += 1
         if partial:
             log.debug("ignoring %d uncommitted checkpoint folder(s): %s", len(partial), partial[:3])
@@ -219,7 +219,7 @@ class Watcher:
 
     def _still_committed(self, source: ckpt.CheckpointSource) -> bool:
         try:
-            return storage.exists(storage.Location(source.url, self.run.options).join(ckpt.MARKER))
+            return storage.exists(storage.Location(source.url, self.run_at.options).join(ckpt.MARKER))
         except Exception:
             return True  # cannot tell: assume it is there (the error is then handled as a failure)
 

@@ -17,8 +17,8 @@ import yaml
 from repa.config import RunConfig
 from repa.data import format as fmt
 from repa.eval import sample as S
-from repa.eval.features import INCEPTION_NAME
-from repa.eval.provenance import ALL_FIELDS, INCEPTION_RESIZE
+from repa.eval.features import INCEPTION_NAME, InceptionFeatureExtractor
+from repa.eval.provenance import ALL_FIELDS
 from repa.eval.refstats import compute_reference_stats, load_reference_stats, save_reference_stats
 from repa.tensorboard import read_scalars
 from tests.support.tiny_features import FEATS
@@ -204,7 +204,7 @@ def test_inception_fid_and_is_end_to_end_with_random_weights(tmp_path):
         {
             "name": INCEPTION_NAME,
             "weights_sha256": result["feature_extractor_sha256"],
-            "resize": INCEPTION_RESIZE,
+            "resize": InceptionFeatureExtractor.resize,
         }
     ]
     assert cli("eval", "compare", str(result_file), str(result_file)) == 0

@@ -140,7 +140,7 @@ def test_compare_names_a_missing_file_in_one_line(tmp_path, capsys):
 def test_scores_say_what_they_are():
     real = result()
     assert score_label(real) == "FID (50000 samples)"
-    assert set(metric_tags(real)) == {"eval/fid", "eval/is", "eval/precision", "eval/recall"}
+    assert set(metric_tags(real)) == {"eval/fid", "eval/sfid", "eval/is", "eval/precision", "eval/recall"}
     random = {**result(), "num_samples": 30, "feature_extractor_sha256": "deadbeef" * 8}
     assert score_label(random) == "FD (unpublished Inception weights, 30 samples)"
     assert score_line(random).startswith("FD (unpublished Inception weights, 30 samples) 1.4200, IS (unpub")
