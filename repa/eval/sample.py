@@ -424,6 +424,7 @@ def cli_error(verb: str, e: BaseException) -> int:
 
 def run(args: argparse.Namespace) -> int:
     cfg, explicit = resolve_config(args)
+    cfg.require_weights("sample", args.config)  # published networks: random weights only on purpose
     info = runtime.init_distributed(cfg.train.device, cfg.train.process_group_timeout_seconds)
     try:
         so = cfg.storage.storage_options or None
