@@ -236,8 +236,10 @@ class EncoderConfig(_Section):
     vanilla SiT (no alignment, no projector)."""
     weights_urls: list[str | None] = field(default_factory=list)
     """Weights file (local path or fsspec URL, timm or original layout) per encoder, same length as
-    ``names``; empty or null entries build randomly initialised encoders (a warning is logged, and
-    alignment with random features does not help). repa never downloads weights itself."""
+    ``names``; `repa weights fetch` stages them. Empty or null entries: an encoder at its published size
+    makes train refuse to start unless ``model.allow_random_weights`` (alignment with random features does
+    not help); a toy-sized one (``model_kwargs``) is built randomly initialised with a warning. repa never
+    downloads weights itself."""
     model_kwargs: list[dict[str, Any]] = field(default_factory=list)
     """``timm.create_model`` overrides per encoder (same length as ``names`` or empty), e.g. the size of
     a small ``timm:`` encoder: ``{embed_dim: 64, depth: 2, num_heads: 2, patch_size: 2, img_size: 32}``."""
@@ -277,8 +279,9 @@ class VAEConfig(_Section):
     for tiny CPU runs)."""
     weights_url: str | None = None
     """Weights of the VAE: a diffusers-format folder (config.json + diffusion_pytorch_model.safetensors),
-    local path or fsspec URL. null = random weights with a warning (fine for decoding toy grids);
-    `repa prepare latents` refuses to store moments from a random SD-VAE. Unused for ``none``."""
+    local path or fsspec URL. null: train, sample, eval and watch refuse to start unless
+    ``model.allow_random_weights`` (then random weights with a warning); `repa prepare latents` refuses
+    to store moments from a random SD-VAE. Unused for ``none``."""
     latents_scale: float = setting(0.18215, gt=0.0)
     """Multiplies sampled latents (SD-VAE's scaling factor, all 4 channels)."""
     latents_bias: float = 0.0
