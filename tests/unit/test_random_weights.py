@@ -108,3 +108,29 @@ def test_named_random_choice_trains_and_is_recorded_in_the_checkpoint(tmp_path):
     assert main(["train", "--config", "toy-cpu", *_sets(*sets)]) == 0
     state = ckpt.load_checkpoint_state(ckpt.latest_checkpoint(run_url))
     assert state["config"]["model"]["allow_random_weights"] is True
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_named_random_choice_is_recorded_in_the_eval_result_json(tmp_path, feats, reference):
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from repa.config import RunConfig
+    from tests.tiny_features import FEATS
+    from tests.tiny_runs import commit_tiny_checkpoint, tiny_run_config
+
+    run_url = str(tmp_path / "run")
+    tree = tiny_run_config(
+        run_url,
+        model={"allow_random_weights": True},
+        sample={"num_samples": 6, "num_steps": 2, "batch_size_per_device": 6},
+        eval={"reference_stats_url": reference},
+    )
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tree))
+    commit_tiny_checkpoint(RunConfig.from_dict(tree), 10)
+    argv = ["eval", "--config", str(tmp_path / "cfg.yaml"), "--feature-extractor", FEATS, "--no-progress"]
+    assert main(argv) == 0
+    (result,) = Path(run_url, "eval", "step-0000010").glob("result-*.json")
+    assert json.loads(result.read_text())["protocol"]["allow_random_weights"] is True
