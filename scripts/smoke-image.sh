@@ -140,7 +140,7 @@ say "sample ok: $n files under samples/ ($((SECONDS - t)) s)"
 
 # ---- S3 (moto) on the loopback of a network namespace the container joins ------------------------------
 MOTO="$(dirname "$PY")/moto_server"
-unshare --net sh -c 'ip link set lo up 2> /dev/null || true; exec "$0" -H 127.0.0.1 -p 5555' "$MOTO" > "$WORK/moto.log" 2>&1 &
+unshare --net sh -c 'ip link set lo up && exec "$0" -H 127.0.0.1 -p 5555' "$MOTO" > "$WORK/moto.log" 2>&1 &
 MOTO_PID=$!
 NETNS="/proc/$MOTO_PID/ns/net"
 S3ENV=(-e AWS_ENDPOINT_URL_S3=http://127.0.0.1:5555 -e AWS_ACCESS_KEY_ID=smoke -e AWS_SECRET_ACCESS_KEY=smoke
@@ -155,7 +155,7 @@ import sys, s3fs
 fs = s3fs.S3FileSystem()
 fs.mkdir("smoke")
 fs.put(sys.argv[1] + "/", "smoke/data/", recursive=True)
-' "$WORK/data" || fail "could not stage the data in the local S3 server"
+' "$WORK/data" || { cat "$WORK/moto.log" >&2; fail "could not stage the data in the local S3 server"; }
 t=$SECONDS
 S3RUN=()
 for a in "${RUN[@]}"; do
@@ -177,7 +177,7 @@ mapfile -d '' LONG < <(set_args train.max_steps=100000 checkpoint.every_steps=10
 "${RUN[@]/--rm/--name=repa-smoke-term}" "${VOL[@]}" "$IMAGE" train --config toy-cpu "${LONG[@]}" \
 	--set storage.run_url=file:///runs/term > "$WORK/term.log" 2>&1 &
 for _ in $(seq 240); do
-	grep -q 'step' "$WORK/term.log" 2> /dev/null && [ -d "$WORK/runs/term" ] && break
+	grep -Eq 'step +[0-9]+ of' "$WORK/term.log" 2> /dev/null && break # training has started
 	sleep 0.5
 done
 sleep 2

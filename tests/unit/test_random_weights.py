@@ -81,19 +81,14 @@ def test_toy_preset_needs_no_weights(capsys):
 
 
 def test_named_random_choice_trains_and_is_recorded_in_the_checkpoint(tmp_path):
-    import numpy as np
-
     from repa import checkpoint as ckpt
-    from repa import synthetic
     from repa.data.prepare import prepare_images, prepare_latents
+    from tests.datasets import make_imagenet_tree
     from tests.tiny_runs import TINY_TRAIN_SETS
 
-    rng = np.random.default_rng(0)
-    labels = np.arange(16) % 10
-    images = np.stack([synthetic.draw_shape(int(c), 16, rng)[0] for c in labels])
-    synthetic.write_image_tree(tmp_path / "images", images, labels)
+    tree = make_imagenet_tree(tmp_path / "images", per_class=4, corrupt=0)
     data_url, run_url = f"file://{tmp_path}/shards", f"file://{tmp_path}/run"
-    prepare_images(str(tmp_path / "images"), data_url, resolution=16, samples_per_shard=8)
+    prepare_images(str(tree.root), data_url, resolution=16, samples_per_shard=8)
     prepare_latents(data_url, vae="none", batch_size=8)
     sets = [
         *TINY_TRAIN_SETS,
