@@ -183,7 +183,9 @@ def check_config_early(verb: str, argv: Sequence[str]) -> int | None:
     imported; None when the config loads (or lies on remote storage, which the verb reads and reports)."""
     from repa.config import add_config_arguments, config_from_args
 
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(
+        add_help=False, allow_abbrev=False
+    )  # abbreviations: the verb parses them
     add_config_arguments(parser)
     known, _ = parser.parse_known_args(list(argv)[list(argv).index(verb) + 1 :])
     if known.config and "://" in known.config and not known.config.startswith("file://"):
