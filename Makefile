@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv tools test lint demo convergence clean lock image-env
+.PHONY: venv tools test lint demo convergence clean lock image image-env
 
 venv: $(STAMP)
 
@@ -30,15 +30,22 @@ lock: venv
 	$(VENV)/bin/uv pip compile -q pyproject.toml -c requirements/constraints.txt $(LOCK_FLAGS) $(LOCK_ARGS) -o requirements/lock.txt
 	$(VENV)/bin/uv pip compile -q pyproject.toml --extra test --extra dev -c requirements/lock.txt $(LOCK_FLAGS) $(LOCK_ARGS) -o requirements/lock-dev.txt
 
-# The image's Python environment built exactly as docker/Dockerfile builds it (this machine has no
-# container engine): a fresh venv, the repa wheel built with --no-deps, docker/install-env.sh (the lock,
+# The image: docker/Dockerfile built with buildah (or podman build) + runc as localhost/repa:<version>, then
+# run as the chart runs it (scripts/smoke-image.sh). Needs buildah, podman, runc, debootstrap (Debian:
+# apt-get install buildah podman runc debootstrap) and the venv's helm (make tools) for the smoke run.
+image: venv
+	nice -n 10 bash scripts/build-image.sh
+
+# The image's Python environment built as docker/Dockerfile builds it, for machines without a container
+# engine: a fresh venv, the repa wheel built with --no-deps, docker/install-env.sh (lock: the lock; package:
 # the wheel with --no-deps, pip check, docker/image_check.py). Removed afterwards (~6 GB).
 IMAGE_ENV ?= build/image-env
 image-env:
 	rm -rf $(IMAGE_ENV) build/image-wheels
 	$(PYTHON) -m venv $(IMAGE_ENV)
 	$(IMAGE_ENV)/bin/python -m pip wheel -q --no-cache-dir --no-deps --wheel-dir build/image-wheels .
-	sh docker/install-env.sh $(abspath $(IMAGE_ENV))/bin/python requirements/lock.txt build/image-wheels \
+	sh docker/install-env.sh lock $(abspath $(IMAGE_ENV))/bin/python requirements/lock.txt
+	sh docker/install-env.sh package $(abspath $(IMAGE_ENV))/bin/python build/image-wheels \
 	  --torch $$(sed -n 's/^ARG TORCH_VERSION=//p' docker/Dockerfile) \
 	  --torchvision $$(sed -n 's/^ARG TORCHVISION_VERSION=//p' docker/Dockerfile) \
 	  --cuda $$(sed -n 's/^ARG TORCH_CUDA=//p' docker/Dockerfile)

@@ -1,8 +1,9 @@
 """The image's build-time check: does the installed environment train and evaluate, not just `repa --help`?
 
-Run by docker/Dockerfile and docker/Dockerfile.cpu at build time (a failing check fails the build) and by
-`make image-env` on CI, in a fresh venv built the same way (docker/install-env.sh: requirements/lock.txt,
-then the repa wheel with --no-deps). Offline, CPU only, random weights, about 30 s:
+Run by docker/Dockerfile at build time, in the package layer (a failing check fails the build; `make image`
+on CI), and by `make image-env` in a fresh venv built the same way where no container engine is
+(docker/install-env.sh: `lock` = requirements/lock.txt, then `package` = the repa wheel with --no-deps).
+Offline, CPU only, random weights, about 30 s:
 
 1. the installed versions: torch and torchvision as pinned (``--torch``, ``--torchvision``: the
    Dockerfile's ARGs) and, with ``--cuda``, torch's CUDA build;

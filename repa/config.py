@@ -43,6 +43,7 @@ __all__ = [
     "PRESETS_DIR",
     "REQUIRED_FOR",
     "SECTIONS",
+    "SIZE_KWARGS",
     "VAE_DOWNSAMPLE",
     "VAE_LATENT_CHANNELS",
     "CheckpointConfig",
@@ -52,6 +53,7 @@ __all__ = [
     "EvalConfig",
     "HealthConfig",
     "LogConfig",
+    "MissingWeightsError",
     "ModelConfig",
     "ObjectiveConfig",
     "RunConfig",
@@ -102,6 +104,18 @@ class ConfigError(ValueError):
         self.key = key
         text = f"{key}: {message}" if key else message
         super().__init__(" ".join(text.split()))
+
+
+class MissingWeightsError(ConfigError):
+    """A run of published networks lacks weights URLs: one line per missing key (not folded)."""
+
+    def __init__(self, key: str, lines: Sequence[str]) -> None:
+        super().__init__(key, "missing weights")
+        self.lines = list(lines)
+        self.args = ("\n".join(self.lines),)
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
 
 
 def setting(
@@ -181,6 +195,13 @@ class ModelConfig(_Section):
     """Override the table's number of attention heads (must divide the width); null = the table's."""
     patch_size: int | None = setting(None, ge=1)
     """Override the patch size; null = the ``/N`` of ``name``."""
+    allow_random_weights: bool = False
+    """Random weights only on purpose: true lets a run whose networks are the published ones (an encoder
+    at its full size, an SD-VAE) start where a weights URL it needs is null, building those networks
+    randomly initialised (ablations, tests). Recorded in the run's config.yaml, every checkpoint and the
+    eval result JSON. false: `repa train`, `sample`, `eval`, `watch` and `repa config validate --for`
+    refuse, naming each missing key and the `repa weights fetch` command that fills it. Toy runs (tiny
+    ``encoder.model_kwargs``, ``vae.name: none``) need no weights either way."""
 
     def architecture(self) -> dict[str, int]:
         """Resolved ``depth``, ``hidden_size``, ``num_heads``, ``patch_size`` (table value or override).
@@ -215,8 +236,10 @@ class EncoderConfig(_Section):
     vanilla SiT (no alignment, no projector)."""
     weights_urls: list[str | None] = field(default_factory=list)
     """Weights file (local path or fsspec URL, timm or original layout) per encoder, same length as
-    ``names``; empty or null entries build randomly initialised encoders (a warning is logged, and
-    alignment with random features does not help). repa never downloads weights itself."""
+    ``names``; `repa weights fetch` stages them. Empty or null entries: an encoder at its published size
+    makes train refuse to start unless ``model.allow_random_weights`` (alignment with random features does
+    not help); a toy-sized one (``model_kwargs``) is built randomly initialised with a warning. repa never
+    downloads weights itself."""
     model_kwargs: list[dict[str, Any]] = field(default_factory=list)
     """``timm.create_model`` overrides per encoder (same length as ``names`` or empty), e.g. the size of
     a small ``timm:`` encoder: ``{embed_dim: 64, depth: 2, num_heads: 2, patch_size: 2, img_size: 32}``."""
@@ -256,8 +279,9 @@ class VAEConfig(_Section):
     for tiny CPU runs)."""
     weights_url: str | None = None
     """Weights of the VAE: a diffusers-format folder (config.json + diffusion_pytorch_model.safetensors),
-    local path or fsspec URL. null = random weights with a warning (fine for decoding toy grids);
-    `repa prepare latents` refuses to store moments from a random SD-VAE. Unused for ``none``."""
+    local path or fsspec URL. null: train, sample, eval and watch refuse to start unless
+    ``model.allow_random_weights`` (then random weights with a warning); `repa prepare latents` refuses
+    to store moments from a random SD-VAE. Unused for ``none``."""
     latents_scale: float = setting(0.18215, gt=0.0)
     """Multiplies sampled latents (SD-VAE's scaling factor, all 4 channels)."""
     latents_bias: float = 0.0
@@ -687,6 +711,8 @@ def _below(url: str, root: str) -> bool:
 #                                   RunConfig                                   #
 #################################################################################
 
+# encoder.model_kwargs keys that change an encoder's size: with one, it is a toy, not the published network.
+SIZE_KWARGS = frozenset({"embed_dim", "depth", "num_heads", "mlp_ratio"})
 # Keys each verb needs besides the defaults (checked by RunConfig.require / `repa config validate --for`).
 REQUIRED_FOR: dict[str, tuple[str, ...]] = {
     "prepare": ("data.url",),
@@ -849,12 +875,72 @@ class RunConfig:
                 raise ConfigError(key, f"required by {purpose}; set it in the config or with --set {key}=...")
         return self
 
-    def require_for(self, verb: str) -> RunConfig:
-        """Check the keys ``repa <verb>`` needs (``REQUIRED_FOR``; sampling verbs: a decoding VAE)."""
+    def require_for(self, verb: str, config: str | None = None) -> RunConfig:
+        """Check the keys ``repa <verb>`` needs (``REQUIRED_FOR``; sampling verbs: a decoding VAE; the
+        weights of published networks, :meth:`require_weights`, whose message shows ``config``)."""
         self.require(*REQUIRED_FOR.get(verb, ()), purpose=f"`repa {verb}`")
         if verb in ("sample", "eval", "watch"):
             self.decoder_vae()
-        return self
+        return self.require_weights(verb, config)
+
+    def published_networks(self) -> list[str]:
+        """Networks of this run at their published size, whose random initialisation would silently
+        spoil it: every encoder without a size override in ``encoder.model_kwargs`` and an SD-VAE. A toy
+        run (tiny timm encoder, ``vae.name: none``) has none; it then needs no Inception weights either."""
+        out = [n for i, n in enumerate(self.encoder.names) if not SIZE_KWARGS & set(self.encoder.kwargs(i))]
+        return out + ([self.vae.name] if self.vae.name != "none" else [])
+
+    def missing_weights(self, verb: str) -> list[tuple[str, str]]:
+        """``(key, repa weights fetch catalogue name)`` of every weights URL ``repa <verb>`` needs and
+        this config leaves null; empty for toy runs and with ``model.allow_random_weights``."""
+        if self.model.allow_random_weights or not self.published_networks():
+            return []
+        out = []
+        if verb == "train":
+            sized = [
+                i for i, _ in enumerate(self.encoder.names) if not SIZE_KWARGS & set(self.encoder.kwargs(i))
+            ]
+            out += [
+                (f"encoder.weights_urls[{i}]", self.encoder.names[i])
+                for i in sized
+                if not self.encoder.weights_url(i)
+            ]
+            if self.vae.name != "none" and not self.vae.weights_url:
+                out.append(("vae.weights_url", self.vae.name))
+        if verb in ("sample", "eval", "watch"):
+            decoder = self.decoder_vae_name()
+            url = self.sample.vae_weights_url or (self.vae.weights_url if decoder == self.vae.name else None)
+            if decoder != "none" and not url:
+                out.append(
+                    ("vae.weights_url" if decoder == self.vae.name else "sample.vae_weights_url", decoder)
+                )
+        if (
+            verb in ("eval", "watch")
+            and not self.eval.feature_extractor
+            and not self.eval.inception_weights_url
+        ):
+            out.append(("eval.inception_weights_url", "inception"))
+        return out
+
+    def require_weights(self, verb: str, config: str | None = None) -> RunConfig:
+        """Raise MissingWeightsError, one line per key of :meth:`missing_weights` naming the
+        ``repa weights fetch`` command that fills it (``config``: the --config to show in it)."""
+        missing = self.missing_weights(verb)
+        if not missing:
+            return self
+        names = ", ".join(self.published_networks())
+        lines = [
+            f"`repa {verb}` would run the published networks of this config ({names}) on RANDOM weights: "
+            f"{len(missing)} weights URL(s) missing (random weights only on purpose: "
+            "--set model.allow_random_weights=true)"
+        ]
+        shown = f" --config {config}" if config else " --config CONFIG"
+        lines += [
+            f"  {key} ({name}) is null: `repa weights fetch{shown} --only {name} DEST` stages it and prints "
+            f"the --set {key.split('[')[0]}=... line"
+            for key, name in missing
+        ]
+        raise MissingWeightsError(missing[0][0], lines)
 
     # ---------------------------------------------------------------- conversion
     def to_dict(self) -> dict[str, Any]:

@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     elif action == "validate":
         cfg = config_from_args(args)
         if args.verb:
-            cfg.require_for(args.verb)
+            cfg.require_for(args.verb, args.config)
         n = len(args.overrides)
         sys.stdout.write(f"ok: {args.config or 'defaults'}{f' with {n} override(s)' if n else ''}\n")
     elif action in ("schema", "docs"):

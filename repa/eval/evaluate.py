@@ -329,6 +329,7 @@ def evaluate_checkpoint(
             "sha256": result.feature_extractor_sha256,
         },
         "metrics": sorted(cfg.eval.metrics),
+        "allow_random_weights": cfg.model.allow_random_weights,  # model.allow_random_weights (issue 20)
         "batch_size_per_device": cfg.sample.batch_size_per_device,
         "world_size": info.world_size,
         "device": str(info.device),

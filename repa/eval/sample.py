@@ -369,6 +369,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         verb = resolve_config(args)
         cfg, source = verb.cfg, verb.source
+        cfg.require_weights("sample", args.config)  # published networks: random weights only on purpose
         info = runtime.init_distributed(cfg.train.device, cfg.train.process_group_timeout_seconds)
         loaded = ckpt.load_model(
             cfg,

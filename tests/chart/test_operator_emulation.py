@@ -59,7 +59,7 @@ PROFILE = "emulation"
 CONFIG_PATH = "/etc/repa/config.yaml"  # the chart's mount of the run config (repa.configPath)
 OPERATOR_RDZV_PORT = 23456  # the operator's default rdzvPort
 SECRET_NAME = "repa-s3-credentials"  # storageAuth.existingSecret in the profile
-# The image's ENV (docker/Dockerfile, docker/Dockerfile.cpu) that matters for where files go.
+# The image's ENV (docker/Dockerfile) that matters for where files go.
 IMAGE_ENV = {
     "PYTHONUNBUFFERED": "1",
     "PYTHONDONTWRITEBYTECODE": "1",

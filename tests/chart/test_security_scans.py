@@ -29,7 +29,7 @@ from chart_helpers import (
 )
 
 JUSTIFICATIONS = Path(__file__).parent / "checkov_justifications.yaml"
-DOCKERFILES = (ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cpu")
+DOCKERFILES = (ROOT / "docker" / "Dockerfile",)  # one image for GPU and CPU nodes
 
 
 def component_of(obj: dict) -> str:
@@ -181,7 +181,11 @@ def test_hadolint_does_flag_a_bad_dockerfile(tmp_path: Path) -> None:
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_image_is_pinned_non_root_and_enters_through_repa(dockerfile: Path) -> None:
     lines = [ln.strip() for ln in dockerfile.read_text().splitlines()]
+    args = dict(ln.split()[1].split("=", 1) for ln in lines if ln.startswith("ARG ") and "=" in ln)
+    stages = {ln.split()[3] for ln in lines if ln.startswith("FROM ") and len(ln.split()) == 4}
     froms = [ln.split()[1] for ln in lines if ln.startswith("FROM ")]
+    froms = [re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), ""), ref) for ref in froms]
+    froms = [ref for ref in froms if ref not in stages]  # `FROM env`: a stage of this file
     assert froms and all(re.search(r":\d[\w.-]*$", ref) for ref in froms), froms  # version tags, not latest
     assert len(set(froms)) == 1, "build and runtime stages share one base"
     assert lines[-2:] == ['ENTRYPOINT ["repa"]', 'CMD ["--help"]']

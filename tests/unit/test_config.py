@@ -395,7 +395,7 @@ def test_require_names_the_missing_key():
     with pytest.raises(ConfigError) as info:
         cfg.require_for("train")
     assert info.value.key == "data.url" and "--set data.url=" in str(info.value)
-    cfg = load_config(None, ["data.url=s3://d", "storage.run_url=s3://r"])
+    cfg = load_config(None, ["data.url=s3://d", "storage.run_url=s3://r", "model.allow_random_weights=true"])
     assert cfg.require_for("train") is cfg
 
 

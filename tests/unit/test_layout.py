@@ -156,6 +156,7 @@ def test_loading_validating_and_showing_a_config_imports_no_torch():
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    assert main(['config', 'show', '--config', 'sit-xl-2-repa']) == 0\n"
         "    watch = ['--for', 'watch', '--set', 'storage.run_url=s3://b/r']\n"
+        "    watch += ['--set', 'model.allow_random_weights=true']\n"
         "    assert main(['config', 'validate', '--config', 'sit-b-2-repa', *watch]) == 0\n"
         "    assert main(['config', 'schema']) == 0\n"
         "heavy = sorted(m for m in ('torch', 'timm', 'numpy', 'fsspec', 'diffusers') if m in sys.modules)\n"

@@ -1,13 +1,14 @@
-"""One lock for CI and the images: the Dockerfiles, requirements/lock*.txt and requirements/constraints.txt
+"""One lock for CI and the image: docker/Dockerfile, requirements/lock*.txt and requirements/constraints.txt
 agree, and CI and the images install the same way.
 
 - ``requirements/lock.txt`` (uv, ``make lock``) holds every runtime dependency of pyproject.toml at a
   version its range allows, and every pin of ``requirements/constraints.txt``; ``lock-dev.txt`` (CI's venv)
   has the same pins plus the test and dev extras;
-- both Dockerfiles start from ``python:X.Y.Z`` with the lock's Python minor version, name the lock's
-  torch/torchvision in their ``TORCH_VERSION``/``TORCHVISION_VERSION`` ARGs (the build-time check asserts
-  them), the GPU one the CUDA version of the locked CUDA runtime wheel; they install through
-  ``docker/install-env.sh`` from ``requirements/lock.txt``, which ``make image-env`` runs the same way;
+- the Dockerfile's stages start from ``python:X.Y.Z`` (its ``BASE_IMAGE`` ARG) with the lock's Python minor
+  version; it names the lock's torch/torchvision in its ``TORCH_VERSION``/``TORCHVISION_VERSION`` ARGs
+  (the build-time check asserts them) and the CUDA version of the locked CUDA runtime wheel; it installs
+  through ``docker/install-env.sh`` (``lock`` from ``requirements/lock.txt``, then ``package``), which
+  ``make image-env`` runs the same way;
 - ``make venv`` installs ``lock-dev.txt`` and the package with ``--no-deps``.
 
 :func:`disagreements` returns one line per mismatch, so the last test can show that a changed
@@ -26,7 +27,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCKERFILES = ("docker/Dockerfile", "docker/Dockerfile.cpu")
+DOCKERFILES = ("docker/Dockerfile",)  # one image for GPU and CPU nodes (the same lock)
 FILES = (
     "pyproject.toml",
     "Makefile",
@@ -96,7 +97,12 @@ def disagreements(root: Path) -> list[str]:
     for name in DOCKERFILES:
         text = (root / name).read_text()
         args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
+        stages = set(re.findall(r"^FROM \S+ AS (\S+)", text, re.M))
         for base in re.findall(r"^FROM (\S+)", text, re.M):
+            for arg, value in args.items():
+                base = base.replace(f"${{{arg}}}", value)
+            if base in stages:
+                continue
             m = re.fullmatch(r"python:(\d+\.\d+)\.\d+-slim-\w+", base)
             if not m or m.group(1) != python:
                 out.append(f"{name}: base {base} is not python:{python}.x-slim (the lock's Python)")
@@ -109,11 +115,11 @@ def disagreements(root: Path) -> list[str]:
             out.append(
                 f"{name}: ARG TORCH_CUDA={args['TORCH_CUDA']} but the lock's CUDA runtime is {cuda_runtime}"
             )
-        if not re.search(
-            r"sh /build/docker/install-env\.sh python /build/requirements/lock\.txt /wheels", text
-        ):
+        if not re.search(r"sh /build/docker/install-env\.sh lock python /build/requirements/lock\.txt", text):
             out.append(f"{name}: does not install through docker/install-env.sh from requirements/lock.txt")
-    if not re.search(r"sh docker/install-env\.sh .+/bin/python requirements/lock\.txt", makefile):
+        if not re.search(r"sh /build/docker/install-env\.sh package python /wheels", text):
+            out.append(f"{name}: does not install the repa wheel through docker/install-env.sh package")
+    if not re.search(r"sh docker/install-env\.sh lock .+/bin/python requirements/lock\.txt", makefile):
         out.append("Makefile: image-env does not run docker/install-env.sh with requirements/lock.txt")
     if not re.search(r"install -q -r requirements/lock-dev\.txt\n.*install -q --no-deps -e \.", makefile):
         out.append(
@@ -155,7 +161,7 @@ def _edit(root: Path, name: str, old: str, new: str) -> None:
             "ARG TORCH_VERSION=2.7.1",
         ),
         (
-            "docker/Dockerfile.cpu",
+            "docker/Dockerfile",
             "FROM python:3.11.13-slim-bookworm AS build",
             "FROM python:3.12.9-slim-bookworm AS build",
             "python:3.12.9",
@@ -163,8 +169,8 @@ def _edit(root: Path, name: str, old: str, new: str) -> None:
         ("docker/Dockerfile", "ARG TORCH_CUDA=13.0", "ARG TORCH_CUDA=12.8", "TORCH_CUDA=12.8"),
         (
             "docker/Dockerfile",
-            "/build/requirements/lock.txt /wheels",
-            "/build/requirements.txt /wheels",
+            "lock python /build/requirements/lock.txt",
+            "lock python /build/requirements.txt",
             "install-env",
         ),
         ("requirements/lock.txt", "\ntorch==2.14.1\n", "\ntorch==2.13.0\n", "torch==2.13.0"),
