@@ -83,8 +83,8 @@ def test_toy_preset_needs_no_weights(capsys):
 def test_named_random_choice_trains_and_is_recorded_in_the_checkpoint(tmp_path):
     from repa import checkpoint as ckpt
     from repa.data.prepare import prepare_images, prepare_latents
-    from tests.datasets import make_imagenet_tree
-    from tests.tiny_runs import TINY_TRAIN_SETS
+    from tests.support.datasets import make_imagenet_tree
+    from tests.support.tiny_runs import TINY_TRAIN_SETS
 
     tree = make_imagenet_tree(tmp_path / "images", per_class=4, corrupt=0)
     data_url, run_url = f"file://{tmp_path}/shards", f"file://{tmp_path}/run"
@@ -113,8 +113,8 @@ def test_named_random_choice_is_recorded_in_the_eval_result_json(tmp_path, feats
     import yaml
 
     from repa.config import RunConfig
-    from tests.tiny_features import FEATS
-    from tests.tiny_runs import commit_tiny_checkpoint, tiny_run_config
+    from tests.support.tiny_features import FEATS
+    from tests.support.tiny_runs import commit_tiny_checkpoint, tiny_run_config
 
     run_url = str(tmp_path / "run")
     tree = tiny_run_config(
