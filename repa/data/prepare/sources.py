@@ -1,4 +1,5 @@
-"""`repa prepare` sources: an ImageNet-style tree ``<class>/<image>``, as a folder or a tar, on any URL.
+"""`repa prepare` sources: an ImageNet-style tree ``<class>/<image>``, as a folder or a tar, on any URL;
+or IDX files (MNIST, Fashion-MNIST; ``repa.data.prepare.idx``).
 
 A source lists its images as ``SourceFile``s (classes sorted, labels = sorted class index, file
 names sorted, as the reference) and reads one image's bytes; see docs/data.md, "How the images
@@ -170,7 +171,7 @@ class TarSource:
         self._file.close()
 
 
-Source = FolderSource | TarSource
+Source = FolderSource | TarSource  # | idx.IdxSource (same interface)
 
 
 def open_source(
@@ -180,9 +181,15 @@ def open_source(
     storage_options: dict[str, Any] | None = None,
     num_threads: int = 8,
 ) -> Source:
-    """A FolderSource or (``*.tar``) TarSource; PrepareError if missing or without class folders."""
+    """An IdxSource (IDX files), a TarSource (``*.tar``) or a FolderSource; PrepareError if missing or
+    without class folders."""
     if not storage.exists(source_url, storage_options):
         raise PrepareError(f"{source_url}: source not found")
+    from repa.data.prepare.idx import IdxSource, is_idx_source  # idx builds on this module's SourceFile
+
+    where = storage.Location(source_url, storage_options or {})
+    if is_idx_source(where):
+        return IdxSource(where, max_per_class=max_per_class)
     if source_url.rstrip("/").lower().endswith(".tar"):
         return TarSource(source_url, max_per_class=max_per_class, storage_options=storage_options)
     return FolderSource(
