@@ -25,7 +25,7 @@ from PIL import Image
 
 from repa import storage
 from repa.data.prepare.report import PrepareError
-from repa.data.prepare.sources import SourceFile
+from repa.data.prepare.source_file import SourceFile
 
 __all__ = ["IdxSource", "find_idx_pair", "is_idx_source", "read_idx"]
 

@@ -16,23 +16,23 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from repa import storage
+from repa.data.prepare.idx import IdxSource, is_idx_source
 from repa.data.prepare.report import PrepareError
+from repa.data.prepare.source_file import SourceFile
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_EXTENSIONS", "FolderSource", "Source", "SourceFile", "TarSource", "open_source"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "FolderSource",
+    "IdxSource",
+    "Source",
+    "SourceFile",
+    "TarSource",
+    "open_source",
+]
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceFile:
-    """One source image: ``rel`` = ``"<synset>/<file name>"``; tar sources also give its byte range."""
-
-    rel: str
-    label: int
-    offset: int = -1
-    size: int = -1
 
 
 def _is_image(name: str) -> bool:
@@ -171,7 +171,7 @@ class TarSource:
         self._file.close()
 
 
-Source = FolderSource | TarSource  # | idx.IdxSource (same interface)
+Source = FolderSource | TarSource | IdxSource
 
 
 def open_source(
@@ -185,8 +185,6 @@ def open_source(
     without class folders."""
     if not storage.exists(source_url, storage_options):
         raise PrepareError(f"{source_url}: source not found")
-    from repa.data.prepare.idx import IdxSource, is_idx_source  # idx builds on this module's SourceFile
-
     where = storage.Location(source_url, storage_options or {})
     if is_idx_source(where):
         return IdxSource(where, max_per_class=max_per_class)
