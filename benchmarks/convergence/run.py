@@ -97,17 +97,14 @@ def fashion_splits(per_class: int, resolution: int) -> tuple[tuple, tuple, str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="/tmp/repa-convergence", help="data, weights and runs go here")
-    p.add_argument(
-        "--data",
-        default="fashion",
-        choices=("fashion", "shapes"),
-        help="fashion: real Fashion-MNIST (the full set's first images or repa's subset); shapes: procedural",
+    data_help = (
+        "fashion: real Fashion-MNIST (the full set's first images or repa's subset); shapes: procedural"
     )
-    p.add_argument(
-        "--variants",
-        default="vanilla,repa,repa-random,repa-ssl",
-        help="vanilla, repa (classifier-trained encoder), repa-random, repa-ssl (self-supervised), repa-half",
+    p.add_argument("--data", default="fashion", choices=("fashion", "shapes"), help=data_help)
+    variants_help = (
+        "vanilla, repa (classifier-trained encoder), repa-random, repa-ssl (self-supervised), repa-half"
     )
+    p.add_argument("--variants", default="vanilla,repa,repa-random,repa-ssl", help=variants_help)
     p.add_argument("--steps", type=int, default=400, help="optimiser steps per run")
     p.add_argument("--eval-every", type=int, default=100, help="checkpoint (and evaluate) every N steps")
     p.add_argument("--eval-samples", type=int, default=200, help="generated images per evaluation")

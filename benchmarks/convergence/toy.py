@@ -190,7 +190,9 @@ def train_vit_encoder(
     if objective not in ENCODER_OBJECTIVES:
         raise ValueError(f"objective: expected one of {', '.join(ENCODER_OBJECTIVES)}, got {objective!r}")
     if objective == "reconstruct":
-        return _train_reconstruct(name, model_kwargs, train, val, out_url, steps, batch_size, lr, seed)
+        return _train_reconstruct(
+            name, model_kwargs, (train[0], val[0]), out_url, (steps, batch_size, lr, seed)
+        )
     if objective == "segment" and (len(train) < 3 or len(val) < 3):
         raise ValueError("objective 'segment' needs (images, labels, masks) for train and val")
     spec = resolve_encoder_spec(f"timm:{name}")
@@ -240,23 +242,21 @@ def train_vit_encoder(
 def _train_reconstruct(
     name: str,
     model_kwargs: Mapping[str, Any],
-    train: tuple[np.ndarray, ...],
-    val: tuple[np.ndarray, ...],
+    images: tuple[np.ndarray, np.ndarray],
     out_url: str,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
+    fit: tuple,
 ) -> float:
-    """The ``reconstruct`` objective of :func:`train_vit_encoder` (labels unused); returns the held-out
-    R^2 of the blanked patches' pixels."""
+    """The ``reconstruct`` objective of :func:`train_vit_encoder` on ``images`` = (train, held-out), no
+    labels; ``fit`` = (steps, batch_size, lr, seed). Returns the held-out R^2 of the blanked pixels."""
     import timm
 
     from repa.encoders import resolve_encoder_spec
     from repa.encoders.frozen import preprocess_raw_image
 
+    steps, batch_size, lr, seed = fit
+
     spec = resolve_encoder_spec(f"timm:{name}")
-    size = spec.preprocessing.input_size(train[0].shape[1], model_kwargs.get("img_size"))
+    size = spec.preprocessing.input_size(images[0].shape[1], model_kwargs.get("img_size"))
     torch.manual_seed(seed)
     probe = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **dict(model_kwargs))
     patch = int(probe.patch_embed.patch_size[0])
@@ -283,7 +283,7 @@ def _train_reconstruct(
             hidden,
         )
 
-    x = preprocess_raw_image(_to_nchw(train[0]), spec.preprocessing, size)
+    x = preprocess_raw_image(_to_nchw(images[0]), spec.preprocessing, size)
     labels = torch.zeros(len(x), dtype=torch.long)
     _fit(
         model,
@@ -296,7 +296,7 @@ def _train_reconstruct(
         f"encoder timm:{name} (reconstruct)",
         lambda m, xb, _: masked_loss(m, xb)[0],
     )
-    xv = preprocess_raw_image(_to_nchw(val[0]), spec.preprocessing, size)
+    xv = preprocess_raw_image(_to_nchw(images[1]), spec.preprocessing, size)
     with torch.no_grad():
         mse, target, hidden = masked_loss(model.eval(), xv, torch.Generator().manual_seed(seed + 8))
         var = (((target - target.mean()) ** 2) * hidden).sum() / (hidden.sum() * target.shape[-1])
