@@ -669,11 +669,21 @@ def spatial_order(summary: dict, targets: dict, variants: list[str]) -> dict:
     by_score = [v for v, _, _ in sorted(rows, key=lambda r: r[1])]
     by_gain = [v for v, _, _ in sorted(rows, key=lambda r: r[2])]
     ordered = len(rows) >= 2 and by_score == by_gain
+    # An order is only read off gains that the seeds resolve: the last paired FD interval excludes 0.
+    paired = summary.get("paired_vs_vanilla", {}).get("fd", {})
+    resolved = [v for v, _, _ in rows if paired.get(v) and abs(paired[v][-1][1]) > paired[v][-1][2]]
+    verdict = ("yes" if ordered else "no") if len(resolved) >= 2 else "not resolved"
     lines.append(
-        f"\nGain orders by spatial score: {'yes' if ordered else 'no'} "
-        f"(by score: {', '.join(by_score)}; by gain: {', '.join(by_gain)})."
+        f"\nGain orders by spatial score: {verdict} (by score: {', '.join(by_score)}; by gain: "
+        f"{', '.join(by_gain)}; gains resolved by the seeds' 95% intervals: {', '.join(resolved) or 'none'})."
     )
-    return {"rows": rows, "ordered": ordered, "text": "\n".join(lines)}
+    return {
+        "rows": rows,
+        "ordered": ordered,
+        "resolved": resolved,
+        "verdict": verdict,
+        "text": "\n".join(lines),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
