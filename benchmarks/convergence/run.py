@@ -52,7 +52,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.convergence import toy  # noqa: E402
-from repa import synthetic  # noqa: E402
+from repa import fashion_mnist, synthetic  # noqa: E402
+from repa.classifier import SampleClassifier  # noqa: E402
+from repa.classifier import accuracy as judge_accuracy  # noqa: E402
+from repa.classifier import train_classifier as train_judge  # noqa: E402
 from repa.config import load_config  # noqa: E402
 
 log = logging.getLogger("convergence")
@@ -63,33 +66,65 @@ COLOURS = {
     "vanilla": (40, 40, 40),
     "repa": (214, 39, 40),
     "repa-random": (31, 119, 180),
+    "repa-ssl": (44, 160, 44),
     "repa-half": (255, 127, 14),
 }
+HELD_OUT_PER_CLASS = fashion_mnist.SUBSET_TEST  # Fashion-MNIST test images per class: FD network + judge
+# Two-sided 95% Student-t quantiles by degrees of freedom (n seeds - 1), for paired-difference intervals.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def fashion_splits(per_class: int, resolution: int) -> tuple[tuple, tuple, str]:
+    """(train images, labels), (held-out images, labels) at ``resolution`` (ADM crop, RGB uint8) and what
+    was read: the first ``per_class`` train and HELD_OUT_PER_CLASS test images of every class, in file
+    order (the same images from the shipped subset and from the full set)."""
+    from repa.data.format import adm_center_crop
+
+    src = fashion_mnist.find()
+
+    def pick(split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = fashion_mnist.load_split(src.folder, split)
+        chosen = [np.flatnonzero(labels == c)[:n] for c in range(len(fashion_mnist.CLASS_NAMES))]
+        if min(len(c) for c in chosen) < n:
+            raise SystemExit(f"--per-class {n}: {src.describe()} has fewer {split} images in some class")
+        keep = np.sort(np.concatenate(chosen))
+        x = np.stack([adm_center_crop(Image.fromarray(images[i], "L"), resolution) for i in keep])
+        return x, labels[keep]
+
+    return pick("train", per_class), pick("t10k", HELD_OUT_PER_CLASS), src.describe()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="/tmp/repa-convergence", help="data, weights and runs go here")
-    p.add_argument("--variants", default="vanilla,repa,repa-random", help="also: repa-half")
-    p.add_argument("--steps", type=int, default=1600, help="optimiser steps per run")
-    p.add_argument("--eval-every", type=int, default=200, help="checkpoint (and evaluate) every N steps")
-    p.add_argument("--eval-samples", type=int, default=400, help="generated images per evaluation")
+    data_help = (
+        "fashion: real Fashion-MNIST (the full set's first images or repa's subset); shapes: procedural"
+    )
+    p.add_argument("--data", default="fashion", choices=("fashion", "shapes"), help=data_help)
+    variants_help = (
+        "vanilla, repa (classifier-trained encoder), repa-random, repa-ssl (self-supervised), repa-half"
+    )
+    p.add_argument("--variants", default="vanilla,repa,repa-random,repa-ssl", help=variants_help)
+    p.add_argument("--steps", type=int, default=400, help="optimiser steps per run")
+    p.add_argument("--eval-every", type=int, default=100, help="checkpoint (and evaluate) every N steps")
+    p.add_argument("--eval-samples", type=int, default=200, help="generated images per evaluation")
     p.add_argument("--sample-steps", type=int, default=20, help="Euler ODE steps per sample")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--ema-decay", type=float, default=0.995)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema-decay", type=float, default=0.99)
     p.add_argument("--hidden", type=int, default=64, help="SiT width")
-    p.add_argument("--depth", type=int, default=6, help="SiT blocks")
+    p.add_argument("--depth", type=int, default=4, help="SiT blocks")
     p.add_argument("--encoder-depth", type=int, help="tap block (default: round(depth * 8 / 28), >= 1)")
     p.add_argument("--proj-coeff", type=float, default=0.5)
     p.add_argument("--projector-dim", type=int, default=256)
-    p.add_argument("--per-class", type=int, default=400, help="training images per class")
+    p.add_argument("--per-class", type=int, default=500, help="training images per class")
     p.add_argument("--resolution", type=int, default=16)
+    p.add_argument("--patch", type=int, default=4, help="SiT and encoder patch (16 px / 4 = 4x4 tokens)")
     p.add_argument("--palette", default="mono", choices=synthetic.PALETTES, help="colours of the toy shapes")
     p.add_argument("--encoder-steps", type=int, default=500, help="ViT encoder training steps")
     p.add_argument(
         "--conditioning",
-        default="unconditional",
+        default="class",
         choices=("unconditional", "class"),
         help="unconditional: the SiT gets no labels (one class); class: 10-class conditional",
     )
@@ -100,6 +135,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how the encoder is trained",
     )
     p.add_argument("--classifier-steps", type=int, default=400, help="CNN classifier training steps")
+    p.add_argument(
+        "--judge-epochs", type=int, default=15, help="epochs of the accuracy judge (repa.classifier)"
+    )
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once (one thread each)")
     p.add_argument("--seed", type=int, default=0, help="data, encoder, FD network and sampling noise")
     p.add_argument(
@@ -127,17 +165,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # The CI smoke run (tests/integration/test_benchmarks.py): one variant, one seed, 4 steps, 2 evaluations.
 SMOKE = [
-    "--variants", "repa", "--train-seeds", "0", "--steps", "4", "--eval-every", "2",
+    "--variants", "repa,repa-ssl", "--train-seeds", "0", "--steps", "4", "--eval-every", "2",
     "--eval-samples", "8", "--sample-steps", "2", "--batch-size", "8", "--hidden", "32", "--depth", "2",
     "--projector-dim", "32", "--per-class", "4", "--encoder-steps", "2", "--classifier-steps", "2",
+    "--judge-epochs", "1",
 ]  # fmt: skip
 
 
-def encoder_kwargs(resolution: int) -> dict:
-    """A ViT whose patch grid matches SiT's (patch 2 on both): mean-pooled, final-LN patch tokens."""
+def encoder_kwargs(resolution: int, patch: int = 2) -> dict:
+    """A ViT whose patch grid matches SiT's (the same patch on both): mean-pooled, final-LN patch tokens."""
     return {
         "img_size": resolution,
-        "patch_size": 2,
+        "patch_size": patch,
         "embed_dim": 64,
         "depth": 3,
         "num_heads": 4,
@@ -163,40 +202,53 @@ def prepare_assets(args: argparse.Namespace, work: Path) -> dict:
     if info_path.exists():
         return json.loads(info_path.read_text())
     t0 = time.perf_counter()
-    train = toy.make_shapes(args.per_class, args.resolution, seed=args.seed, palette=args.palette)
-    val = toy.make_shapes(
-        max(20, args.per_class // 5), args.resolution, seed=args.seed + 1000, palette=args.palette
-    )
+    if args.data == "fashion":
+        train, val, source = fashion_splits(args.per_class, args.resolution)
+        log.info("data: %s", source)
+    else:
+        train = toy.make_shapes(args.per_class, args.resolution, seed=args.seed, palette=args.palette)
+        val = toy.make_shapes(
+            max(20, args.per_class // 5), args.resolution, seed=args.seed + 1000, palette=args.palette
+        )
     # --conditioning unconditional: one class folder, so the SiT gets no label (the encoder and the
     # FD network still learn from the true labels)
     if args.conditioning == "unconditional":
         tree = synthetic.write_image_tree(work / "images", train[0], np.zeros_like(train[1]), ["shapes"])
     else:
-        tree = synthetic.write_image_tree(work / "images", *train[:2])
+        tree = synthetic.write_image_tree(work / "images", *train[:2], [f"{c}" for c in range(10)])
     data_url = f"file://{work}/shards"
     prepare_images(str(tree), data_url, resolution=args.resolution, samples_per_shard=500, seed=args.seed)
     prepare_latents(data_url, vae="none", batch_size=256)
     t_data = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    enc_url = str(work / "encoder-vit.pt")
-    enc_acc = toy.train_vit_encoder(
-        ENCODER.removeprefix("timm:"),
-        encoder_kwargs(args.resolution),
-        train,
-        val,
-        enc_url,
-        steps=args.encoder_steps,
-        objective=args.encoder_objective,
-        batch_size=64,
-        seed=args.seed,
+    enc_url, ssl_url = str(work / "encoder-vit.pt"), str(work / "encoder-vit-ssl.pt")
+    enc_acc, ssl_r2 = (
+        toy.train_vit_encoder(
+            ENCODER.removeprefix("timm:"),
+            encoder_kwargs(args.resolution, args.patch),
+            train,
+            val,
+            url,
+            steps=args.encoder_steps,
+            objective=objective,
+            batch_size=64,
+            seed=args.seed,
+        )
+        for url, objective in ((enc_url, args.encoder_objective), (ssl_url, "reconstruct"))
     )
     t_enc = time.perf_counter() - t0
     t0 = time.perf_counter()
+    # The FD network and the accuracy judge learn from held-out images (Fashion-MNIST's test split),
+    # never from what the SiT and the encoders were trained on.
     cls_url = str(work / "classifier-cnn.pt")
     cls_acc = toy.train_classifier(
-        train[:2], val[:2], cls_url, steps=args.classifier_steps, seed=args.seed + 1
+        val[:2], train[:2], cls_url, steps=args.classifier_steps, seed=args.seed + 1
     )
+    judge_url = str(work / "judge.pt")
+    judge, _ = train_judge(val[0], val[1], 10, epochs=args.judge_epochs, seed=args.seed)
+    judge_acc = judge_accuracy(judge, train[0], train[1])
+    torch.save(judge.state_dict(), judge_url)
     ref_url = str(work / "reference-stats.npz")
     compute_dataset_reference_stats(data_url, ref_url, toy.load_classifier(cls_url), keep_features=0)
     t_cls = time.perf_counter() - t0
@@ -204,8 +256,13 @@ def prepare_assets(args: argparse.Namespace, work: Path) -> dict:
         "data_url": data_url,
         "encoder_url": enc_url,
         "encoder_accuracy": enc_acc,
+        "ssl_encoder_url": ssl_url,
+        "ssl_encoder_r2": ssl_r2,
         "classifier_url": cls_url,
         "classifier_accuracy": cls_acc,
+        "judge_url": judge_url,
+        "judge_accuracy_on_train_images": judge_acc,
+        "data": args.data,
         "reference_stats_url": ref_url,
         "num_images": len(train[1]),
         "seconds": {"data": t_data, "encoder": t_enc, "classifier_and_reference": t_cls},
@@ -221,7 +278,7 @@ def prepare_assets(args: argparse.Namespace, work: Path) -> dict:
 
 def variant_overrides(name: str, args: argparse.Namespace, assets: dict) -> list[str]:
     tap = args.encoder_depth or max(1, round(args.depth * 8 / 28))
-    kw = json.dumps(encoder_kwargs(args.resolution))
+    kw = json.dumps(encoder_kwargs(args.resolution, args.patch))
     align = [
         f"encoder.names=[{ENCODER}]",
         f"encoder.model_kwargs=[{kw}]",
@@ -234,13 +291,17 @@ def variant_overrides(name: str, args: argparse.Namespace, assets: dict) -> list
         return [*align, f"encoder.weights_urls=[{assets['encoder_url']}]"]
     if name == "repa-random":
         return [*align, "encoder.weights_urls=[null]"]
+    if name == "repa-ssl":
+        return [*align, f"encoder.weights_urls=[{assets['ssl_encoder_url']}]"]
     if name == "repa-half":
         return [
             *align,
             f"encoder.weights_urls=[{assets['encoder_url']}]",
             f"objective.align_until_step={args.steps // 2}",
         ]
-    raise SystemExit(f"--variants: unknown variant {name!r} (vanilla, repa, repa-random, repa-half)")
+    raise SystemExit(
+        f"--variants: unknown variant {name!r} (vanilla, repa, repa-random, repa-ssl, repa-half)"
+    )
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -254,7 +315,7 @@ def write_config(variant: str, seed: int, args: argparse.Namespace, assets: dict
         f"model.hidden_size={args.hidden}",
         f"model.depth={args.depth}",
         "model.num_heads=4",
-        "model.patch_size=2",
+        f"model.patch_size={args.patch}",
         f"model.num_classes={1 if args.conditioning == 'unconditional' else 10}",
         f"model.projector_dim={args.projector_dim}",
         f"data.url={assets['data_url']}",
@@ -317,7 +378,6 @@ def run_variant(name: str, config: Path, work: Path, classifier_url: str) -> dic
                     "--once",
                     "--feature-extractor",
                     "benchmarks.convergence.toy:classifier_extractor",
-                    "--delete-samples",
                     "--no-progress",
                     "--chunk-size",
                     "250",
@@ -339,17 +399,42 @@ def run_variant(name: str, config: Path, work: Path, classifier_url: str) -> dic
 
 
 def encoder_targets(args: argparse.Namespace, assets: dict) -> dict:
-    """What the trained and the random encoder's patch tokens hold (``toy.encoder_token_stats``) on
-    500 held-out images: the share that is constant per image, and how linear in the own pixels."""
-    images = toy.make_shapes(50, args.resolution, seed=args.seed + 2000, palette=args.palette)[0]
-    kwargs = encoder_kwargs(args.resolution)
+    """What each REPA target's patch tokens hold (``toy.encoder_token_stats``) on 500 held-out images:
+    the share that is constant per image (1 - that share = the spatial share, our spatial-structure
+    score), and how linear in the own pixels."""
+    if args.data == "fashion":
+        images = fashion_splits(1, args.resolution)[1][0][:500]
+    else:
+        images = toy.make_shapes(50, args.resolution, seed=args.seed + 2000, palette=args.palette)[0]
+    kwargs = encoder_kwargs(args.resolution, args.patch)
     return {
         name: toy.measure_encoder_targets(ENCODER, url, kwargs, images, seed=args.seed)
-        for name, url in (("trained", assets["encoder_url"]), ("random", None))
+        for name, url in (
+            ("repa", assets["encoder_url"]),
+            ("repa-ssl", assets["ssl_encoder_url"]),
+            ("repa-random", None),
+        )
     }
 
 
-def collect(name: str, work: Path) -> dict:
+def sample_accuracy(run_dir: Path, judge: SampleClassifier | None) -> list[list[float]]:
+    """[[step, share of the watcher's samples the judge labels as their class], ...] (class-balanced
+    sampling: sample i has label i mod 10); [] without a judge (unconditional runs)."""
+    from repa.eval.sample_set import SampleSet
+
+    if judge is None:
+        return []
+    out = []
+    for path in sorted(run_dir.glob("eval/step-*/result-*.json")):
+        step = int(path.parent.name.removeprefix("step-"))
+        images = np.concatenate(
+            list(SampleSet.open(json.loads(path.read_text())["protocol"]["samples_url"]).iter_images())
+        )
+        out.append([step, judge_accuracy(judge, images, np.arange(len(images)) % judge.num_classes)])
+    return out
+
+
+def collect(name: str, work: Path, judge: SampleClassifier | None = None) -> dict:
     from repa.tensorboard import read_scalars
 
     run = f"file://{work}/runs/{name}"
@@ -359,6 +444,7 @@ def collect(name: str, work: Path) -> dict:
         raise RuntimeError(f"{name}: no {FD_TAG} scalars in {run}/tensorboard/eval (tags {sorted(evals)})")
     return {
         "fd": [[s, v] for s, v in evals[FD_TAG]],
+        "accuracy": sample_accuracy(work / "runs" / name, judge),
         "alignment": [[s, v] for s, v in train.get("train/alignment", [])],
         "denoising_loss": [[s, v] for s, v in train.get("train/denoising_loss", [])],
     }
@@ -483,7 +569,7 @@ def report(results: dict, variants: list[str], seeds: list[int]) -> dict:
         cells = []
         for v in variants:
             point = next((p for p in curves[v] if p[0] == step), None)
-            cells.append("" if point is None else f"{point[1]:.0f}" + (f" +- {point[2]:.0f}" if sd else ""))
+            cells.append("" if point is None else f"{point[1]:.3g}" + (f" +- {point[2]:.2g}" if sd else ""))
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     lines += ["", "| run | final FD | best FD | final alignment | steps to vanilla's final FD | speed-up |"]
     lines.append("|---|---|---|---|---|---|")
@@ -503,36 +589,101 @@ def report(results: dict, variants: list[str], seeds: list[int]) -> dict:
             "speedup": speed,
         }
         lines.append(
-            f"| {v} | {fd[-1][1]:.0f} | {summary[v]['best_fd']:.0f} | "
+            f"| {v} | {fd[-1][1]:.3g} | {summary[v]['best_fd']:.3g} | "
             f"{'' if final_align is None else f'{final_align:.3f}'} | {reach if reach else 'not reached'} | "
             f"{'' if speed is None else f'{speed:.2f}x'} |"
         )
     if "vanilla" in variants and len(seeds) > 1:
         others = [v for v in variants if v != "vanilla"]
+        summary["paired_vs_vanilla"] = {}
+        for key, what, fmt in (
+            ("fd", "FD", "{:+.3g}"),
+            ("accuracy", "classifier accuracy of the samples (percentage points)", "{:+.1f}"),
+        ):
+            if not all(results[run_name(v, s)].get(key) for v in variants for s in seeds):
+                continue
+            scale = 100.0 if key == "accuracy" else 1.0
+            lines += [
+                "",
+                f"Paired by seed (same train seed, data order and sampling noise): variant - vanilla {what}, "
+                f"mean and 95% t-interval over {len(seeds)} seeds ("
+                + ("negative" if key == "fd" else "positive")
+                + " = better than vanilla):",
+                "",
+                "| step | " + " | ".join(f"{v} - vanilla" for v in others) + " |",
+                "|---|" + "---|" * len(others),
+            ]
+            at = {name: {int(step): val * scale for step, val in r[key]} for name, r in results.items()}
+            table = summary["paired_vs_vanilla"].setdefault(key, {})
+            for step in steps:
+                cells = []
+                for v in others:
+                    pairs = [(at[run_name(v, s)], at[run_name("vanilla", s)]) for s in seeds]
+                    d = np.array([a[step] - b[step] for a, b in pairs if step in a and step in b])
+                    if len(d) < 2:
+                        cells.append("")
+                        continue
+                    half = T95.get(len(d) - 1, 2.0) * float(d.std(ddof=1) / np.sqrt(len(d)))
+                    table.setdefault(v, []).append([step, float(d.mean()), half])
+                    lo, hi = fmt.format(d.mean() - half), fmt.format(d.mean() + half)
+                    cells.append(f"{fmt.format(d.mean())} [{lo}, {hi}]")
+                lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    if any(results[run_name(v, seeds[0])].get("accuracy") for v in variants):
+        acc = {v: mean_curve([results[run_name(v, s)] for s in seeds], "accuracy") for v in variants}
+        summary["accuracy_curves"] = acc
         lines += [
             "",
-            "Paired by seed (same train seed, data order and sampling noise): variant FD - vanilla FD, "
-            "mean +- standard error over seeds (negative = better than vanilla):",
+            f"Classifier accuracy of the samples (%, chance 10%), mean{' +- std' if sd else ''} over seeds:",
             "",
-            "| step | " + " | ".join(f"{v} - vanilla" for v in others) + " |",
-            "|---|" + "---|" * len(others),
+            "| step | " + " | ".join(variants) + " |",
+            "|---|" + "---|" * len(variants),
         ]
-        fd_at = {name: {int(step): fd for step, fd in r["fd"]} for name, r in results.items()}
-        summary["paired_vs_vanilla"] = {}
         for step in steps:
             cells = []
-            for v in others:
-                pairs = [(fd_at[run_name(v, s)], fd_at[run_name("vanilla", s)]) for s in seeds]
-                d = np.array([a[step] - b[step] for a, b in pairs if step in a and step in b])
-                if len(d) < 2:
-                    cells.append("")
-                    continue
-                se = float(d.std(ddof=1) / np.sqrt(len(d)))
-                summary["paired_vs_vanilla"].setdefault(v, []).append([step, float(d.mean()), se])
-                cells.append(f"{d.mean():+.0f} +- {se:.0f}")
+            for v in variants:
+                point = next((p for p in acc[v] if p[0] == step), None)
+                cells.append(
+                    ""
+                    if point is None
+                    else f"{100 * point[1]:.1f}" + (f" +- {100 * point[2]:.1f}" if sd else "")
+                )
             lines.append(f"| {step} | " + " | ".join(cells) + " |")
     summary["table"] = "\n".join(lines)
     return summary
+
+
+def spatial_order(summary: dict, targets: dict, variants: list[str]) -> dict:
+    """Does the gain order by the target's spatial structure (iREPA, arXiv 2512.10794)? Spatial score =
+    1 - the per-image-constant share of the target's tokens; gain = vanilla's final FD - the variant's
+    (mean over seeds)."""
+    rows = []
+    final = {v: summary[v]["final_fd"] for v in variants if v in summary}
+    for v in ("repa-random", "repa-ssl", "repa"):
+        if v in final and v in targets and "vanilla" in final:
+            rows.append((v, 1 - targets[v]["global_share"], final["vanilla"] - final[v]))
+    lines = [
+        "| REPA target | spatial score (1 - per-image-constant share) | FD gain over vanilla at the end |"
+    ]
+    lines.append("|---|---|---|")
+    lines += [f"| {v} | {score:.2f} | {gain:+.3g} |" for v, score, gain in rows]
+    by_score = [v for v, _, _ in sorted(rows, key=lambda r: r[1])]
+    by_gain = [v for v, _, _ in sorted(rows, key=lambda r: r[2])]
+    ordered = len(rows) >= 2 and by_score == by_gain
+    # An order is only read off gains that the seeds resolve: the last paired FD interval excludes 0.
+    paired = summary.get("paired_vs_vanilla", {}).get("fd", {})
+    resolved = [v for v, _, _ in rows if paired.get(v) and abs(paired[v][-1][1]) > paired[v][-1][2]]
+    verdict = ("yes" if ordered else "no") if len(resolved) >= 2 else "not resolved"
+    lines.append(
+        f"\nGain orders by spatial score: {verdict} (by score: {', '.join(by_score)}; by gain: "
+        f"{', '.join(by_gain)}; gains resolved by the seeds' 95% intervals: {', '.join(resolved) or 'none'})."
+    )
+    return {
+        "rows": rows,
+        "ordered": ordered,
+        "resolved": resolved,
+        "verdict": verdict,
+        "text": "\n".join(lines),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -541,6 +692,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(1)
     assets = prepare_assets(args, work)
     log.info(
         "assets: encoder accuracy %.3f, classifier accuracy %.3f (%s)",
@@ -565,8 +719,14 @@ def main(argv: list[str] | None = None) -> int:
             n: pool.submit(run_variant, n, c, work, assets["classifier_url"]) for n, c in configs.items()
         }
         seconds = {n: f.result() for n, f in futures.items()}
-    results = {n: collect(n, work) for n in configs}
+    judge = None
+    if args.conditioning == "class":
+        judge = SampleClassifier(10)
+        judge.load_state_dict(torch.load(assets["judge_url"], weights_only=True))
+    results = {n: collect(n, work, judge) for n in configs}
     summary = report(results, variants, seeds)
+    summary["spatial_order"] = spatial_order(summary, targets, variants)
+    summary["table"] += "\n\n" + summary["spatial_order"]["text"]
     total = time.perf_counter() - started
     cpu = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()

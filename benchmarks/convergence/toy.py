@@ -143,10 +143,13 @@ def _accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> f
 # ----------------------------------------------------------------------------------------------
 
 
-ENCODER_OBJECTIVES = ("classify", "segment")
+ENCODER_OBJECTIVES = ("classify", "segment", "reconstruct")
 """How :func:`train_vit_encoder` trains the toy encoder: ``classify`` (the class from the mean of the
-patch tokens) or ``segment`` (every patch token predicts the class of the shape it covers, or
-"background"), which gives patch tokens a spatial structure (docs/convergence.md)."""
+patch tokens), ``segment`` (every patch token predicts the class of the shape it covers, or
+"background"; shapes only, it needs masks), or ``reconstruct`` (self-supervised, no labels: half of the
+patches are blanked and every patch token predicts its own patch's pixels, a minimal masked
+auto-encoder after He et al. 2022, arXiv 2111.06377), which gives patch tokens a spatial structure
+(docs/convergence.md)."""
 
 
 def _patch_targets(masks: torch.Tensor, labels: torch.Tensor, grid: int, num_classes: int) -> torch.Tensor:
@@ -186,6 +189,10 @@ def train_vit_encoder(
 
     if objective not in ENCODER_OBJECTIVES:
         raise ValueError(f"objective: expected one of {', '.join(ENCODER_OBJECTIVES)}, got {objective!r}")
+    if objective == "reconstruct":
+        return _train_reconstruct(
+            name, model_kwargs, (train[0], val[0]), out_url, (steps, batch_size, lr, seed)
+        )
     if objective == "segment" and (len(train) < 3 or len(val) < 3):
         raise ValueError("objective 'segment' needs (images, labels, masks) for train and val")
     spec = resolve_encoder_spec(f"timm:{name}")
@@ -230,6 +237,76 @@ def train_vit_encoder(
     _save(state, out_url)
     logger.info("encoder timm:%s (%s): held-out accuracy %.3f -> %s", name, objective, acc, out_url)
     return acc
+
+
+def _train_reconstruct(
+    name: str,
+    model_kwargs: Mapping[str, Any],
+    images: tuple[np.ndarray, np.ndarray],
+    out_url: str,
+    fit: tuple,
+) -> float:
+    """The ``reconstruct`` objective of :func:`train_vit_encoder` on ``images`` = (train, held-out), no
+    labels; ``fit`` = (steps, batch_size, lr, seed). Returns the held-out R^2 of the blanked pixels."""
+    import timm
+
+    from repa.encoders import resolve_encoder_spec
+    from repa.encoders.frozen import preprocess_raw_image
+
+    steps, batch_size, lr, seed = fit
+
+    spec = resolve_encoder_spec(f"timm:{name}")
+    size = spec.preprocessing.input_size(images[0].shape[1], model_kwargs.get("img_size"))
+    torch.manual_seed(seed)
+    probe = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **dict(model_kwargs))
+    patch = int(probe.patch_embed.patch_size[0])
+    model = timm.create_model(
+        spec.timm_name, pretrained=False, num_classes=3 * patch * patch, **dict(model_kwargs)
+    )
+    grid = int(model.patch_embed.grid_size[0])
+    gen = torch.Generator().manual_seed(seed + 7)
+
+    def patches(x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, T, 3 * p * p)
+        return F.unfold(x, patch, stride=patch).transpose(1, 2)
+
+    def masked_loss(
+        m: nn.Module, x: torch.Tensor, g: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        keep = (torch.rand(x.shape[0], 1, grid, grid, generator=g or gen) >= 0.5).float()
+        blanked = x * F.interpolate(keep, size=x.shape[-2:], mode="nearest")
+        pred = m.head(m.forward_features(blanked))  # (B, T, 3 p p): each token its own patch
+        hidden = (1 - keep.flatten(1))[..., None]
+        target = patches(x)
+        return (
+            (((pred - target) ** 2) * hidden).sum() / (hidden.sum() * target.shape[-1] + 1e-8),
+            target,
+            hidden,
+        )
+
+    x = preprocess_raw_image(_to_nchw(images[0]), spec.preprocessing, size)
+    labels = torch.zeros(len(x), dtype=torch.long)
+    _fit(
+        model,
+        x,
+        labels,
+        steps,
+        batch_size,
+        lr,
+        seed,
+        f"encoder timm:{name} (reconstruct)",
+        lambda m, xb, _: masked_loss(m, xb)[0],
+    )
+    xv = preprocess_raw_image(_to_nchw(images[1]), spec.preprocessing, size)
+    with torch.no_grad():
+        mse, target, hidden = masked_loss(model.eval(), xv, torch.Generator().manual_seed(seed + 8))
+        var = (((target - target.mean()) ** 2) * hidden).sum() / (hidden.sum() * target.shape[-1])
+    r2 = float(1 - mse / var)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    _save(state, out_url)
+    logger.info(
+        "encoder timm:%s (reconstruct): held-out R^2 of blanked patches %.3f -> %s", name, r2, out_url
+    )
+    return r2
 
 
 @torch.no_grad()

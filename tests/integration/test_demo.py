@@ -1,7 +1,8 @@
 """`repa demo` end to end at a tiny size: every stage runs the product's verbs and leaves its output.
 
-One demo run (4 classes x 8 images, 8 training steps, checkpoints at 4 and 8, FID on 4 samples with
-the random-weights Inception) is shared by the tests of this module; it takes ~20 s on one core.
+One demo run (4 Fashion-MNIST classes x 8 images, 8 training steps, checkpoints at 4 and 8, FD on 4
+samples with the random-weights Inception, the judge trained on 4 x 150 held-out images) is shared by the
+tests of this module; it takes ~30 s on one core.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import torch
 from PIL import Image
 
 from repa import checkpoint as ckpt
+from repa import fashion_mnist
+from repa.classifier import SampleClassifier
 from repa.config import load_config
-from repa.demo import RANDOM_INCEPTION_NAME, DemoOptions, demo_overrides
+from repa.demo import HELD_OUT_PER_CLASS, RANDOM_INCEPTION_NAME, DemoOptions, demo_overrides
 from repa.demo import main as demo_main
 from repa.tensorboard import read_scalars
 
-CLASSES, PER_CLASS, GRID_ROWS, RESOLUTION = 4, 8, 2, 32
+CLASSES, PER_CLASS, GRID_ROWS, RESOLUTION = 4, 8, 2, 16
 TINY = [
     *("--classes", str(CLASSES), "--images-per-class", str(PER_CLASS)),
     *("--steps", "8", "--checkpoint-every", "4", "--batch-size", "8"),
@@ -87,7 +90,31 @@ def test_demo_leaves_a_config_that_reruns_its_steps(demo):
     assert cfg.model.num_classes == CLASSES and cfg.train.max_steps == 8
     assert Path(cfg.eval.inception_weights_url).name == RANDOM_INCEPTION_NAME
     assert (out / "data" / "manifest.json").exists()
-    assert len(list((out / "images" / "train").glob("*/*.JPEG"))) == CLASSES * PER_CLASS
+    images, labels = fashion_mnist.load_split(out / "images", "train")
+    assert (
+        images.shape == (CLASSES * PER_CLASS, 28, 28)
+        and np.bincount(labels).tolist() == [PER_CLASS] * CLASSES
+    )
+    _, held_labels = fashion_mnist.load_split(out / "images", "t10k")
+    assert np.bincount(held_labels).tolist() == [HELD_OUT_PER_CLASS] * CLASSES
+
+
+def test_demo_judges_its_samples_with_a_classifier_that_is_not_the_repa_encoder(demo):
+    out, stdout = demo
+    judge = torch.load(out / "classifier.pt", weights_only=True)
+    assert judge.keys() == SampleClassifier(CLASSES).state_dict().keys()  # the judge's own small CNN
+    encoder_kwargs = load_config(str(out / "config.yaml")).encoder.model_kwargs[0]
+    assert encoder_kwargs["embed_dim"] == 64 and "features.0.0.weight" in judge  # a ViT vs a CNN
+    summary = stdout[stdout.index("Samples (") :]
+    line = next(x for x in summary.splitlines() if "classifier accuracy of the" in x)
+    assert f"of the {CLASSES * GRID_ROWS} generated samples" in line and "(chance 25%;" in line
+    assert "Expect:" in summary and "samples-grid.png" in summary.splitlines()[0]
+
+
+def test_demo_shows_training_progress_without_verbose(demo):
+    _, stdout = demo
+    train = stdout[stdout.index("repa train:") : stdout.index("FID reference statistics")]
+    assert "step     8/8  loss" in train and "ETA" in train
 
 
 def test_demo_says_which_weights_are_random_and_how_to_open_tensorboard(demo):
@@ -161,9 +188,10 @@ def test_real_weight_flags_land_in_the_config_and_keep_token_grids_equal(tmp_pat
     assert (latent_side // cfg.model.patch_size) ** 2 == 256  # = DINOv2's 16 x 16 patch tokens at 256 px
 
     pixels = load_config("toy-cpu", demo_overrides(DemoOptions(), tmp_path, "/x.pth"))
-    assert pixels.vae.name == "none" and pixels.data.resolution == 32
-    side = 32 // pixels.model.patch_size
-    assert side**2 == 64 and pixels.encoder.model_kwargs[0]["patch_size"] == 32 // side
+    assert pixels.vae.name == "none"
+    assert pixels.data.resolution == 16 and pixels.train.global_batch_size == 64
+    side = 16 // pixels.model.patch_size
+    assert side**2 == 16 and pixels.encoder.model_kwargs[0]["patch_size"] == 16 // side
 
 
 def test_demo_is_a_repa_verb():

@@ -44,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description="Stage 1: <source>/<synset>/*.JPEG (folder or .tar, any URL) -> WebDataset shards.",
     )
     p.add_argument(
-        "source_url", help="folder of class folders (ILSVRC train/), or a .tar of it; any fsspec URL"
+        "source_url",
+        help="folder of class folders (ILSVRC train/), or a .tar of it, or IDX files (Fashion-MNIST: a "
+        "folder of *-images-idx3-ubyte[.gz], or one such file); any fsspec URL",
     )
     p.add_argument("data_url", nargs="?", help="output dataset URL (default: data.url of --config)")
     p.add_argument("--resolution", type=int, default=None, help="image side after the ADM crop (default 256)")

@@ -1,4 +1,5 @@
-"""`repa prepare` sources: an ImageNet-style tree ``<class>/<image>``, as a folder or a tar, on any URL.
+"""`repa prepare` sources: an ImageNet-style tree ``<class>/<image>``, as a folder or a tar, on any URL;
+or IDX files (MNIST, Fashion-MNIST; ``repa.data.prepare.idx``).
 
 A source lists its images as ``SourceFile``s (classes sorted, labels = sorted class index, file
 names sorted, as the reference) and reads one image's bytes; see docs/data.md, "How the images
@@ -14,23 +15,23 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from repa import storage
+from repa.data.prepare.idx import IdxSource, is_idx_source
 from repa.data.prepare.report import PrepareError
+from repa.data.prepare.source_file import SourceFile
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_EXTENSIONS", "FolderSource", "Source", "SourceFile", "TarSource", "open_source"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "FolderSource",
+    "IdxSource",
+    "Source",
+    "SourceFile",
+    "TarSource",
+    "open_source",
+]
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceFile:
-    """One source image: ``rel`` = ``"<synset>/<file name>"``; tar sources also give its byte range."""
-
-    rel: str
-    label: int
-    offset: int = -1
-    size: int = -1
 
 
 def _is_image(name: str) -> bool:
@@ -167,7 +168,7 @@ class TarSource:
         self._file.close()
 
 
-Source = FolderSource | TarSource
+Source = FolderSource | TarSource | IdxSource
 
 
 def open_source(
@@ -176,11 +177,14 @@ def open_source(
     max_per_class: int | None = None,
     num_threads: int = 8,
 ) -> Source:
-    """A FolderSource or (``*.tar``) TarSource of a URL or Location; PrepareError if missing or without
-    class folders."""
+    """An IdxSource (IDX files), a TarSource (``*.tar``) or a FolderSource of a URL or Location;
+    PrepareError if missing or without class folders."""
     source_url = str(source)
     if not storage.exists(source):
         raise PrepareError(f"{source_url}: source not found")
+    where = source if isinstance(source, storage.Location) else storage.Location(source_url)
+    if is_idx_source(where):
+        return IdxSource(where, max_per_class=max_per_class)
     if source_url.rstrip("/").lower().endswith(".tar"):
         return TarSource(source, max_per_class=max_per_class)
     return FolderSource(source, max_per_class=max_per_class, num_threads=num_threads)
