@@ -529,7 +529,7 @@ def _train_progress(total: int, verbose: bool) -> Iterator[None]:
     if verbose:  # the INFO logs themselves are shown
         yield
         return
-    trainer_log = logging.getLogger("repa.train.trainer")
+    trainer_log = logging.getLogger("repa.train.metrics")  # the step lines (MetricsProcessor)
     handler = _TrainProgress(total)
     level, propagate = trainer_log.level, trainer_log.propagate
     trainer_log.addHandler(handler)

@@ -974,6 +974,10 @@ def test_the_bare_chart_lints_strictly(helm: str) -> None:
     proc = run([tool(helm), "lint", "--strict", str(CHART)])
     assert "0 chart(s) failed" in proc.stdout
     assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
+    # lint shows the template's own one-line message naming the required values (no schema regex dump)
+    said = proc.stdout + proc.stderr
+    assert "required values not set: image.repository" in said and "config.data.url" in said, said
+    assert "Does not match pattern" not in said
 
 
 # ------------------------------------------------------------------------------------------------

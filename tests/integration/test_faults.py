@@ -324,7 +324,7 @@ def test_sigterm_to_torchrun_commits_a_slow_checkpoint_exits_143_and_resumes_bit
 def _scalars(run_url: str, options: dict, tag: str) -> list[tuple[int, float]]:
     from repa.tensorboard import read_scalars
 
-    return read_scalars(f"{run_url}/tensorboard", options).get(tag, [])
+    return read_scalars(storage.Location(f"{run_url}/tensorboard", options or {})).get(tag, [])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -155,7 +155,7 @@ def test_gcs_endpoint_given_only_in_the_config_reaches_data_weights_and_checkpoi
         state = _final_state(run_url, with_options)
         assert state["step"] == 2
         assert state["config"]["encoder"]["weights_urls"] == [f"{gcs_bucket}/weights/encoder.pt"]
-        assert "train/loss" in read_scalars(f"{run_url}/tensorboard", with_options)
+        assert "train/loss" in read_scalars(storage.Location(f"{run_url}/tensorboard", with_options))
     finally:
         gcsfs.GCSFileSystem.clear_instance_cache()  # no instance bound to these options outlives the test
 

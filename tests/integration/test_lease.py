@@ -144,12 +144,13 @@ def _config(data_url: str, run_url: str):
     return cfg, check_inputs(cfg)
 
 
-def _candidate(make_trainer, conn) -> None:
+def _candidate(make_candidate, conn) -> None:
     """A candidate process: for each ``(run_url, start_at)`` it receives, wait for ``start_at``, then do
     what ``repa train`` does before its first step that touches the run (write probe, lease,
-    ``config.yaml``: ``Trainer.check_run_url_writable``); answer ``(exit code, the CLI's one-line
+    ``config.yaml``: ``repa.train.checkpointer.claim_run``); answer ``(exit code, the CLI's one-line
     error, lease owner)``. A won lease is held (heartbeat running) until the next trial begins."""
     from repa.cli import describe_failure
+    from repa.train.checkpointer import claim_run
 
     held = None
     while True:
@@ -160,15 +161,14 @@ def _candidate(make_trainer, conn) -> None:
         if message is None:
             return
         run_url, start_at = message
-        trainer = make_trainer(run_url)
+        run_cfg, info = make_candidate(run_url)
         time.sleep(max(0.0, start_at - time.time()))
         try:
-            trainer.check_run_url_writable()
+            held = claim_run(run_cfg, info)
         except BaseException as e:
             code, line = describe_failure(e)
             conn.send((code, line + "\n", ""))
             continue
-        held = trainer.lease
         conn.send((0, "", held.owner))
 
 
@@ -178,7 +178,7 @@ def test_two_candidates_at_0_to_100_ms_apart_have_exactly_one_winner(store, data
     first step.
 
     The candidates are two real processes (forked from this one, config loaded) that run the trainer's
-    own start-up code (``Trainer.check_run_url_writable``: write probe, lease, ``config.yaml``) once per
+    own start-up code (``repa.train.checkpointer.claim_run``: write probe, lease, ``config.yaml``) once per
     trial, each trial on a fresh run; they report the exit code and line ``repa train`` would print.
     A pair of full ``repa train`` processes costs seconds of imports, S3/GCS client set-up and model
     building on 2 cores, so 300 pairs would take most of an hour, and nothing before the lease touches
@@ -188,18 +188,17 @@ def test_two_candidates_at_0_to_100_ms_apart_have_exactly_one_winner(store, data
     import multiprocessing
 
     from repa import runtime
-    from repa.train.trainer import Trainer
 
-    cfg, manifest = _config(data, f"{store}/warm")
+    cfg, _ = _config(data, f"{store}/warm")
     info = runtime.init_distributed("cpu", 60)
 
-    def make_trainer(run_url: str):
+    def make_candidate(run_url: str):
         run_cfg = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, run_url=run_url))
-        return Trainer(run_cfg, info, manifest)
+        return run_cfg, info
 
     ctx = multiprocessing.get_context("fork")
     pipes = [ctx.Pipe() for _ in range(2)]
-    workers = [ctx.Process(target=_candidate, args=(make_trainer, child), daemon=True) for _, child in pipes]
+    workers = [ctx.Process(target=_candidate, args=(make_candidate, child), daemon=True) for _, child in pipes]
     for worker in workers:
         worker.start()
     outcomes: dict[int, list[int]] = {}

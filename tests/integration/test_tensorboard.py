@@ -74,7 +74,7 @@ def run(tmp_path_factory):
 
 def test_training_run_writes_layout_hparams_and_progress(run, caplog):
     run_dir, args = run
-    with caplog.at_level(logging.INFO, logger="repa.train.trainer"):
+    with caplog.at_level(logging.INFO, logger="repa.train"):
         assert repa_main(["train", "--config", "toy-cpu", *args]) == 0
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step")]
     assert "step        2 of 4  50.0% | ETA 0h00m" in lines[0] and "step        4 of 4 100.0%" in lines[-1]

@@ -270,7 +270,7 @@ def test_s3_endpoint_given_only_in_the_config_reaches_data_weights_and_checkpoin
     assert ref is not None and ref.step == 2
     state = ckpt.load_checkpoint_state(ref)
     assert state["config"]["encoder"]["weights_urls"] == [f"{s3_bucket}/weights/encoder.pt"]
-    assert "train/loss" in read_scalars(f"{run_url}/tensorboard", with_options)
+    assert "train/loss" in read_scalars(storage.Location(f"{run_url}/tensorboard", with_options))
 
 
 @pytest.mark.parametrize(
