@@ -198,7 +198,9 @@ def test_two_candidates_at_0_to_100_ms_apart_have_exactly_one_winner(store, data
 
     ctx = multiprocessing.get_context("fork")
     pipes = [ctx.Pipe() for _ in range(2)]
-    workers = [ctx.Process(target=_candidate, args=(make_candidate, child), daemon=True) for _, child in pipes]
+    workers = [
+        ctx.Process(target=_candidate, args=(make_candidate, child), daemon=True) for _, child in pipes
+    ]
     for worker in workers:
         worker.start()
     outcomes: dict[int, list[int]] = {}
