@@ -304,7 +304,8 @@ def test_sigterm_to_torchrun_commits_a_slow_checkpoint_exits_143_and_resumes_bit
     # incarnation left behind, and resumes bit-identically to an uninterrupted run.
     stale_pod = {"owner": "old", "job": "faults-job", "host": "worker-0-old", "pid": 1, "started": 0.0}
     storage.write_bytes_atomic(
-        f"{run_url}/{LEASE_FILE}", json.dumps({**stale_pod, "heartbeat": time.time()}).encode(), options
+        storage.Location(f"{run_url}/{LEASE_FILE}", options or {}),
+        json.dumps({**stale_pod, "heartbeat": time.time()}).encode(),
     )
     until = (f"train.max_steps={ref.step + 1}", "checkpoint.every_steps=50000")
     rerun = subprocess.run(
