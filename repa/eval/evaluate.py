@@ -24,6 +24,7 @@ The command line (``repa eval`` and its actions ref-stats, compare, sweep) is ``
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -299,6 +300,7 @@ def evaluate_checkpoint(
         score_line,
         write_tensorboard,
     )
+    from repa.eval.stats import class_balance
 
     started = time.perf_counter()
     with_logits = "is" in cfg.eval.metrics and hasattr(extractor, "features_and_logits")
@@ -314,6 +316,14 @@ def evaluate_checkpoint(
         batch_size=cfg.sample.batch_size_per_device,
     )
     metrics_seconds = time.perf_counter() - started
+    all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    if model_args.get("num_classes"):  # class-conditional: are the labels the protocol's uniform draw?
+        balance = class_balance(all_labels, int(model_args["num_classes"]))
+        result = dataclasses.replace(result, class_balance=balance)
+        if balance["problem"]:
+            log.warning(
+                "%s: class balance of the %d samples: %s", source.url, len(all_labels), balance["problem"]
+            )
     protocol = {
         "digest": plan.digest,
         "checkpoint": {**plan.sampling["checkpoint"], "model_args": _jsonable(model_args)},
@@ -348,7 +358,7 @@ def evaluate_checkpoint(
             weights_sha256=checkpoint_sha256(source, plan.sampling["checkpoint"]["weights"], cfg),
             vae_sha256=vae_sha256,
             precision=precision,
-            labels=np.concatenate(labels) if labels else np.zeros(0, np.int64),
+            labels=all_labels,
             result=payload,
             extractors=[extractor],
         ),

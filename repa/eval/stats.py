@@ -289,8 +289,6 @@ def class_balance(labels: Any, num_classes: int, p_threshold: float = 1e-6) -> d
     set that is not such a draw (p below ``p_threshold``: e.g. one class, half the classes, labels
     out of range); it is recorded in the result, the score is still computed.
     """
-    from scipy.stats import chi2
-
     y = np.asarray(labels).astype(np.int64).ravel()
     out: dict[str, Any] = {"num_classes": int(num_classes), "num_samples": int(y.size), "problem": None}
     if y.size == 0:
@@ -300,7 +298,14 @@ def class_balance(labels: Any, num_classes: int, p_threshold: float = 1e-6) -> d
     counts = np.bincount(y[(y >= 0) & (y < num_classes)], minlength=num_classes)
     expected = y.size / num_classes
     stat = float(((counts - expected) ** 2).sum() / expected)
-    p = float(chi2.sf(stat, num_classes - 1)) if num_classes > 1 else 1.0
+    # chi-square survival function = regularized upper incomplete gamma Q(k/2, x/2) (torch, not scipy:
+    # scipy is a test-only dependency of repa)
+    dof = torch.tensor((num_classes - 1) / 2, dtype=torch.float64)
+    p = (
+        float(torch.special.gammaincc(dof, torch.tensor(stat / 2, dtype=torch.float64)))
+        if num_classes > 1
+        else 1.0
+    )
     out.update(
         min_count=int(counts.min()),
         max_count=int(counts.max()),

@@ -194,6 +194,8 @@ def test_inception_fid_and_is_end_to_end_with_random_weights(tmp_path):
     (result_file,) = Path(run_url, "eval", "step-0000200").glob("result-*.json")
     result = json.loads(result_file.read_text())
     assert result["metric_name"] == "FD" and np.isfinite(result["fid"]) and result["fid"] > 0
+    balance = result["class_balance"]  # class-conditional samples: the labels' balance is recorded
+    assert balance["num_samples"] == 10 and balance["num_classes"] > 1 and balance["problem"] is None
     assert result["score_label"] == "FD (unpublished Inception weights, 10 samples)"  # never "FID"
     provenance = result["provenance"]
     assert set(provenance) == set(ALL_FIELDS)

@@ -99,3 +99,14 @@ def test_wrong_class_balance_is_named_in_the_result(toy_reference):
     draws = np.random.default_rng(1).integers(0, 1000, size=50_000)
     assert class_balance(draws, 1000)["problem"] is None
     assert class_balance(draws % 975, 1000)["problem"] is not None
+
+
+def test_the_chi_square_p_value_equals_scipys_without_importing_scipy_at_run_time():
+    """repa's images carry no scipy (a test-only dependency): the p-value is torch's regularized upper
+    incomplete gamma, equal to scipy's chi-square survival function."""
+    from scipy.stats import chi2
+
+    rng = np.random.default_rng(3)
+    for classes, n in ((4, 16), (10, 50), (1000, 5000)):
+        got = class_balance(rng.integers(0, classes, n), classes)
+        assert got["p_value"] == pytest.approx(chi2.sf(got["chi2"], classes - 1), rel=1e-9, abs=1e-300)
