@@ -62,11 +62,11 @@ lint: venv
 test: venv tools lint
 	$(PY) -m pytest -q
 
-# The whole pipeline on this CPU in ~2 minutes, offline; `make demo DEMO_ARGS=--help` lists options.
+# The whole pipeline on real images (Fashion-MNIST) on this CPU in ~3 minutes, offline; `make demo DEMO_ARGS=--help` lists options.
 demo: venv
 	$(VENV)/bin/repa demo $(DEMO_ARGS)
 
-# REPA vs vanilla vs random-encoder control at laptop scale, 3 seeds (~37 min on 2 cores): docs/convergence.md.
+# REPA vs vanilla vs encoder-target controls on Fashion-MNIST at laptop scale, 3 seeds: docs/convergence.md.
 convergence: venv
 	$(PY) benchmarks/convergence/run.py --workdir /tmp/repa-convergence
 
