@@ -100,13 +100,13 @@ class Stops:
         :class:`repa.lease.LeaseError`: those runs commit nothing more.
         """
         sigterm, sigint, upload_failed, lease_lost = (v > 0 for v in agreed)
+        if lease_lost:  # first: a lost lease also fails the upload it fenced; every rank exits 5
+            lease = self.lease()
+            raise LeaseError(lease.lost if lease is not None and lease.lost else "rank 0 lost the lease")
         if upload_failed:
             if self.is_main:
                 self.saver.wait()  # raises the upload's own error (operation + URL)
             raise UploadFailedError("rank 0's checkpoint upload failed (its log names the operation)")
-        if lease_lost:
-            lease = self.lease()
-            raise LeaseError(lease.lost if lease is not None and lease.lost else "lease lost")
         if sigint:
             return INTERRUPTED_EXIT_CODE
         if sigterm:
