@@ -215,23 +215,32 @@ def heatmap_png(summary: dict, cell_px: int = 72) -> bytes:
     scales, highs = summary["grid"]["cfg_scale"], summary["grid"]["guidance_high"]
     values = {(c["cfg_scale"], c["guidance_high"]): c["fid"] for c in summary["cells"]}
     lo, hi = min(values.values()), max(values.values())
+    # What the numbers are (network, sample count) and what the axes mean, above the grid.
+    caption = [
+        f"{summary['score']} per cell (darker = lower)",
+        "rows: CFG scale w; columns: interval [0, high]",
+    ]
+    top = 16 * len(caption) + 8
     margin = cell_px
-    image = Image.new("RGB", (margin + cell_px * len(highs), margin + cell_px * len(scales)), "white")
+    width = max(margin + cell_px * len(highs), 8 + 6 * max(len(line) for line in caption))  # ~6 px per glyph
+    image = Image.new("RGB", (width, top + margin + cell_px * len(scales)), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((4, 4), "w \\ high", fill="black")
+    for k, line in enumerate(caption):
+        draw.text((4, 4 + 16 * k), line, fill="black")
+    draw.text((4, top + 4), "w \\ high", fill="black")
     for j, h in enumerate(highs):
-        draw.text((margin + j * cell_px + 4, margin - 16), f"{h:g}", fill="black")
+        draw.text((margin + j * cell_px + 4, top + margin - 16), f"{h:g}", fill="black")
     for i, w in enumerate(scales):
-        draw.text((4, margin + i * cell_px + cell_px // 2 - 6), f"{w:g}", fill="black")
+        draw.text((4, top + margin + i * cell_px + cell_px // 2 - 6), f"{w:g}", fill="black")
         for j, h in enumerate(highs):
             v = values[(w, h)]
             t = 0.0 if hi == lo else (v - lo) / (hi - lo)  # 0 = best (lowest)
             colour = tuple(int(a + (b - a) * t) for a, b in zip((31, 64, 140), (250, 230, 120)))
             box = (
                 margin + j * cell_px,
-                margin + i * cell_px,
+                top + margin + i * cell_px,
                 margin + (j + 1) * cell_px - 1,
-                margin + (i + 1) * cell_px - 1,
+                top + margin + (i + 1) * cell_px - 1,
             )
             draw.rectangle(box, fill=colour)
             draw.text(
