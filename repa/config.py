@@ -77,7 +77,7 @@ TimeSampling = Literal["uniform", "lognormal"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 SamplerName = Literal["sde", "ode_euler", "ode_heun"]
 Weights = Literal["ema", "model"]
-Metric = Literal["fid", "is", "precision_recall"]
+Metric = Literal["fid", "is", "precision_recall", "fd_dinov2"]
 
 # Spatial downsampling and latent channels of each VAE (SD-VAE: 256 px -> 4x32x32 latents); "none" feeds
 # pixels to SiT. repa.vae checks a loaded VAE against these.
@@ -594,7 +594,16 @@ class EvalConfig(_Section):
     """Inception-v3 FID weights file (torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``),
     local path or fsspec URL; required by `repa eval` (nothing is downloaded: clusters are often offline)."""
     metrics: list[Metric] = field(default_factory=lambda: ["fid", "is", "precision_recall"])
-    """Metrics to compute."""
+    """Metrics to compute: Inception's FID (and sFID when the reference has ``mu_s``/``sigma_s``), IS,
+    precision/recall; ``fd_dinov2`` adds FD-DINOv2 (dgm-eval's ViT-L/14 features) from the same read of
+    the samples, which needs dinov2_weights_url and dinov2_reference_stats_url."""
+    dinov2_weights_url: str | None = None
+    """DINOv2 ViT-L/14 weights for FD-DINOv2 (``repa weights fetch DEST --only dinov2-vit-l``: timm's
+    ``model.safetensors`` or facebookresearch's ``dinov2_vitl14_pretrain.pth``); local path or fsspec URL.
+    Also what ``repa eval ref-stats --dinov2`` computes statistics with. Nothing is downloaded."""
+    dinov2_reference_stats_url: str | None = None
+    """Reference statistics of DINOv2 features (``repa eval ref-stats --dinov2``), the other side of
+    FD-DINOv2; required when eval.metrics has fd_dinov2."""
     watch_poll_seconds: int = setting(60, ge=1)
     """``repa watch``: seconds between listings of the checkpoint folder."""
     watch_every_nth: int = setting(1, ge=1)
@@ -620,7 +629,13 @@ class EvalConfig(_Section):
 
     def check(self) -> None:
         if not self.metrics:
-            raise ConfigError("eval.metrics", "empty; choose from fid, is, precision_recall")
+            raise ConfigError("eval.metrics", "empty; choose from fid, is, precision_recall, fd_dinov2")
+        if self.dinov2_reference_stats_url and "fd_dinov2" not in self.metrics:
+            raise ConfigError(
+                "eval.dinov2_reference_stats_url",
+                "set, but eval.metrics lacks fd_dinov2, so FD-DINOv2 would not be computed; add fd_dinov2 "
+                "to eval.metrics or drop the key",
+            )
         if len(set(self.metrics)) != len(self.metrics):
             raise ConfigError("eval.metrics", f"duplicate entries in {self.metrics}")
         for key in ("sweep_cfg_scales", "sweep_guidance_highs"):
@@ -875,10 +890,31 @@ class RunConfig:
                 raise ConfigError(key, f"required by {purpose}; set it in the config or with --set {key}=...")
         return self
 
+    def require_fd_dinov2_inputs(self) -> RunConfig:
+        """With ``fd_dinov2`` in eval.metrics, both DINOv2 URLs must be set (no random or downloaded
+        DINOv2: its distance would mean nothing)."""
+        if "fd_dinov2" not in self.eval.metrics:
+            return self
+        if not self.eval.dinov2_weights_url:
+            raise ConfigError(
+                "eval.dinov2_weights_url",
+                "required by eval.metrics fd_dinov2; `repa weights fetch DEST --only dinov2-vit-l` stages "
+                "the file and prints the --set line",
+            )
+        if not self.eval.dinov2_reference_stats_url:
+            raise ConfigError(
+                "eval.dinov2_reference_stats_url",
+                "required by eval.metrics fd_dinov2; compute them with `repa eval ref-stats --dinov2 "
+                "--out URL` (DINOv2 features of the reference images)",
+            )
+        return self
+
     def require_for(self, verb: str, config: str | None = None) -> RunConfig:
         """Check the keys ``repa <verb>`` needs (``REQUIRED_FOR``; sampling verbs: a decoding VAE; the
         weights of published networks, :meth:`require_weights`, whose message shows ``config``)."""
         self.require(*REQUIRED_FOR.get(verb, ()), purpose=f"`repa {verb}`")
+        if verb in ("eval", "watch"):
+            self.require_fd_dinov2_inputs()
         if verb in ("sample", "eval", "watch"):
             self.decoder_vae()
         return self.require_weights(verb, config)

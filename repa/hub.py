@@ -112,12 +112,15 @@ def catalogue() -> dict[str, Artifact]:
 
 
 def wanted(cfg: Any, reference_batch: bool = False) -> list[str]:
-    """Catalogue names a run of ``cfg`` needs: its encoders, training and decoding VAEs, Inception."""
+    """Catalogue names a run of ``cfg`` needs: its encoders, training and decoding VAEs, Inception (and
+    DINOv2 ViT-L/14 with FD-DINOv2 in eval.metrics)."""
     known = catalogue()
     names = [n for n in cfg.encoder.names if n in known]
     names += [v for v in dict.fromkeys([cfg.vae.name, cfg.decoder_vae_name()]) if v != "none"]
     if not cfg.eval.feature_extractor:
         names.append("inception")
+    if "fd_dinov2" in cfg.eval.metrics and "dinov2-vit-l" not in names:
+        names.append("dinov2-vit-l")  # FD-DINOv2's network (repa.eval.dinov2)
     if reference_batch:
         names.append("adm-reference")
     return names
@@ -137,6 +140,8 @@ def set_lines(cfg: Any, staged: dict[str, str]) -> list[str]:
         out.append(f"sample.vae_weights_url={staged[decoder]}")
     if "inception" in staged:
         out.append(f"eval.inception_weights_url={staged['inception']}")
+    if "dinov2-vit-l" in staged and "fd_dinov2" in cfg.eval.metrics:
+        out.append(f"eval.dinov2_weights_url={staged['dinov2-vit-l']}")
     if "adm-reference" in staged:
         out.append(f"eval.reference_stats_url={staged['adm-reference']}")
     return out

@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--data-url", metavar="URL", help="prepared dataset (default: data.url)")
     p.add_argument("--out", required=True, metavar="URL", help="where to write the .npz")
     p.add_argument("--feature-extractor", metavar="MODULE:CALLABLE", help="as for `repa eval`")
+    p.add_argument(
+        "--dinov2",
+        action="store_true",
+        help="statistics of FD-DINOv2's network (eval.dinov2_weights_url) instead of Inception's: the "
+        "file eval.dinov2_reference_stats_url names",
+    )
     p.add_argument("--keep-features", type=int, default=10_000, help="features kept for precision/recall")
     p.add_argument(
         "--keep-images", type=int, default=0, help="images kept as arr_0 (ADM evaluator compatible)"
@@ -102,7 +108,15 @@ def _run_ref_stats(args: argparse.Namespace) -> int:
     data = cfg.data.location() if not args.data_url else cfg.storage.locate(args.data_url)
     if not data.url:
         raise ConfigError("data.url", "required by `repa eval ref-stats` (or pass --data-url)")
-    extractor = build_extractor(cfg, runtime.resolve_device(cfg.train.device))
+    device = runtime.resolve_device(cfg.train.device)
+    if args.dinov2 and args.feature_extractor:
+        raise EvalError("--dinov2 and --feature-extractor name two networks; pass one")
+    if args.dinov2:
+        from repa.eval.dinov2 import build_dinov2_from_config
+
+        extractor = build_dinov2_from_config(cfg, device)
+    else:
+        extractor = build_extractor(cfg, device)
     digest = compute_dataset_reference_stats(
         data,
         cfg.storage.locate(args.out),

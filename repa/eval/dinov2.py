@@ -33,7 +33,7 @@ import hashlib
 import logging
 import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,12 +43,17 @@ from torch import nn
 from repa import storage
 from repa.eval.errors import MetricsError
 
+if TYPE_CHECKING:
+    from repa.config import RunConfig
+
 __all__ = [
     "DINOV2_ENCODER",
     "DINOV2_INPUT_SIZE",
     "DINOV2_NAME",
     "DinoV2FeatureExtractor",
     "build_dinov2",
+    "build_dinov2_from_config",
+    "dinov2_identity",
     "dinov2_pos_embed_for",
     "pil_bicubic_resize",
 ]
@@ -62,6 +67,7 @@ DINOV2_ENCODER = "dinov2-vit-l"
 DINOV2_INPUT_SIZE = 224
 PATCH_SIZE = 14
 INTERPOLATE_OFFSET = 0.1  # DINOv2's DinoVisionTransformer.interpolate_offset
+VIT_L_FEATURES, VIT_L_DEPTH = 1024, 24  # ViT-L/14: the network FD-DINOv2 is defined on
 
 
 def pil_bicubic_resize(images: torch.Tensor, size: int = DINOV2_INPUT_SIZE) -> torch.Tensor:
@@ -123,7 +129,11 @@ def _fidelity_class() -> type:
 
 
 class DinoV2FeatureExtractor(nn.Module):
-    """dgm-eval's FD-DINOv2 features: PIL bicubic to 224 px, then torch-fidelity's DINOv2 forward (CLS)."""
+    """dgm-eval's FD-DINOv2 features: PIL bicubic to 224 px, then torch-fidelity's DINOv2 forward (CLS).
+
+    ``standard``: the network has ViT-L/14's shape (1024 features, 24 blocks), the one FD-DINOv2 is
+    defined on; any other (the tiny test networks) is labelled as such wherever its number is shown.
+    """
 
     name = DINOV2_NAME
     resize = "PIL bicubic to 224x224 (dgm-eval), then ImageNet mean/std (torch-fidelity's DINOv2 forward)"
@@ -133,6 +143,9 @@ class DinoV2FeatureExtractor(nn.Module):
         self.net = _fidelity_class()(model)
         self.weights_sha256 = weights_sha256
         self.feature_dim = int(getattr(model, "num_features", 0) or getattr(model, "embed_dim", 0))
+        depth = len(getattr(model, "blocks", ()))
+        self.standard = (self.feature_dim, depth) == (VIT_L_FEATURES, VIT_L_DEPTH)
+        self.architecture = f"ViT, {self.feature_dim} features, {depth} blocks, patch {PATCH_SIZE}"
         self.requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> DinoV2FeatureExtractor:
@@ -205,3 +218,27 @@ def build_dinov2(
     )
     logger.info("FD-DINOv2: %s from %s (sha256 %s)", spec.timm_name, location.url, digest[:12])
     return extractor.to(device)
+
+
+def dinov2_identity(cfg: RunConfig) -> dict[str, Any] | None:
+    """What decides FD-DINOv2 before anything is loaded (None when eval.metrics lacks fd_dinov2): part
+    of an evaluation's digest only when asked for, so results without it keep their names."""
+    if "fd_dinov2" not in cfg.eval.metrics:
+        return None
+    return {
+        "name": DINOV2_NAME,
+        "weights_url": cfg.eval.dinov2_weights_url,
+        "reference_stats_url": cfg.eval.dinov2_reference_stats_url,
+    }
+
+
+def build_dinov2_from_config(
+    cfg: RunConfig, device: str | torch.device | None = None
+) -> DinoV2FeatureExtractor:
+    """The FD-DINOv2 network of ``eval.dinov2_weights_url`` (error naming the key when it is null)."""
+    if not cfg.eval.dinov2_weights_url:
+        raise MetricsError(
+            f"eval.dinov2_weights_url is null: FD-DINOv2 needs the {DINOV2_ENCODER} weights; stage them with "
+            f"`repa weights fetch DEST --only {DINOV2_ENCODER}` and set the key (repa never downloads)"
+        )
+    return build_dinov2(cfg.storage.locate(cfg.eval.dinov2_weights_url), device)

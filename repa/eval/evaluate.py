@@ -1,15 +1,18 @@
-"""`repa eval`: sample a checkpoint, then FID / IS / precision-recall against reference statistics.
+"""`repa eval`: sample a checkpoint, then FID / sFID / IS / precision-recall (and FD-DINOv2 when asked)
+against reference statistics.
 
-One evaluation = ``repa sample`` (chunked, resumable, reused if already there) + one pass of the
-feature extractor over the samples (``repa.eval.metrics``) + a result JSON with its provenance
+One evaluation = ``repa sample`` (chunked, resumable, reused if already there) + one read of the samples
+feeding each feature network once (``repa.eval.metrics.evaluate_many``: Inception, and DINOv2 with
+``fd_dinov2`` in eval.metrics) + a result JSON with its provenance
 (``repa.eval.provenance``) + TensorBoard scalars (``repa.eval.report``). An :class:`EvalProtocol`
 (:func:`plan_evaluation`) says what decides the numbers and where everything goes, before anything
 is loaded:
 
     {run_url}/samples/step-NNNNNNN-<sampling digest>/    the samples (as `repa sample` writes them)
     {run_url}/eval/step-NNNNNNN/result-<eval digest>.json the numbers, the protocol and the provenance
-    {run_url}/tensorboard/eval/                          eval/fid, eval/best_fid, eval/is, eval/precision,
-                                                         eval/recall, eval/samples, eval/result (text)
+    {run_url}/tensorboard/eval/                          eval/fid, eval/best_fid, eval/sfid, eval/is,
+                                                         eval/precision, eval/recall, eval/fd_dinov2,
+                                                         eval/samples, eval/result (text)
 
 The result is not written inside the checkpoint folder because checkpoint retention deletes those
 folders recursively; results must outlive them. The digest covers everything that decides the
@@ -42,6 +45,7 @@ from repa import checkpoint as ckpt
 from repa import runtime, storage
 from repa.config import VAE_DOWNSAMPLE, RunConfig
 from repa.eval import sample as S
+from repa.eval.dinov2 import dinov2_identity
 from repa.eval.errors import EvalError
 from repa.eval.features import build_extractor, extractor_identity
 from repa.runtime import DistInfo, broadcast_object
@@ -66,15 +70,23 @@ PR_K = 3  # ADM's ManifestEstimator k
 
 
 def _identity(
-    sampling: dict[str, Any], reference_stats_url: str, extractor: dict[str, Any], metrics: tuple[str, ...]
+    sampling: dict[str, Any],
+    reference_stats_url: str,
+    extractor: dict[str, Any],
+    metrics: tuple[str, ...],
+    dinov2: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What decides an evaluation's numbers, hashed into its result's file name (unchanged since v1)."""
-    return {
+    """What decides an evaluation's numbers, hashed into its result's file name (unchanged since v1;
+    FD-DINOv2's network and reference are added only when asked for, so other digests stay as they were)."""
+    out = {
         "sampling": sampling,
         "reference_stats_url": reference_stats_url,
         "feature_extractor": extractor,
         "metrics": sorted(metrics),
     }
+    if dinov2 is not None:
+        out["fd_dinov2"] = dinov2
+    return out
 
 
 @dataclass(frozen=True)
@@ -82,7 +94,8 @@ class EvalProtocol:
     """One evaluation, planned: what decides its numbers (the digest) and where its files go.
 
     ``sampling`` is the sample set's identity (spec, checkpoint, VAE); :attr:`identity` adds the
-    reference statistics, the feature extractor and the metrics. Both are hashed into file names.
+    reference statistics, the feature extractor, the metrics and FD-DINOv2's network and reference
+    (``dinov2``, when eval.metrics has fd_dinov2). Both are hashed into file names.
     """
 
     source: ckpt.CheckpointSource
@@ -93,10 +106,13 @@ class EvalProtocol:
     metrics: tuple[str, ...]
     samples: storage.Location
     result: storage.Location
+    dinov2: dict[str, Any] | None = None
 
     @property
     def identity(self) -> dict[str, Any]:
-        return _identity(self.sampling, self.reference_stats_url, self.feature_extractor, self.metrics)
+        return _identity(
+            self.sampling, self.reference_stats_url, self.feature_extractor, self.metrics, self.dinov2
+        )
 
     @property
     def digest(self) -> str:
@@ -113,7 +129,7 @@ class EvalProtocol:
 
 def plan_evaluation(cfg: RunConfig, source: ckpt.CheckpointSource) -> EvalProtocol:
     """The :class:`EvalProtocol` of ``source`` under ``cfg`` (reads nothing)."""
-    cfg.require("eval.reference_stats_url", purpose="`repa eval`")
+    cfg.require("eval.reference_stats_url", purpose="`repa eval`").require_fd_dinov2_inputs()
     spec = S.SampleSpec.from_config(cfg)
     sampling = S.sampling_identity(
         spec, source.describe(cfg.sample.checkpoint_weights), S.decoder_vae_identity(cfg)
@@ -123,15 +139,16 @@ def plan_evaluation(cfg: RunConfig, source: ckpt.CheckpointSource) -> EvalProtoc
         extractor_identity(cfg),
         tuple(cfg.eval.metrics),
     )
+    dinov2 = dinov2_identity(cfg)
     samples_url = S.default_output_url(cfg, source, S.identity_digest(sampling))
-    name = f"result-{S.identity_digest(_identity(sampling, reference, extractor, metrics))[:12]}.json"
+    name = f"result-{S.identity_digest(_identity(sampling, reference, extractor, metrics, dinov2))[:12]}.json"
     if source.kind == "run" and source.run_url and source.step is not None:
         result_url = storage.join(source.run_url, "eval", ckpt.step_dir_name(source.step), name)
     else:
         result_url = storage.join(samples_url, name)
     locate = cfg.storage.locate
     return EvalProtocol(
-        source, spec, sampling, reference, extractor, metrics, locate(samples_url), locate(result_url)
+        source, spec, sampling, reference, extractor, metrics, locate(samples_url), locate(result_url), dinov2
     )
 
 
@@ -194,16 +211,67 @@ def _reference_and_extractor(
     return reference, extractor
 
 
+def _dinov2_reference_and_network(
+    cfg: RunConfig, device: torch.device, cache: dict[Any, Any]
+) -> tuple[Any, Any]:
+    """FD-DINOv2's reference statistics and network (``eval.dinov2_*``), loaded once per ``cache``."""
+    from repa.eval.dinov2 import build_dinov2_from_config
+    from repa.eval.refstats import load_reference_stats
+
+    url = cfg.eval.dinov2_reference_stats_url
+    ref_key, net_key = ("dinov2-reference", url), ("dinov2", cfg.eval.dinov2_weights_url, str(device))
+    if not storage.exists(cfg.storage.locate(url)):
+        raise EvalError(
+            f"eval.dinov2_reference_stats_url: {url} not found; compute DINOv2 statistics of the reference "
+            "images with `repa eval ref-stats --dinov2 --data-url ... --out ...`"
+        )
+    if net_key not in cache:
+        cache[net_key] = build_dinov2_from_config(cfg, device)
+    if ref_key not in cache:
+        cache[ref_key] = load_reference_stats(cfg.storage.locate(url), load_images=False)
+    return cache[ref_key], cache[net_key]
+
+
+def _metric_jobs(cfg: RunConfig, device: torch.device, cache: dict[Any, Any] | None) -> list[Any]:
+    """The networks and references one evaluation scores with: Inception (or the configured network)
+    first, then DINOv2 when eval.metrics has fd_dinov2 (``repa.eval.metrics.MetricJob``: one read of the
+    samples feeds them all). Everything that can refuse them (files, names, sizes) runs here, before
+    any sample is drawn."""
+    from repa.eval.metrics import MetricJob, check_metric_jobs
+
+    cache = {} if cache is None else cache
+    metrics = cfg.eval.metrics
+    reference, extractor = _reference_and_extractor(cfg, device, cache)
+    _check_reference(reference, cfg.eval.reference_stats_url, cfg.data.resolution, metrics)
+    with_logits = "is" in metrics and hasattr(extractor, "features_and_logits")
+    if "is" in metrics and not with_logits:
+        log.warning("feature extractor %r has no logits: no Inception Score", getattr(extractor, "name", "?"))
+    jobs = [
+        MetricJob(
+            extractor,
+            reference,
+            inception_score_splits=IS_SPLITS if with_logits else None,
+            precision_recall_k=PR_K if "precision_recall" in metrics else None,
+        )
+    ]
+    if "fd_dinov2" in metrics:
+        dinov2_reference, dinov2 = _dinov2_reference_and_network(cfg, device, cache)
+        _check_reference(dinov2_reference, cfg.eval.dinov2_reference_stats_url, cfg.data.resolution, [])
+        jobs.append(MetricJob(dinov2, dinov2_reference))
+    check_metric_jobs(jobs)
+    return jobs
+
+
 def _prepare(
     cfg: RunConfig, plan: EvalProtocol, info: DistInfo, force: bool, cache: dict[Any, Any] | None
-) -> tuple[Any, Any, dict[str, Any] | None]:
-    """Rank 0 checks the cheap things and loads reference + extractor; every rank learns the verdict.
+) -> tuple[list[Any] | None, dict[str, Any] | None]:
+    """Rank 0 checks the cheap things and loads references + networks; every rank learns the verdict.
 
-    Returns ``(reference, extractor, existing result or None)`` (reference/extractor on rank 0 only).
+    Returns ``(metric jobs or None, existing result or None)`` (the jobs on rank 0 only).
     """
     ref_url = cfg.eval.reference_stats_url
     status: tuple[str, str | None] = ("go", None)
-    reference = extractor = existing = None
+    jobs = existing = None
     failure: BaseException | None = None
     if info.is_main:
         try:
@@ -217,8 +285,7 @@ def _prepare(
                         "`repa eval ref-stats --data-url ... --out ...` or copy ADM's "
                         "VIRTUAL_imagenet256_labeled.npz there"
                     )
-                reference, extractor = _reference_and_extractor(cfg, info.device, cache)
-                _check_reference(reference, ref_url, cfg.data.resolution, cfg.eval.metrics)
+                jobs = _metric_jobs(cfg, info.device, cache)
         except Exception as e:
             failure, status = e, ("error", f"{type(e).__name__}: {e}")
     status = broadcast_object(info, status)  # type: ignore[assignment]
@@ -226,7 +293,7 @@ def _prepare(
         raise failure
     if status[0] == "error":
         raise EvalError(f"rank 0 could not prepare the evaluation: {status[1]}")
-    return reference, extractor, existing if status[0] == "done" else None
+    return jobs, existing if status[0] == "done" else None
 
 
 def evaluate_checkpoint(
@@ -252,7 +319,7 @@ def evaluate_checkpoint(
     """
     info = info or DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     plan = plan_evaluation(cfg, source)
-    reference, extractor, existing = _prepare(cfg, plan, info, force, cache)
+    jobs, existing = _prepare(cfg, plan, info, force, cache)
     if existing is not None:
         log.info("%s already evaluated: %s", source.url, plan.result_url)
         return EvalOutcome(plan.result_url, existing, skipped=True) if info.is_main else None
@@ -290,9 +357,10 @@ def evaluate_checkpoint(
     if not info.is_main:
         return None
 
-    from repa.eval.metrics import score_images, write_result_json
+    from repa.eval.metrics import evaluate_many, write_result_json
     from repa.eval.provenance import build_provenance, checkpoint_sha256
     from repa.eval.report import (
+        dinov2_summary,
         metric_tags,
         result_text,
         sample_grid,
@@ -303,17 +371,9 @@ def evaluate_checkpoint(
     from repa.eval.stats import class_balance
 
     started = time.perf_counter()
-    with_logits = "is" in cfg.eval.metrics and hasattr(extractor, "features_and_logits")
-    if "is" in cfg.eval.metrics and not with_logits:
-        log.warning("feature extractor %r has no logits: no Inception Score", getattr(extractor, "name", "?"))
     labels: list[np.ndarray] = []
-    result = score_images(
-        _images_keeping_labels(sample_set, labels),
-        reference,
-        extractor,
-        inception_score_splits=IS_SPLITS if with_logits else None,
-        precision_recall_k=PR_K if "precision_recall" in cfg.eval.metrics else None,
-        batch_size=cfg.sample.batch_size_per_device,
+    result, *others = evaluate_many(
+        _images_keeping_labels(sample_set, labels), jobs, batch_size=cfg.sample.batch_size_per_device
     )
     metrics_seconds = time.perf_counter() - started
     all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
@@ -332,7 +392,7 @@ def evaluate_checkpoint(
         "vae": vae_identity,
         "samples_url": plan.samples_url,
         "samples_kept": cfg.eval.keep_samples,
-        "reference_stats": {"url": cfg.eval.reference_stats_url, "sha256": reference.sha256},
+        "reference_stats": {"url": cfg.eval.reference_stats_url, "sha256": result.reference_sha256},
         "feature_extractor": {
             **extractor_identity(cfg),
             "name": result.feature_extractor,
@@ -350,19 +410,23 @@ def evaluate_checkpoint(
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
     payload = result.to_dict()
-    extra = {
-        "score_label": score_label(payload),
-        "provenance": build_provenance(
-            cfg,
-            plan,
-            weights_sha256=checkpoint_sha256(source, plan.sampling["checkpoint"]["weights"], cfg),
-            vae_sha256=vae_sha256,
-            precision=precision,
-            labels=all_labels,
-            result=payload,
-            extractors=[extractor],
-        ),
-    }
+    extra: dict[str, Any] = {"score_label": score_label(payload)}
+    if others:  # FD-DINOv2 (the second MetricJob)
+        (dinov2,) = others
+        extra["fd_dinov2"] = dinov2.fid
+        extra["dinov2"] = dinov2_summary(dinov2, jobs[1].extractor)
+        protocol["fd_dinov2"] = {**(plan.dinov2 or {}), "sha256": dinov2.feature_extractor_sha256}
+    extra["provenance"] = build_provenance(
+        cfg,
+        plan,
+        weights_sha256=checkpoint_sha256(source, plan.sampling["checkpoint"]["weights"], cfg),
+        vae_sha256=vae_sha256,
+        precision=precision,
+        labels=all_labels,
+        result=payload,
+        extractors=[jobs[0].extractor],
+        dinov2=(jobs[1].extractor, extra["dinov2"]) if others else None,
+    )
     payload = {**payload, **extra, "protocol": protocol}
     # TensorBoard first, the result JSON last: the JSON marks the checkpoint as done.
     if source.run_url and source.step is not None and cfg.log.tensorboard:

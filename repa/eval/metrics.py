@@ -46,6 +46,7 @@ from repa.eval.stats import (
 __all__ = [
     "EvalResult",
     "MetricJob",
+    "check_metric_jobs",
     "evaluate_features",
     "evaluate_many",
     "score_images",
@@ -274,6 +275,14 @@ def _plan_pass(job: MetricJob) -> FeaturePass:
         expected_size=reference.image_size,
         expected_size_label=f"the image size of {_describe(reference)}",
     )
+
+
+def check_metric_jobs(jobs: list[MetricJob]) -> None:
+    """What :func:`evaluate_many` would refuse before reading an image, refused now (e.g. before the
+    samples are drawn): an extractor without logits asked for IS, a reference of another network,
+    precision/recall without reference features or images."""
+    for job in jobs:
+        _plan_pass(job)
 
 
 def evaluate_many(

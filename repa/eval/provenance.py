@@ -9,8 +9,10 @@ paper" mismatch it prevents). Fields come in three kinds:
 - ``SUBJECT_FIELDS``: what is being scored (the checkpoint): expected to differ, shown.
 - ``INFO_FIELDS``: code versions: shown when they differ, never a reason to refuse.
 
-``extractors`` holds one entry per feature network (name, weights sha256, the resize path into it);
-new extractors (DINOv2, ...) add theirs through :func:`extractor_record`.
+``extractors`` holds the entry of the network behind FID, sFID, IS and precision/recall (name, weights
+sha256, the resize path into it; :func:`extractor_record`). FD-DINOv2's network and reference are the
+``dinov2.*`` fields (None without FD-DINOv2): they are compared only between results that both have
+FD-DINOv2, so adding FD-DINOv2 to an evaluation leaves its FID comparable with earlier ones.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from repa.eval.sample import run_sampler
 from repa.eval.sample_set import SampleSpec
 
 __all__ = [
+    "DINOV2_FIELDS",
     "INFO_FIELDS",
     "PROTOCOL_FIELDS",
     "SUBJECT_FIELDS",
@@ -40,6 +43,13 @@ __all__ = [
     "provenance_rows",
 ]
 
+DINOV2_FIELDS = (
+    "dinov2.extractor",
+    "dinov2.reference.url",
+    "dinov2.reference.sha256",
+    "dinov2.reference.count",
+)
+"""FD-DINOv2's network and reference (None in a result without FD-DINOv2)."""
 SUBJECT_FIELDS = ("checkpoint.url", "checkpoint.step", "checkpoint.weights_sha256")
 PROTOCOL_FIELDS = (
     "checkpoint.weights",  # ema | raw
@@ -61,6 +71,7 @@ PROTOCOL_FIELDS = (
     "reference.sha256",
     "reference.count",
     "extractors",
+    *DINOV2_FIELDS,
 )
 INFO_FIELDS = ("versions.repa", "versions.torch", "versions.torch_fidelity")
 ALL_FIELDS = SUBJECT_FIELDS + PROTOCOL_FIELDS + INFO_FIELDS
@@ -102,12 +113,24 @@ def _canonical(value: Any) -> Any:
 
 
 class Comparison:
-    """Provenance differences between results: ``protocol`` (not comparable), ``subject``, ``info``."""
+    """Provenance differences between results: ``protocol`` (not comparable), ``subject``, ``info``.
+
+    ``dinov2_only_in``: indices of the results with FD-DINOv2 when only some have it; its ``dinov2.*``
+    fields are then not compared (FD-DINOv2 is not compared; the other scores still are).
+    """
 
     def __init__(self, payloads: Sequence[dict[str, Any]]) -> None:
         self.payloads = list(payloads)
         rows = [dict(provenance_rows(p)) for p in self.payloads]
-        differing = [k for k in ALL_FIELDS if len({json.dumps(r[k], sort_keys=True) for r in rows}) > 1]
+        with_dinov2 = [i for i, r in enumerate(rows) if r["dinov2.extractor"] is not None]
+        partial = 0 < len(with_dinov2) < len(rows)
+        self.dinov2_only_in = with_dinov2 if partial else []
+        skipped = set(DINOV2_FIELDS) if partial else set()
+        differing = [
+            k
+            for k in ALL_FIELDS
+            if k not in skipped and len({json.dumps(r[k], sort_keys=True) for r in rows}) > 1
+        ]
         self.protocol = [k for k in differing if k in PROTOCOL_FIELDS]
         self.subject = [k for k in differing if k in SUBJECT_FIELDS]
         self.info = [k for k in differing if k in INFO_FIELDS]
@@ -162,11 +185,13 @@ def build_provenance(
     labels: Any,  # (N,) int class labels of the samples scored
     result: dict[str, Any],
     extractors: list[Any],
+    dinov2: tuple[Any, dict[str, Any]] | None = None,  # (network, report.dinov2_summary) with FD-DINOv2
 ) -> dict[str, Any]:
     """The result's provenance record (fields: ``repa.eval.provenance``; docs/evaluation.md)."""
     from importlib.metadata import version
 
     spec, checkpoint = plan.spec, plan.sampling["checkpoint"]
+    network, summary = dinov2 if dinov2 is not None else (None, {})
     return {
         "checkpoint.url": checkpoint["url"],
         "checkpoint.step": checkpoint["step"],
@@ -193,6 +218,12 @@ def build_provenance(
         "reference.sha256": result.get("reference_sha256"),
         "reference.count": result.get("num_reference_samples"),
         "extractors": [extractor_record(e) for e in extractors],
+        "dinov2.extractor": (
+            {**extractor_record(network), "standard": summary["standard"]} if network is not None else None
+        ),
+        "dinov2.reference.url": summary.get("reference_url"),
+        "dinov2.reference.sha256": summary.get("reference_sha256"),
+        "dinov2.reference.count": summary.get("num_reference_samples"),
         "versions.repa": repa.__version__,
         "versions.torch": torch.__version__,
         "versions.torch_fidelity": version("torch-fidelity"),

@@ -22,6 +22,7 @@ __all__ = [
     "GRID_IMAGES",
     "TENSORBOARD_UNSMOOTHED",
     "UNPUBLISHED",
+    "dinov2_summary",
     "format_comparison",
     "metric_tags",
     "provenance_brief",
@@ -70,8 +71,35 @@ def score_label(payload: dict[str, Any]) -> str:
     return f"{score_name(payload)} ({qualifier + ', ' if qualifier else ''}{count})"
 
 
+def dinov2_summary(result: Any, extractor: Any) -> dict[str, Any]:
+    """FD-DINOv2's side of a result JSON (``dinov2``): its label, network, reference and counts.
+
+    ``FD-DINOv2 (ViT-L/14)`` only for a network of ViT-L/14's shape (``extractor.standard``); the
+    same code path on another network (tests' tiny ViTs) says so: ``FD (DINOv2 code path, not
+    ViT-L/14: ...)``. A network of the right shape with other weights cannot be told apart here: its
+    weights sha256 is in the provenance (``dinov2.extractor``).
+    """
+    standard = bool(getattr(extractor, "standard", False))
+    label = (
+        "FD-DINOv2 (ViT-L/14)"
+        if standard
+        else f"FD (DINOv2 code path, not ViT-L/14: {getattr(extractor, 'architecture', '?')})"
+    )
+    return {
+        "label": label,
+        "standard": standard,
+        "feature_extractor": result.feature_extractor,
+        "feature_extractor_sha256": result.feature_extractor_sha256,
+        "num_samples": result.num_samples,
+        "reference_url": result.reference_url,
+        "reference_sha256": result.reference_sha256,
+        "num_reference_samples": result.num_reference_samples,
+    }
+
+
 def score_line(payload: dict[str, Any]) -> str:
-    """``FID (50000 samples) 2.0612, IS 271.130, precision 0.7800, recall 0.6100``: one result, printed."""
+    """``FID (50000 samples) 2.0612, sFID 4.1000, IS 271.130, precision 0.7800, recall 0.6100,
+    FD-DINOv2 (ViT-L/14) 80.1200``: one result, printed."""
     parts = [f"{score_label(payload)} {payload['fid']:.4f}"]
     if payload.get("sfid") is not None:
         sfid_name = "sFID" if _published(payload) else "sFD (unpublished Inception weights)"
@@ -82,6 +110,8 @@ def score_line(payload: dict[str, Any]) -> str:
     for key in ("precision", "recall"):
         if payload.get(key) is not None:
             parts.append(f"{key} {payload[key]:.4f}")
+    if payload.get("fd_dinov2") is not None:
+        parts.append(f"{payload['dinov2']['label']} {payload['fd_dinov2']:.4f}")
     return ", ".join(parts)
 
 
@@ -104,7 +134,8 @@ def provenance_brief(payload: dict[str, Any]) -> str:
 def metric_tags(payload: dict[str, Any]) -> dict[str, float | None]:
     """The TensorBoard scalars of one result: ``eval/fid`` (``eval/fd_<name>`` for other networks),
     ``eval/sfid`` (when the reference has sFID statistics), ``eval/is``, ``eval/precision``,
-    ``eval/recall``. With Inception weights that are not the published
+    ``eval/recall``, ``eval/fd_dinov2`` (``eval/fd_dinov2_not_vit_l14`` for another network of
+    the DINOv2 code path). With Inception weights that are not the published
     file (sha256 not starting with its name's prefix, e.g. the random weights of ``repa demo`` and the
     tests) the Fréchet tag is ``eval/fd_unpublished_inception`` and every other tag ends in
     ``_unpublished_inception``: such numbers only compare with the same file."""
@@ -112,12 +143,17 @@ def metric_tags(payload: dict[str, Any]) -> dict[str, float | None]:
     suffix = ""
     if payload.get("feature_extractor") == INCEPTION_NAME and not _published(payload):
         name, suffix = "fd", _TAG_SUFFIX
+    dinov2 = {}
+    if payload.get("fd_dinov2") is not None:
+        standard = payload["dinov2"]["standard"]
+        dinov2 = {"eval/fd_dinov2" + ("" if standard else "_not_vit_l14"): payload["fd_dinov2"]}
     return {
         f"eval/{name}{suffix}": payload["fid"],
         f"eval/sfid{suffix}": payload.get("sfid"),  # None (not written) without mu_s/sigma_s in the reference
         f"eval/is{suffix}": payload.get("inception_score_mean"),
         f"eval/precision{suffix}": payload.get("precision"),
         f"eval/recall{suffix}": payload.get("recall"),
+        **dinov2,
     }
 
 
@@ -186,6 +222,9 @@ def format_comparison(names: Sequence[str], comparison: Any) -> str:
         for key in keys:
             values = " | ".join(str(r[key]) for r in comparison.rows)
             lines.append(f"  {title}: {key}: {values}")
+    if comparison.dinov2_only_in:
+        only = ", ".join(names[i] for i in comparison.dinov2_only_in)
+        lines.append(f"  FD-DINOv2 only in {only}: not compared (the other scores are)")
     for i in comparison.without:
         lines.append(f"  {names[i]}: no provenance recorded (a result written before repa recorded it)")
     if comparison.comparable:

@@ -50,7 +50,14 @@ __all__ = [
 ]
 
 # metric key in a result JSON -> is lower better?
-METRICS = {"fid": True, "inception_score_mean": False, "precision": False, "recall": False}
+METRICS = {
+    "fid": True,
+    "sfid": True,
+    "inception_score_mean": False,
+    "precision": False,
+    "recall": False,
+    "fd_dinov2": True,
+}
 SUMMARY_FILES = ("sweep.json", "sweep.md", "heatmap.png")
 
 

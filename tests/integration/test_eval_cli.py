@@ -228,3 +228,126 @@ def test_inception_fid_and_is_end_to_end_with_random_weights(tmp_path):
 
 def ref_sha(ref_url: str) -> str:
     return load_reference_stats(ref_url, load_images=False).feature_extractor_sha256
+
+
+def test_fd_dinov2_beside_the_main_score_from_config_to_result(tmp_path, feats, monkeypatch, capsys):
+    """eval.metrics fd_dinov2: `ref-stats --dinov2` from the staged weights, then `repa eval` scores
+    FD-DINOv2 in the same read of the samples, labels it by the network it ran, records its provenance
+    and writes its TensorBoard tag; the number is the metric of exactly the samples on storage."""
+    from repa.eval.dinov2 import DINOV2_NAME, build_dinov2
+    from repa.eval.metrics import MetricJob, evaluate_many
+    from repa.eval.provenance import DINOV2_FIELDS
+    from tests.support.tiny_dinov2 import TINY, shrink_registry_dinov2, write_tiny_dinov2
+
+    shrink_registry_dinov2(monkeypatch)
+    weights = write_tiny_dinov2(tmp_path / "weights" / "dinov2.pth")
+    data_url = write_dataset(tmp_path / "data", random_images(24, 16))
+    ref_url, dref_url, run_url = str(tmp_path / "ref.npz"), str(tmp_path / "dref.npz"), str(tmp_path / "run")
+    tree = tiny_config(run_url, ref_url)
+    plain_cfg = RunConfig.from_dict(tree)
+    tree["eval"].update(
+        metrics=["fid", "precision_recall", "fd_dinov2"],
+        dinov2_weights_url=weights,
+        dinov2_reference_stats_url=dref_url,
+    )
+    cfg_path = write_config(tmp_path / "cfg.yaml", tree)
+    common = ("--config", cfg_path, "--data-url", data_url)
+    assert cli("eval", "ref-stats", *common, "--out", ref_url, "--feature-extractor", FEATS) == 0
+    assert cli("eval", "ref-stats", *common, "--out", dref_url, "--dinov2", "--keep-features", "0") == 0
+    dref = load_reference_stats(dref_url, load_images=False)
+    assert (
+        dref.feature_extractor == DINOV2_NAME
+        and dref.num_images == 24
+        and dref.stats.dim == TINY["embed_dim"]
+    )
+
+    cfg = RunConfig.from_dict(tree)
+    commit_checkpoint(cfg, 100)
+    capsys.readouterr()
+    argv = ("eval", "--config", cfg_path, "--feature-extractor", FEATS, "--chunk-size", "4", "--no-progress")
+    assert cli(*argv) == 0
+    printed = capsys.readouterr().out
+    (result_file,) = Path(run_url, "eval", "step-0000100").glob("result-*.json")
+    result = json.loads(result_file.read_text())
+    label = "FD (DINOv2 code path, not ViT-L/14: ViT, 32 features, 2 blocks, patch 14)"
+    assert result["dinov2"]["label"] == label and result["dinov2"]["standard"] is False
+    assert f"{label} {result['fd_dinov2']:.4f}" in printed  # never called FD-DINOv2 on a tiny network
+    assert result["dinov2"]["reference_sha256"] == dref.sha256 and result["dinov2"]["num_samples"] == 12
+
+    # the same numbers as scoring the stored samples directly, both networks in one pass
+    sample_set = S.SampleSet.open(result["protocol"]["samples_url"])
+    main = __import__("repa_test_feats").build()
+    dinov2 = build_dinov2(weights, device="cpu", model_kwargs=TINY)
+    ref = load_reference_stats(ref_url)
+    direct, direct_dinov2 = evaluate_many(
+        sample_set.iter_images(), [MetricJob(main, ref, None, 3), MetricJob(dinov2, dref)]
+    )
+    assert result["fid"] == pytest.approx(direct.fid, rel=1e-9)
+    assert result["fd_dinov2"] == pytest.approx(direct_dinov2.fid, rel=1e-9)
+
+    provenance = result["provenance"]
+    assert provenance["dinov2.reference.url"] == dref_url and provenance["dinov2.reference.count"] == 24
+    assert provenance["dinov2.extractor"]["name"] == DINOV2_NAME
+    assert provenance["dinov2.extractor"]["weights_sha256"] == dref.feature_extractor_sha256
+    assert [e["name"] for e in provenance["extractors"]] == ["tiny-conv"]
+    assert result["protocol"]["fd_dinov2"]["weights_url"] == weights
+    scalars = read_scalars(str(Path(run_url, "tensorboard", "eval")))
+    assert scalars["eval/fd_dinov2_not_vit_l14"] == [(100, pytest.approx(result["fd_dinov2"], rel=1e-6))]
+
+    # FD-DINOv2 is part of the digest only when asked for: other evaluations keep their file names
+    from repa.checkpoint import resolve_checkpoint
+    from repa.eval.evaluate import plan_evaluation
+
+    def as_run(config: RunConfig) -> RunConfig:  # the command line's --feature-extractor
+        tree = config.to_dict()
+        return RunConfig.from_dict({**tree, "eval": {**tree["eval"], "feature_extractor": FEATS}})
+
+    source = resolve_checkpoint(None, run_url)
+    with_dinov2 = plan_evaluation(as_run(cfg), source).identity
+    without = plan_evaluation(as_run(plain_cfg), source).identity
+    assert "fd_dinov2" not in without and with_dinov2["fd_dinov2"]["weights_url"] == weights
+    assert {k for k in with_dinov2 if with_dinov2[k] != without.get(k)} == {"fd_dinov2", "metrics"}
+    assert set(DINOV2_FIELDS) <= set(provenance)
+
+
+def test_fd_dinov2_refuses_before_sampling_a_reference_of_another_network(
+    tmp_path, feats, monkeypatch, capsys
+):
+    from tests.support.tiny_dinov2 import shrink_registry_dinov2, write_tiny_dinov2
+
+    shrink_registry_dinov2(monkeypatch)
+    ref_url, run_url = str(tmp_path / "ref.npz"), str(tmp_path / "run")
+    save_reference_stats(
+        ref_url, compute_reference_stats(random_images(20, 16), __import__("repa_test_feats").build())
+    )
+    tree = tiny_config(run_url, ref_url)
+    tree["eval"].update(
+        metrics=["fid", "fd_dinov2"],
+        dinov2_weights_url=write_tiny_dinov2(tmp_path / "dinov2.pth"),
+        dinov2_reference_stats_url=ref_url,  # the tiny-conv statistics, not DINOv2's
+    )
+    cfg_path = write_config(tmp_path / "cfg.yaml", tree)
+    commit_checkpoint(RunConfig.from_dict(tree), 100)
+    assert cli("eval", "--config", cfg_path, "--feature-extractor", FEATS) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "computed with feature extractor 'tiny-conv', not 'dinov2-vit-l-14'" in err[0]
+    assert not Path(run_url, "samples").exists()  # refused before any sample was drawn
+
+
+@pytest.mark.parametrize(
+    ("eval_keys", "named"),
+    [
+        ({"metrics": ["fid", "fd_dinov2"]}, "eval.dinov2_weights_url: required by eval.metrics fd_dinov2"),
+        (
+            {"metrics": ["fid", "fd_dinov2"], "dinov2_weights_url": "/w.pth"},
+            "eval.dinov2_reference_stats_url: required by eval.metrics fd_dinov2",
+        ),
+        ({"dinov2_reference_stats_url": "/d.npz"}, "eval.dinov2_reference_stats_url: set, but eval.metrics"),
+    ],
+)
+def test_fd_dinov2_config_errors_name_the_key(tmp_path, capsys, eval_keys, named):
+    tree = tiny_config(str(tmp_path / "run"), str(tmp_path / "ref.npz"))
+    tree["eval"].update(eval_keys)
+    assert cli("eval", "--config", write_config(tmp_path / "cfg.yaml", tree)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0], err

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -30,10 +29,9 @@ from repa.eval.features import extractor_provenance
 from repa.eval.images import UInt8ImageDataset
 from repa.eval.metrics import score_images
 from tests.support.eval_helpers import rel
+from tests.support.tiny_dinov2 import TINY, write_tiny_dinov2
 
 pytestmark = pytest.mark.usefixtures("eval_single_thread")
-
-TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 
 
 def _images(n: int, seed: int, size: int = 224, res: int = 8) -> torch.Tensor:
@@ -45,20 +43,7 @@ def _images(n: int, seed: int, size: int = 224, res: int = 8) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory) -> str:
     """A tiny DINOv2-architecture ViT as released: 518 px (37x37 position grid), layer scale 1."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = timm.create_model(
-            "vit_large_patch14_dinov2.lvd142m", pretrained=False, num_classes=0, img_size=518, **TINY
-        )
-    state = model.state_dict()
-    for k in state:
-        if k.endswith(".gamma"):
-            state[k] = torch.ones_like(
-                state[k]
-            )  # released weights' layer scales are far from timm's 1e-5 init
-    path = tmp_path_factory.mktemp("dinov2") / "tiny_dinov2.pth"
-    torch.save(state, path)
-    return str(path)
+    return write_tiny_dinov2(tmp_path_factory.mktemp("dinov2") / "tiny_dinov2.pth")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from repa.eval.features import INCEPTION_NAME, INCEPTION_SHA256_PREFIX
-from repa.eval.provenance import ALL_FIELDS, INFO_FIELDS, PROTOCOL_FIELDS, SUBJECT_FIELDS, Comparison
+from repa.eval.provenance import (
+    ALL_FIELDS,
+    DINOV2_FIELDS,
+    INFO_FIELDS,
+    PROTOCOL_FIELDS,
+    SUBJECT_FIELDS,
+    Comparison,
+)
 from repa.eval.report import metric_tags, score_label, score_line
 
 PUBLISHED_SHA = INCEPTION_SHA256_PREFIX + "0" * 56
@@ -44,6 +51,10 @@ def result(**provenance_changes) -> dict:
         "reference.sha256": "c" * 64,
         "reference.count": 10000,
         "extractors": [{"name": INCEPTION_NAME, "weights_sha256": PUBLISHED_SHA, "resize": "tf1 bilinear"}],
+        "dinov2.extractor": {"name": "dinov2-vit-l-14", "weights_sha256": "d" * 64, "resize": "PIL bicubic"},
+        "dinov2.reference.url": "s3://b/dinov2_imagenet256.npz",
+        "dinov2.reference.sha256": "e" * 64,
+        "dinov2.reference.count": 50000,
         "versions.repa": "0.1.0",
         "versions.torch": "2.5.1",
         "versions.torch_fidelity": "0.4.0",
@@ -57,8 +68,18 @@ def result(**provenance_changes) -> dict:
         "num_samples": 50000,
         "feature_extractor": INCEPTION_NAME,
         "feature_extractor_sha256": PUBLISHED_SHA,
+        "fd_dinov2": 80.12,
+        "dinov2": {"label": "FD-DINOv2 (ViT-L/14)", "standard": True},
         "provenance": provenance,
     }
+
+
+def without_dinov2(payload: dict) -> dict:
+    """The same result as an evaluation without fd_dinov2 in eval.metrics records it."""
+    out = copy.deepcopy(payload)
+    del out["fd_dinov2"], out["dinov2"]
+    out["provenance"].update(dict.fromkeys(DINOV2_FIELDS))
+    return out
 
 
 def changed(value):
@@ -122,6 +143,17 @@ def test_the_checkpoint_and_code_versions_may_differ(tmp_path, field):
     assert code == 0 and f": {field}: " in out
 
 
+def test_fd_dinov2_in_only_one_result_leaves_the_other_scores_comparable(tmp_path):
+    code, out = compare(tmp_path, result(), without_dinov2(result()))
+    assert code == 0, out
+    assert "FD-DINOv2 only in " in out and "not compared" in out
+    assert "FD-DINOv2 (ViT-L/14) 80.1200" in out.splitlines()[0]
+    # ... but a protocol field that differs is still named
+    other = without_dinov2(result(**{"sampler.name": "ode_euler"}))
+    code, out = compare(tmp_path, result(), other)
+    assert code == 1 and out.strip().splitlines()[-1] == "NOT comparable: sampler.name differ"
+
+
 def test_a_result_without_provenance_is_not_comparable(tmp_path):
     old = result()
     del old["provenance"]
@@ -140,7 +172,24 @@ def test_compare_names_a_missing_file_in_one_line(tmp_path, capsys):
 def test_scores_say_what_they_are():
     real = result()
     assert score_label(real) == "FID (50000 samples)"
-    assert set(metric_tags(real)) == {"eval/fid", "eval/sfid", "eval/is", "eval/precision", "eval/recall"}
+    assert set(metric_tags(real)) == {
+        "eval/fid",
+        "eval/sfid",
+        "eval/is",
+        "eval/precision",
+        "eval/recall",
+        "eval/fd_dinov2",
+    }
+    assert set(metric_tags(without_dinov2(real))) == {
+        "eval/fid",
+        "eval/sfid",
+        "eval/is",
+        "eval/precision",
+        "eval/recall",
+    }
+    tiny = {**real, "dinov2": {"label": "FD (DINOv2 code path, not ViT-L/14: ...)", "standard": False}}
+    assert "eval/fd_dinov2" not in metric_tags(tiny) and "eval/fd_dinov2_not_vit_l14" in metric_tags(tiny)
+    assert "FD (DINOv2 code path, not ViT-L/14: ...) 80.1200" in score_line(tiny)
     random = {**result(), "num_samples": 30, "feature_extractor_sha256": "deadbeef" * 8}
     assert score_label(random) == "FD (unpublished Inception weights, 30 samples)"
     assert score_line(random).startswith("FD (unpublished Inception weights, 30 samples) 1.4200, IS (unpub")

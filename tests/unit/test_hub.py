@@ -40,6 +40,17 @@ def test_a_run_needs_its_encoders_both_vaes_and_inception():
     assert wanted(decode_with_mse) == ["dinov2-vit-b", "sd-vae-ft-mse"]
 
 
+def test_fd_dinov2_adds_the_vit_l_weights_and_their_set_line():
+    from repa.config import load_config
+
+    cfg = load_config("sit-xl-2-repa", ["eval.metrics=[fid, fd_dinov2]"])
+    assert wanted(cfg)[-1] == "dinov2-vit-l"
+    assert set_lines(cfg, {"dinov2-vit-l": "/w/l.safetensors"}) == [
+        "eval.dinov2_weights_url=/w/l.safetensors"
+    ]
+    assert set_lines(load_config("sit-xl-2-repa"), {"dinov2-vit-l": "/w/l.safetensors"}) == []
+
+
 @pytest.mark.parametrize("status", [401, 403])
 def test_a_hub_that_refuses_the_token_is_a_credentials_failure_naming_hf_token(status):
     from types import SimpleNamespace
