@@ -11,7 +11,9 @@ What a run writes (docs/tensorboard.md): the training loop's ``train/*``, ``perf
 custom-scalars layout (:data:`LAYOUT`: loss and FID side by side, then progress, throughput and
 gradient norm). The evaluator's ``eval`` sub-run holds the ``eval/*`` scalars, the grid of the
 samples each evaluation scored and an HParams session (:func:`run_hparams`: the run's key config
-values -> its last and best FID), so runs under one parent folder compare in the HParams tab. (The
+values, and :func:`provenance_hparams`: how its scores were made -> its last and best FID), so runs
+under one parent folder compare in the HParams tab. TensorBoard keeps a run's first session record
+(first metadata of a tag wins), so the values shown are the first evaluation's. (The
 session lives in the sub-run that holds the FIDs: the HParams plugin looks a metric up in
 ``os.path.join(session, group)``, which for a session at the logdir root is ``./eval``, no run.)
 """
@@ -22,6 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -71,6 +74,8 @@ HPARAM_KEYS = (
     "sample.guidance_high",
     "sample.num_samples",
 )
+PROVENANCE_PREFIX = "provenance/"  # HParams keys of an evaluation's provenance: provenance/sampler.name
+SHA256_SHORT = 12  # characters of a sha256 digest shown as an HParams value
 HPARAM_METRICS = (  # tags of the eval sub-run (the session's own run)
     "eval/fid",
     "eval/best_fid",
@@ -93,26 +98,75 @@ def run_hparams(cfg: Any) -> dict[str, str | float | bool]:
     return out
 
 
-def _hparams_summaries(hparams: dict[str, Any]) -> list[Any]:
-    """The HParams plugin's experiment + session-start summaries (torch's ``summary.hparams``, with
-    :data:`HPARAM_METRICS` declared whether or not a value exists yet)."""
-    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-    from tensorboard.plugins.hparams.api_pb2 import Experiment, MetricInfo, MetricName
-    from tensorboard.plugins.hparams.metadata import EXPERIMENT_TAG, PLUGIN_DATA_VERSION, PLUGIN_NAME
-    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
-    from torch.utils.tensorboard.summary import hparams as torch_hparams
+def provenance_hparams(record: dict[str, Any], fields: Sequence[str]) -> dict[str, str | float | bool]:
+    """``fields`` of a result's provenance record (``repa.eval.provenance``) as HParams values, keyed
+    ``provenance/<field>`` so they never collide with :data:`HPARAM_KEYS`: numbers and booleans as they
+    are, None as "null", sha256 digests cut to :data:`SHA256_SHORT` characters, lists and dicts as short
+    strings (an extractor as ``name (sha256 6726825d0b5a)``). Fields the record lacks are skipped."""
+    return {PROVENANCE_PREFIX + key: _hparam_value(key, record[key]) for key in fields if key in record}
 
-    torch_experiment, session_start, _ = torch_hparams(hparams, {})
-    hparam_infos = HParamsPluginData.FromString(
-        torch_experiment.value[0].metadata.plugin_data.content
-    ).experiment.hparam_infos
+
+def _hparam_value(key: str, value: Any) -> str | float | bool:
+    if isinstance(value, (bool, int, float)):
+        return value
+    return _short_text(key, value)
+
+
+def _short_text(key: str, value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return value[:SHA256_SHORT] if key.endswith("sha256") else value
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_short_text(key, v) for v in value) + "]"
+    if isinstance(value, dict) and "name" in value:  # a network (extractors): its name and weights
+        return f"{value['name']} (sha256 {_short_text('sha256', value.get('weights_sha256'))})"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_short_text(k, v)}" for k, v in value.items())
+    return str(value)
+
+
+def _hparams_summaries(hparams: dict[str, str | float | bool]) -> list[Any]:
+    """The HParams plugin's experiment + session-start summaries, with :data:`HPARAM_METRICS` declared
+    whether or not a value exists yet. Built here rather than by torch's ``summary.hparams``, which
+    records a bool as a number (it tests ``int`` first, and bool is an int) and declares metrics only
+    with values."""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams.api_pb2 import DataType, Experiment, HParamInfo, MetricInfo, MetricName
+    from tensorboard.plugins.hparams.metadata import (
+        EXPERIMENT_TAG,
+        PLUGIN_DATA_VERSION,
+        PLUGIN_NAME,
+        SESSION_START_INFO_TAG,
+    )
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionStartInfo
+
+    start, infos = SessionStartInfo(), []
+    for key, value in hparams.items():
+        if isinstance(value, bool):
+            start.hparams[key].bool_value, kind = value, "DATA_TYPE_BOOL"
+        elif isinstance(value, (int, float)):
+            start.hparams[key].number_value, kind = value, "DATA_TYPE_FLOAT64"
+        else:
+            start.hparams[key].string_value, kind = str(value), "DATA_TYPE_STRING"
+        infos.append(HParamInfo(name=key, type=DataType.Value(kind)))
     experiment = Experiment(
-        hparam_infos=hparam_infos,
+        hparam_infos=infos,
         metric_infos=[MetricInfo(name=MetricName(tag=t), display_name=t) for t in HPARAM_METRICS],
     )
-    content = HParamsPluginData(experiment=experiment, version=PLUGIN_DATA_VERSION).SerializeToString()
-    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=content))
-    return [Summary(value=[Summary.Value(tag=EXPERIMENT_TAG, metadata=meta)]), session_start]
+
+    def summary(tag: str, data: HParamsPluginData) -> Summary:
+        plugin = SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=data.SerializeToString())
+        return Summary(value=[Summary.Value(tag=tag, metadata=SummaryMetadata(plugin_data=plugin))])
+
+    return [
+        summary(EXPERIMENT_TAG, HParamsPluginData(experiment=experiment, version=PLUGIN_DATA_VERSION)),
+        summary(
+            SESSION_START_INFO_TAG, HParamsPluginData(session_start_info=start, version=PLUGIN_DATA_VERSION)
+        ),
+    ]
 
 
 class TensorBoardLogger:
@@ -149,9 +203,10 @@ class TensorBoardLogger:
         self.text("config", "```\n" + cfg.to_yaml() + "\n```", step)
         self.writer.add_custom_scalars(LAYOUT)
 
-    def hparams(self, cfg: Any, step: int) -> None:
-        """An HParams session of ``cfg``'s key values (:func:`run_hparams`) in this run."""
-        for summary in _hparams_summaries(run_hparams(cfg)):
+    def hparams(self, cfg: Any, step: int, extra: dict[str, str | float | bool] | None = None) -> None:
+        """An HParams session of ``cfg``'s key values (:func:`run_hparams`) and ``extra`` values (an
+        evaluation's :func:`provenance_hparams`) in this run."""
+        for summary in _hparams_summaries({**run_hparams(cfg), **(extra or {})}):
             self.writer.file_writer.add_summary(summary, step)
 
     def flush(self) -> None:

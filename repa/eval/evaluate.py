@@ -435,7 +435,14 @@ def evaluate_checkpoint(
         best_of = next(iter(scalars))
         run_at = cfg.storage.locate(source.run_url)
         write_tensorboard(
-            run_at, source.step, scalars, best_of=best_of, grid=grid, text=result_text(payload), cfg=cfg
+            run_at,
+            source.step,
+            scalars,
+            best_of=best_of,
+            grid=grid,
+            text=result_text(payload),
+            cfg=cfg,
+            provenance=payload["provenance"],
         )
     write_result_json(plan.result, result, protocol, extra=extra)
     log.info("%s step %s: %s -> %s", source.url, source.step, score_line(payload), plan.result_url)

@@ -184,13 +184,16 @@ def write_tensorboard(
     grid: Any = None,
     text: str | None = None,
     cfg: Any = None,
+    provenance: dict[str, Any] | None = None,
 ) -> storage.Location:
     """One event file in ``{run}/tensorboard/eval`` holding ``scalars`` (and the sample ``grid`` as
     ``eval/samples``, ``text`` as ``eval/result``) at ``step``, flushed once. ``best_of``: a
     lower-is-better tag (``eval/fid``) whose minimum over the run's evaluations so far is also written,
     as ``eval/best_fid``; ``cfg``: the HParams session (its key values -> these scores, see
-    ``repa.tensorboard.run_hparams``)."""
-    from repa.tensorboard import TensorBoardLogger, read_scalars
+    ``repa.tensorboard.run_hparams``), which also shows the ``provenance`` record's protocol fields as
+    ``provenance/<field>`` (``repa.tensorboard.provenance_hparams``; all fields: ``text``)."""
+    from repa.eval.provenance import PROTOCOL_FIELDS
+    from repa.tensorboard import TensorBoardLogger, provenance_hparams, read_scalars
 
     log_at = run.join("tensorboard", EVAL_LOG_SUBDIR)
     scalars = {k: v for k, v in scalars.items() if v is not None}
@@ -201,7 +204,7 @@ def write_tensorboard(
     try:
         tb.scalars(scalars, step)
         if cfg is not None:
-            tb.hparams(cfg, step)
+            tb.hparams(cfg, step, extra=provenance_hparams(provenance or {}, PROTOCOL_FIELDS))
         if grid is not None:
             tb.image("eval/samples", grid, step)
         if text is not None:
