@@ -87,10 +87,19 @@ class SweepGrid:
         return {"cfg_scale": list(self.cfg_scales), "guidance_high": list(self.guidance_highs)}
 
 
-def cell_config(cfg: RunConfig, cfg_scale: float, guidance_high: float) -> RunConfig:
-    """``cfg`` with the cell's guidance (validated like any config: a bad interval names the key)."""
+def cell_config(
+    cfg: RunConfig, cfg_scale: float, guidance_high: float, *, tensorboard: bool | None = None
+) -> RunConfig:
+    """``cfg`` with the cell's guidance (validated like any config: a bad interval names the key).
+
+    ``tensorboard=False`` for a sweep's own cells: their scores reach TensorBoard as the sweep's heat map
+    and table (``eval/sweep``), never as ``eval/fid`` points at the checkpoint's step, where a cell of
+    a few thousand samples would sit beside (and, in ``eval/best_fid``, beat) the full-protocol score.
+    """
     tree = copy.deepcopy(cfg.to_dict())
     tree["sample"].update(cfg_scale=cfg_scale, guidance_high=guidance_high)
+    if tensorboard is not None:
+        tree["log"]["tensorboard"] = tensorboard
     return RunConfig.from_dict(tree)
 
 
@@ -137,7 +146,7 @@ def run_sweep(
             continue
         log.info("sweep cell %d/%d: cfg_scale %g, guidance_high %g", k + 1, len(plans), w, h)
         evaluate_checkpoint(
-            cell_config(cfg, w, h),
+            cell_config(cfg, w, h, tensorboard=False),
             source,
             info=info,
             check_config=check_config,

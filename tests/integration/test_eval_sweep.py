@@ -21,6 +21,7 @@ from repa.config import RunConfig
 from repa.eval import sample as S
 from repa.eval import sweep
 from repa.eval.sample_set import SamplingInterrupted
+from repa.tensorboard import read_scalars
 from tests.support.tiny_features import FEATS
 from tests.support.tiny_runs import commit_tiny_checkpoint, tiny_run_config
 
@@ -97,6 +98,8 @@ def test_a_2x2_sweep_writes_table_heatmap_and_best_cell_on_common_random_numbers
     acc = EventAccumulator(str(Path(run_url, "tensorboard", "eval")), size_guidance={"images": 0})
     acc.Reload()
     assert [e.step for e in acc.Images("eval/sweep")] == [100]
+    # the cells' small-sample scores are the heat map's, never eval/fd_* points beside the full protocol
+    assert acc.Tags()["scalars"] == [] and "eval/samples" not in acc.Tags()["images"]
 
 
 def test_the_indexed_job_gives_the_same_files_and_a_killed_index_loses_nothing(
@@ -207,6 +210,9 @@ def test_the_watcher_sweeps_every_nth_checkpoint_then_scores_its_best_cell(tmp_p
     assert summary["score"] == "FD_tiny-conv (4 samples)" and len(summary["cells"]) == 2
     (best,) = full_results(200)  # the full protocol, once, at the sweep's best cell
     assert best["provenance"]["guidance.scale"] == summary["best"]["fid"]["cfg_scale"]
+    # TensorBoard: one point per checkpoint, each the full protocol's (the cells' scores are eval/sweep's)
+    points = read_scalars(str(Path(run_url, "tensorboard", "eval")))["eval/fd_tiny-conv"]
+    assert points == [(100, pytest.approx(plain["fid"])), (200, pytest.approx(best["fid"]))]
 
     assert cli(*argv) == 0  # a restarted watcher finds both done (the sweep's best cell included)
     assert "0 checkpoint(s) handled []" in capsys.readouterr().out
