@@ -554,6 +554,14 @@ class SweepJobs:
 
     def __init__(self, tracker: JobTracker, sweeps: WatchSweep, pods: int) -> None:
         self.tracker, self.sweeps, self.pods = tracker, sweeps, pods
+        # At start-up, not once per checkpoint: the sweep's pods run `repa eval sweep` in its place.
+        for container in tracker.launcher.template["spec"]["template"]["spec"]["containers"]:
+            if (container.get("args") or [None])[0] != "eval":
+                raise ConfigError(
+                    "eval.sweep_every_nth",
+                    f"the eval Job template's container {container.get('name')!r} does not run `repa eval` "
+                    "(args: [eval, ...]), so it cannot run the sweep; fix --job-template or set 0",
+                )
 
     def marker_url(self, source: ckpt.CheckpointSource) -> storage.Location:
         folder = self.sweeps.folder(source)
@@ -617,7 +625,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--launch-jobs",
         action="store_true",
-        help="create one Kubernetes Job per checkpoint (in-cluster API) instead of evaluating here",
+        help="create one Kubernetes Job per checkpoint (in-cluster API) instead of evaluating here "
+        "(with eval.sweep_every_nth: first the sweep's Indexed Job)",
     )
     parser.add_argument(
         "--job-template",

@@ -564,19 +564,25 @@ def test_launch_jobs_sweeps_every_nth_checkpoint_in_one_indexed_job_then_scores_
     )  # `repa status` reads past sweep-*/
 
 
-def test_a_failing_sweep_job_is_retried_then_given_up_in_one_line(tmp_path, reference, caplog):
+def test_a_failing_sweep_job_is_retried_then_given_up_in_one_line(
+    tmp_path, reference, caplog, capsys, monkeypatch
+):
     import logging
 
     from repa.cluster import jobs
     from repa.cluster.status import storage_view
+    from repa.config import ConfigError
     from repa.eval.watch import make_watcher
 
-    _, _, cfg, template = sweep_run(tmp_path, reference, steps=(200,))
+    _, cfg_path, cfg, template = sweep_run(tmp_path, reference, steps=(200,))
     api = StubBatchApi()
     watcher = lambda: make_watcher(  # noqa: E731
         cfg, launcher=jobs.JobLauncher(api, template), max_attempts=2, job_retry_seconds=0
     )
-    assert watcher().run(once=True).processed == [200]
+    monkeypatch.setattr(jobs, "batch_api", lambda: api)  # the in-cluster API of `repa watch --launch-jobs`
+    argv = ("watch", "--config", cfg_path, "--once", "--launch-jobs", "--job-template")
+    assert cli(*argv, str(tmp_path / "eval-job.yaml")) == 0
+    assert "1 checkpoint(s) handled [200], 0 failed" in capsys.readouterr().out
     ((_, body),) = api.calls
     name = body["metadata"]["name"]
     assert "-sweep-" in name
@@ -595,6 +601,11 @@ def test_a_failing_sweep_job_is_retried_then_given_up_in_one_line(tmp_path, refe
     # Final: a restarted watcher neither sweeps again nor scores the checkpoint some other way.
     assert watcher().run(once=True).failed == [] and len(api.calls) == 2
     assert any(f"step 200 {name} (failed, 2 attempt(s))" in line for line in storage_view(cfg))
+
+    # A template whose container does not run `repa eval` cannot run the sweep: refused at start-up.
+    template["spec"]["template"]["spec"]["containers"][0]["args"] = ["sample"]
+    with pytest.raises(ConfigError, match=r"eval.sweep_every_nth: the eval Job template's container 'eval'"):
+        make_watcher(cfg, launcher=jobs.JobLauncher(api, template))
 
 
 # ----------------------------------------------------------------------------------------------
