@@ -617,7 +617,7 @@ class EvalConfig(_Section):
     """Keep the samples once the result is written (false = ``--delete-samples``; a 50K set of 256 px
     images is ~10 GB)."""
     sweep_every_nth: int = setting(0, ge=0)
-    """``repa watch`` (in-process): every Nth checkpoint (by checkpoint index) first gets a guidance sweep
+    """``repa watch``: every Nth checkpoint (by checkpoint index) first gets a guidance sweep
     (``repa eval sweep``, sweep_num_samples per cell), then its best cell (lowest Fréchet distance) is
     scored at the full protocol instead of sample.cfg_scale / guidance_high; 0 = off."""
     sweep_num_samples: int = setting(1000, ge=1)
@@ -626,6 +626,8 @@ class EvalConfig(_Section):
     """CFG scales of the watcher's guidance sweep."""
     sweep_guidance_highs: list[float] = field(default_factory=lambda: [0.6, 0.7, 1.0])
     """Guidance-interval ends (guidance on t in [0, high]) of the watcher's guidance sweep."""
+    sweep_pods: int = setting(2, ge=1)
+    """``repa watch --launch-jobs``: pods (indices) of the sweep's Indexed Job, sharing its cells."""
 
     def check(self) -> None:
         if not self.metrics:

@@ -54,11 +54,7 @@ def eval_job(cfg: RunConfig, template: dict[str, Any], checkpoint_url: str, name
     url = storage.join(ckpt.checkpoints_url(run_url), ckpt.step_dir_name(step))  # the watcher's spelling
     refuse_unless_committed(cfg.storage.locate(run_url), step)
     plan = plan_evaluation(cfg, ckpt.CheckpointSource(url, "run", step, run_url))
-    launcher = jobs.JobLauncher(None, template, namespace=namespace)
-    name = jobs.job_name(launcher.name_prefix, step, plan.digest)
-    body = jobs.render_job(template, name=name, checkpoint_url=url, step=step, digest=plan.digest)
-    body["metadata"]["namespace"] = launcher.namespace
-    return body
+    return jobs.JobLauncher(None, template, namespace=namespace).render(url, step, plan.digest)
 
 
 def refuse_unless_committed(run: storage.Location, step: int) -> None:

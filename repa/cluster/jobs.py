@@ -12,8 +12,11 @@ mounts at ``/etc/repa/eval-job.yaml``. For each checkpoint the launcher
 - replaces ``${CHECKPOINT_URL}``, ``${CHECKPOINT_STEP}`` and ``${JOB_NAME}`` in any string,
 - adds labels ``repa.io/checkpoint-step`` and ``repa.io/eval-digest`` to the Job and its pods,
 
-and creates it with ``BatchV1Api.create_namespaced_job``. HTTP 409 (AlreadyExists) means another
-watcher (or an earlier life of this one) created it: treated as launched. ``status`` reads a Job's
+and creates it with ``BatchV1Api.create_namespaced_job``. Extra arguments go after the container's own
+(``--set sample.cfg_scale=1.8 --set sample.guidance_high=0.7`` for a guidance sweep's best cell), and a
+rendered Job may be turned into the sweep's Indexed Job (``repa.eval.sweep.sweep_job``) before it is
+created. HTTP 409 (AlreadyExists) means another watcher (or an earlier life of this one) created it:
+treated as launched. ``status`` reads a Job's
 conditions (``Complete`` / ``Failed``, batch/v1 JobStatus) and ``delete`` removes a failed one before a
 retry under the same name. The API object is injected, so tests use a stub that records the calls.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,10 +201,24 @@ class JobLauncher:
         self.name_prefix = name_prefix or meta.get("name") or str(meta.get("generateName") or "").rstrip("-")
         self.name_prefix = self.name_prefix or "repa-eval"
 
-    def launch(self, checkpoint_url: str, step: int, digest: str) -> LaunchResult:
+    def render(self, checkpoint_url: str, step: int, digest: str, args: Sequence[str] = ()) -> dict[str, Any]:
+        """The Job for one checkpoint, named and in this namespace (``repa eval-job``'s manifest);
+        ``args`` go after each container's own, e.g. ``--set sample.cfg_scale=1.8`` for the ``repa eval``
+        of a guidance sweep's best cell."""
         name = job_name(self.name_prefix, step, digest)
         body = render_job(self.template, name=name, checkpoint_url=checkpoint_url, step=step, digest=digest)
         body.setdefault("metadata", {})["namespace"] = self.namespace
+        if args:
+            for container in body["spec"]["template"]["spec"]["containers"]:
+                container["args"] = [*(container.get("args") or []), *args]
+        return body
+
+    def launch(self, checkpoint_url: str, step: int, digest: str, args: Sequence[str] = ()) -> LaunchResult:
+        return self.create(self.render(checkpoint_url, step, digest, args))
+
+    def create(self, body: dict[str, Any]) -> LaunchResult:
+        """Create a rendered Job (:meth:`render`, or a sweep's Indexed Job made from one)."""
+        name = body["metadata"]["name"]
         try:
             self.api.create_namespaced_job(namespace=self.namespace, body=body)
         except Exception as e:
@@ -219,7 +237,8 @@ class JobLauncher:
                     f"job {name} rejected by the API server (HTTP {status}): {reason}"
                 ) from e
             raise
-        log.info("created job %s/%s for %s", self.namespace, name, checkpoint_url)
+        url = (body["metadata"].get("annotations") or {}).get("repa.io/checkpoint-url", "")
+        log.info("created job %s/%s for %s", self.namespace, name, url)
         return LaunchResult(name, self.namespace, created=True)
 
     def status(self, name: str) -> str:

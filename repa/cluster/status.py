@@ -194,6 +194,8 @@ def storage_view(cfg: RunConfig) -> list[str]:
         step = int(step_dir.removeprefix("step-"))
         for url in sorted(storage.listdir(storage.join(evals, step_dir))):
             leaf = url.rstrip("/").rsplit("/", 1)[-1]
+            if not (leaf.startswith(("result-", "job-")) and leaf.endswith(".json")):
+                continue  # a guidance sweep's sweep-<digest>/ folder, or anything else
             data = json.loads(storage.read_bytes(storage.join(evals, step_dir, leaf)))
             if leaf.startswith("result-") and "fid" in data:
                 fids.append(f"step {step}: {data['fid']:.2f}")

@@ -11,6 +11,12 @@ committed checkpoint (``COMMITTED`` marker; uncommitted folders are never read) 
   at most ``max_attempts`` times, then marked ``failed``; a checkpoint deleted by retention before its
   Job scored it is marked ``checkpoint-deleted``. Both marks are final (``repa status`` shows them).
 
+With ``eval.sweep_every_nth`` (:class:`WatchSweep`) every Nth checkpoint is first swept over the guidance
+grid at ``eval.sweep_num_samples`` per cell, then scored at the full protocol at the best cell: in-process
+one after the other; with ``--launch-jobs`` as the sweep's Indexed Job (``eval.sweep_pods`` pods, the
+manifest of ``repa eval-job --sweep``) and, once its ``sweep.json`` exists, the best cell's eval Job
+(:class:`SweepJobs`), both followed like any eval Job.
+
 State lives only in storage, so the watcher is idempotent and survives restarts: a new pod simply
 resumes (a half-made sample set is reused chunk by chunk). Selection: every checkpoint, or with
 ``eval.watch_every_nth = n`` those whose index ``step / checkpoint.every_steps`` is a multiple of n
@@ -282,10 +288,6 @@ def make_watcher(
     """A Watcher that evaluates in this process, or launches Jobs through ``launcher`` (a JobLauncher)."""
     stop = stop or threading.Event()
     sweeps = WatchSweep(cfg) if cfg.eval.sweep_every_nth else None
-    if sweeps is not None and launcher is not None:
-        raise ConfigError(
-            "eval.sweep_every_nth", "the watcher's guidance sweep runs in-process; drop --launch-jobs"
-        )
 
     def plan(source: ckpt.CheckpointSource) -> EvalProtocol:
         return E.plan_evaluation(sweeps.config_for(source) if sweeps else cfg, source)
@@ -318,6 +320,9 @@ def make_watcher(
     else:
         tracker = JobTracker(launcher, max_attempts=max_attempts, retry_seconds=job_retry_seconds)
         process, is_done = tracker.process, tracker.is_done
+        if sweeps is not None:  # the sweep's Indexed Job first, then the best cell's eval Job
+            swept = SweepJobs(tracker, sweeps, cfg.eval.sweep_pods)
+            process, is_done = swept.process, swept.is_done
 
     return Watcher(cfg, process, is_done, plan=plan, stop=stop, max_attempts=max_attempts)
 
@@ -346,15 +351,49 @@ class WatchSweep:
     def run(self, source: ckpt.CheckpointSource, **kwargs: Any) -> Any:
         return self.sweep.run_sweep(self.small, source, self.grid, **kwargs)
 
+    def folder(self, source: ckpt.CheckpointSource) -> storage.Location:
+        """``sweep-<digest>`` of this checkpoint (repa.eval.sweep.sweep_folder at sweep_num_samples)."""
+        return self.sweep.sweep_folder(self.small, source, self.grid)
+
+    def pending(self, source: ckpt.CheckpointSource) -> bool:
+        """The sweep applies to this checkpoint and its ``sweep.json`` is not written yet."""
+        return self.applies(source) and not storage.exists(self.folder(source).join("sweep.json"))
+
     def config_for(self, source: ckpt.CheckpointSource) -> RunConfig:
         """The best cell's config once this checkpoint's sweep is summarised, else the configured one."""
         if not self.applies(source):
             return self.cfg
-        at = self.sweep.sweep_folder(self.small, source, self.grid).join("sweep.json")
+        at = self.folder(source).join("sweep.json")
         if not storage.exists(at):
             return self.cfg
         best = json.loads(storage.read_bytes(at))["best"]["fid"]
         return self.sweep.cell_config(self.cfg, best["cfg_scale"], best["guidance_high"])
+
+    def job(self, launcher: Any, source: ckpt.CheckpointSource, pods: int) -> dict[str, Any]:
+        """The sweep's Indexed Job (``repa eval-job --sweep``'s manifest, repa.eval.sweep.sweep_job) over
+        this grid, ``pods`` indices, ``eval.sweep_num_samples`` per cell, so its pods write the very
+        ``sweep.json`` that :meth:`config_for` reads."""
+        assert source.step is not None
+        body = launcher.render(
+            source.url,
+            source.step,
+            E.plan_evaluation(self.cfg, source).digest,
+            ("--num-samples", str(self.cfg.eval.sweep_num_samples)),
+        )
+        digest = self.folder(source).url.rpartition("/sweep-")[2]
+        return self.sweep.sweep_job(body, self.grid, pods, digest)
+
+
+@dataclass(frozen=True)
+class TrackedJob:
+    """One Job the watcher follows for one checkpoint: an eval Job, or a guidance sweep's Indexed Job."""
+
+    what: str  # "eval job" / "sweep job", for the log lines
+    source: ckpt.CheckpointSource
+    marker: storage.Location  # job-<digest>.json: the Job's state in storage
+    output: storage.Location  # what the Job writes when it succeeds: the result JSON, sweep.json
+    create: Callable[[], Any]  # creates the Job (a JobLauncher call), returns its LaunchResult
+    complete_is_done: bool = True  # a Complete Job counts as done even before its output is seen
 
 
 class JobTracker:
@@ -365,7 +404,8 @@ class JobTracker:
     without a result, is retried ``retry_seconds · 2^(attempts-1)`` (capped) after the failure was seen:
     deleted, then created again under the same name (``repa eval-job`` stays idempotent). After
     ``max_attempts`` it is marked ``failed``; a checkpoint deleted by retention before its Job scored it
-    is marked ``checkpoint-deleted`` and not retried (it can never succeed).
+    is marked ``checkpoint-deleted`` and not retried (it can never succeed). :meth:`follow` does this for
+    any :class:`TrackedJob` (:class:`SweepJobs` uses it for the sweep's Indexed Job).
     """
 
     FINAL = ("failed", "checkpoint-deleted")
@@ -385,86 +425,190 @@ class JobTracker:
         self.max_retry_seconds = max_retry_seconds
         self.clock = clock
 
-    def marker(self, plan: EvalProtocol) -> dict[str, Any] | None:
+    @staticmethod
+    def read_marker(at: storage.Location) -> dict[str, Any] | None:
         try:
-            return json.loads(storage.read_bytes(launch_marker_url(plan)))
+            return json.loads(storage.read_bytes(at))
         except FileNotFoundError:
             return None
 
-    def _write(self, plan: EvalProtocol, marker: dict[str, Any]) -> None:
-        storage.write_bytes_atomic(launch_marker_url(plan), json.dumps(marker, indent=1).encode())
+    def marker(self, plan: EvalProtocol) -> dict[str, Any] | None:
+        return self.read_marker(launch_marker_url(plan))
 
-    def is_done(self, plan: EvalProtocol) -> bool:
-        if storage.exists(plan.result):
-            return True
-        marker = self.marker(plan)
+    def is_final(self, at: storage.Location) -> bool:
+        """The marker at ``at`` says its Job was given up for good (``failed``, ``checkpoint-deleted``)."""
+        marker = self.read_marker(at)
         return marker is not None and marker.get("state") in self.FINAL
 
-    def _launch(self, source: ckpt.CheckpointSource, plan: EvalProtocol, attempts: int) -> dict[str, Any]:
-        result = self.launcher.launch(source.url, source.step, plan.digest)
+    def is_done(self, plan: EvalProtocol) -> bool:
+        return storage.exists(plan.result) or self.is_final(launch_marker_url(plan))
+
+    def process(
+        self, source: ckpt.CheckpointSource, plan: EvalProtocol, args: tuple[str, ...] = ()
+    ) -> JobProgress:
+        """Follow the eval Job of ``plan`` (``args``: extra ``repa eval`` arguments of its container)."""
+        assert source.step is not None
+        step = source.step
+        return self.follow(
+            TrackedJob(
+                "eval job",
+                source,
+                launch_marker_url(plan),
+                plan.result,
+                lambda: self.launcher.launch(source.url, step, plan.digest, args),
+            )
+        )
+
+    @staticmethod
+    def _write(at: storage.Location, marker: dict[str, Any]) -> None:
+        storage.write_bytes_atomic(at, json.dumps(marker, indent=1).encode())
+
+    def _launch(self, job: TrackedJob, attempts: int) -> dict[str, Any]:
+        result = job.create()
         marker = {
             "job": result.name,
             "namespace": result.namespace,
             "created": result.created,
-            "checkpoint_url": source.url,
-            "result_url": plan.result_url,
+            "checkpoint_url": job.source.url,
+            "result_url": job.output.url,
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "attempts": attempts,
             "state": "launched",
         }
-        self._write(plan, marker)
+        self._write(job.marker, marker)
         return marker
 
-    def process(self, source: ckpt.CheckpointSource, plan: EvalProtocol) -> JobProgress:
-        marker = self.marker(plan)
+    def follow(self, job: TrackedJob) -> JobProgress:
+        """Create the Job once, then on each poll: done, still running, or failed (retry, give up)."""
+        marker = self.read_marker(job.marker)
         if marker is None:
-            return JobProgress("launched", self._launch(source, plan, 1)["job"])
-        name, step = marker["job"], source.step
+            return JobProgress("launched", self._launch(job, 1)["job"])
+        name, step = marker["job"], job.source.step
         status = self.launcher.status(name)
-        if status == JobStatus.SUCCEEDED or storage.exists(plan.result):
+        if storage.exists(job.output) or (status == JobStatus.SUCCEEDED and job.complete_is_done):
             return JobProgress("succeeded", name)
         if status == JobStatus.RUNNING:
             return JobProgress("running", name)
-        # Failed, or gone without a result.
-        if not storage.exists(storage.Location(source.url, plan.result.options).join(ckpt.MARKER)):
+        # Failed, gone without a result, or complete without its output.
+        if not storage.exists(storage.Location(job.source.url, job.output.options).join(ckpt.MARKER)):
             log.info(
-                "checkpoint step %d was deleted (retention) before eval job %s scored it; not retried",
+                "checkpoint step %d was deleted (retention) before %s %s scored it; not retried",
                 step,
+                job.what,
                 name,
             )
-            self._write(plan, {**marker, "state": "checkpoint-deleted"})
+            self._write(job.marker, {**marker, "state": "checkpoint-deleted"})
             return JobProgress("checkpoint-deleted", name)
+        why = {
+            JobStatus.FAILED: "failed",
+            JobStatus.SUCCEEDED: f"completed without writing {job.output.url}",
+        }.get(status, "vanished without a result")
         attempts = int(marker.get("attempts", 1))
         if attempts >= self.max_attempts:
             log.error(
-                "eval job %s for checkpoint step %d %s %d time(s); giving up (kubectl logs -n %s job/%s)",
+                "%s %s for checkpoint step %d %s %d time(s); giving up (kubectl logs -n %s job/%s)",
+                job.what,
                 name,
                 step,
-                "failed" if status == JobStatus.FAILED else "vanished without a result",
+                why,
                 attempts,
                 self.launcher.namespace,
                 name,
             )
-            self._write(plan, {**marker, "state": "failed"})
+            self._write(job.marker, {**marker, "state": "failed"})
             return JobProgress("failed", name)
         now = self.clock()
         if marker.get("retry_at") is None:
             delay = min(self.max_retry_seconds, self.retry_seconds * 2 ** (attempts - 1))
             log.warning(
-                "eval job %s for checkpoint step %d %s (attempt %d of %d); retrying in %.0f s",
+                "%s %s for checkpoint step %d %s (attempt %d of %d); retrying in %.0f s",
+                job.what,
                 name,
                 step,
-                status,
+                why,
                 attempts,
                 self.max_attempts,
                 delay,
             )
             marker = {**marker, "retry_at": now + delay}
-            self._write(plan, marker)
+            self._write(job.marker, marker)
         if now < marker["retry_at"]:
             return JobProgress("waiting", name)
         self.launcher.delete(name)
-        return JobProgress("relaunched", self._launch(source, plan, attempts + 1)["job"])
+        return JobProgress("relaunched", self._launch(job, attempts + 1)["job"])
+
+
+class SweepJobs:
+    """Job mode with ``eval.sweep_every_nth``: a checkpoint the sweep applies to first gets the sweep's
+    Indexed Job (:meth:`WatchSweep.job`, ``eval.sweep_pods`` indices sharing the cells), followed like an
+    eval Job through ``job-sweep-<digest>.json`` beside the results (retries, ``max_attempts``, final
+    marks); once its ``sweep.json`` exists, the ordinary eval Job of the best cell
+    (``--set sample.cfg_scale=W --set sample.guidance_high=H``). Other checkpoints get their eval Job.
+
+    State is storage (``sweep.json``, result JSONs, markers) and Job names that depend only on the
+    checkpoint and the protocol, so a restarted watcher neither repeats a sweep nor creates a second
+    sweep Job while one runs (its marker names it; a lost marker still meets the same name: HTTP 409).
+    A sweep Job that completes without ``sweep.json`` is retried like a failed one: its finished cells
+    are kept, so the retry only writes the summary.
+    """
+
+    def __init__(self, tracker: JobTracker, sweeps: WatchSweep, pods: int) -> None:
+        self.tracker, self.sweeps, self.pods = tracker, sweeps, pods
+        # At start-up, not once per checkpoint: the sweep's pods run `repa eval sweep` in its place.
+        for container in tracker.launcher.template["spec"]["template"]["spec"]["containers"]:
+            if (container.get("args") or [None])[0] != "eval":
+                raise ConfigError(
+                    "eval.sweep_every_nth",
+                    f"the eval Job template's container {container.get('name')!r} does not run `repa eval` "
+                    "(args: [eval, ...]), so it cannot run the sweep; fix --job-template or set 0",
+                )
+
+    def marker_url(self, source: ckpt.CheckpointSource) -> storage.Location:
+        folder = self.sweeps.folder(source)
+        parent, _, name = folder.url.rpartition("/")
+        return storage.Location(f"{parent}/job-{name}.json", folder.options)
+
+    def is_done(self, plan: EvalProtocol) -> bool:
+        if self.tracker.is_done(plan):
+            return True
+        return self.sweeps.pending(plan.source) and self.tracker.is_final(self.marker_url(plan.source))
+
+    def process(self, source: ckpt.CheckpointSource, plan: EvalProtocol) -> JobProgress:
+        if self.sweeps.pending(source):
+            sweep = self.tracker.follow(
+                TrackedJob(
+                    "sweep job",
+                    source,
+                    self.marker_url(source),
+                    self.sweeps.folder(source).join("sweep.json"),
+                    lambda: self.tracker.launcher.create(
+                        self.sweeps.job(self.tracker.launcher, source, self.pods)
+                    ),
+                    complete_is_done=False,
+                )
+            )
+            if sweep.action != "succeeded":
+                return sweep
+        chosen = self.sweeps.config_for(source)  # the best cell's once sweep.json exists
+        args: tuple[str, ...] = ()
+        if chosen is not self.sweeps.cfg:
+            s = chosen.sample
+            args = (
+                "--set",
+                f"sample.cfg_scale={s.cfg_scale!r}",
+                "--set",
+                f"sample.guidance_high={s.guidance_high!r}",
+            )
+        progress = self.tracker.process(source, E.plan_evaluation(chosen, source), args)
+        if args and progress.action == "launched":
+            log.info(
+                "eval job %s: step %s at the sweep's best cell (cfg_scale %g, guidance_high %g)",
+                progress.job,
+                source.step,
+                chosen.sample.cfg_scale,
+                chosen.sample.guidance_high,
+            )
+        return progress
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,7 +625,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--launch-jobs",
         action="store_true",
-        help="create one Kubernetes Job per checkpoint (in-cluster API) instead of evaluating here",
+        help="create one Kubernetes Job per checkpoint (in-cluster API) instead of evaluating here "
+        "(with eval.sweep_every_nth: first the sweep's Indexed Job)",
     )
     parser.add_argument(
         "--job-template",

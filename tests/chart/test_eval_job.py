@@ -141,3 +141,30 @@ def test_a_checkpoint_the_watcher_would_skip_gets_no_job_one_line_exit_3(capsys,
         assert "sha256 of state.pt does not match" in err
     # ... and the committed ones still get their Job, as the watcher would launch it
     assert all(_watcher_would_evaluate(run_url, s) for s in STEPS)
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_the_watchers_sweep_job_and_best_cell_job_from_the_chart_template_are_valid(
+    release, kube_version
+) -> None:
+    """`repa watch --launch-jobs` with eval.sweep_every_nth: the chart's eval Job template (the Role
+    already allows jobs.batch) becomes ONE Indexed Job of the sweep, then the best cell's eval Job."""
+    from repa.eval.watch import WatchSweep
+
+    config, template_path, _, run_url = release
+    cfg = load_config(config, [f"storage.run_url={run_url}", "eval.sweep_every_nth=1", "eval.sweep_pods=3"])
+    url = f"{run_url}/checkpoints/step-0400000"
+    source = ckpt.CheckpointSource(url, "run", 400000, run_url)
+    launcher = jobs.JobLauncher(None, jobs.load_job_template(str(template_path)))
+    sweep = WatchSweep(cfg).job(launcher, source, cfg.eval.sweep_pods)
+    kubernetes_validate.validate(sweep, kube_version, strict=True)
+    spec = sweep["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 3, 3)
+    (container,) = spec["template"]["spec"]["containers"]
+    assert container["args"][:2] == ["eval", "sweep"] and container["args"][-2:] == ["--count", "3"]
+    assert container["args"][container["args"].index("--num-samples") + 1] == "1000"
+    best = launcher.render(
+        url, 400000, "d1ge57", ("--set", "sample.cfg_scale=1.8", "--set", "sample.guidance_high=0.7")
+    )
+    kubernetes_validate.validate(best, kube_version, strict=True)
+    assert best["spec"]["template"]["spec"]["containers"][0]["args"][-1] == "sample.guidance_high=0.7"

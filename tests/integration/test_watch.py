@@ -462,6 +462,153 @@ def test_forbidden_job_creation_names_the_missing_permission(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Job mode with the guidance sweep (eval.sweep_every_nth): the sweep's Indexed Job, then the best cell
+# ----------------------------------------------------------------------------------------------
+
+SWEEP = {
+    "feature_extractor": FEATS,
+    "sweep_every_nth": 2,  # checkpoint index 2 (step 200) is swept, index 1 (step 100) is not
+    "sweep_num_samples": 4,
+    "sweep_cfg_scales": [1.0, 1.8],
+    "sweep_guidance_highs": [0.7, 1.0],
+    "sweep_pods": 2,
+}
+
+
+def sweep_run(tmp_path: Path, reference: str, steps=(100, 200)) -> tuple[str, str, RunConfig, dict]:
+    """A run with the sweep on and an eval Job template whose container runs `repa eval` on its config."""
+    from repa.cluster import jobs
+
+    run_url = str(tmp_path / "run")
+    cfg_path, cfg = setup_run(tmp_path, run_url, reference, steps=steps, sample={"chunk_size": 4}, eval=SWEEP)
+    (tmp_path / "eval-job.yaml").write_text(JOB_TEMPLATE.replace("/etc/repa/config.yaml", cfg_path))
+    return run_url, cfg_path, cfg, jobs.load_job_template(str(tmp_path / "eval-job.yaml"))
+
+
+def run_pod(body: dict, monkeypatch, index: int | None = None) -> None:
+    """Run a created Job's container as its pod would: `repa` with its args, $(VAR) expanded from env."""
+    (container,) = body["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["args"]]
+    if index is not None:  # an Indexed Job's pod
+        monkeypatch.setenv("JOB_COMPLETION_INDEX", str(index))
+    assert cli(*args, "--no-progress") == 0
+
+
+def test_launch_jobs_sweeps_every_nth_checkpoint_in_one_indexed_job_then_scores_its_best_cell(
+    tmp_path, reference, monkeypatch, caplog
+):
+    from repa.cluster import jobs
+    from repa.eval.evaluate import plan_evaluation
+    from repa.eval.watch import WatchSweep, make_watcher
+
+    caplog.set_level("INFO", logger="repa.eval.watch")
+    run_url, cfg_path, cfg, template = sweep_run(tmp_path, reference)
+    api = StubBatchApi()
+    watcher = lambda api_: make_watcher(cfg, launcher=jobs.JobLauncher(api_, template))  # noqa: E731
+    assert watcher(api).run(once=True).processed == [100, 200]
+    (_, plain), (_, swept) = api.calls
+    assert plain["metadata"]["name"].startswith("my-release-eval-step-0000100-")
+    assert plain["spec"]["template"]["spec"]["containers"][0]["args"][-2:] == [
+        "--checkpoint",
+        "$(REPA_CHECKPOINT_URL)",
+    ]  # not swept: the configured guidance
+
+    # Step 200: ONE Indexed Job, 2 indices sharing the 4 cells at eval.sweep_num_samples each.
+    spec = swept["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    name = swept["metadata"]["name"]
+    assert name.startswith("my-release-eval-step-0000200-") and "-sweep-" in name and len(name) <= 63
+    (container,) = spec["template"]["spec"]["containers"]
+    assert container["args"] == [
+        *("eval", "sweep", "--config", cfg_path, "--checkpoint", "$(REPA_CHECKPOINT_URL)"),
+        *("--num-samples", "4", "--cfg-scale", "1,1.8", "--guidance-high", "0.7,1", "--count", "2"),
+    ]
+
+    # While it runs, neither this watcher nor a restarted one (same cluster, fresh process) creates more.
+    assert watcher(api).run(once=True).processed == [] and len(api.calls) == 2
+    restarted = StubBatchApi(existing=set(api.existing))
+    assert watcher(restarted).run(once=True).processed == [] and restarted.calls == []
+
+    # The pods run (in any order); the last to finish writes sweep.json where the watcher looks for it.
+    for index in (1, 0):
+        run_pod(swept, monkeypatch, index)
+    source = ckpt.resolve_checkpoint(f"{run_url}/checkpoints/step-0000200", None)
+    summary = json.loads(storage.read_bytes(WatchSweep(cfg).folder(source).join("sweep.json")))
+    best = summary["best"]["fid"]
+    assert summary["score"] == "FD_tiny-conv (4 samples)" and len(summary["cells"]) == 4
+    api.conditions[name] = COMPLETE
+
+    # Next poll: the ordinary eval Job of step 200, at the best cell's guidance.
+    assert watcher(api).run(once=True).processed == [200] and len(api.calls) == 3
+    (_, scored) = api.calls[-1]
+    plan = plan_evaluation(WatchSweep(cfg).config_for(source), source)
+    assert scored["metadata"]["name"] == jobs.job_name("my-release-eval", 200, plan.digest)
+    assert "completionMode" not in scored["spec"]
+    assert scored["spec"]["template"]["spec"]["containers"][0]["args"][-4:] == [
+        *("--set", f"sample.cfg_scale={best['cfg_scale']!r}"),
+        *("--set", f"sample.guidance_high={best['guidance_high']!r}"),
+    ]
+    assert "at the sweep's best cell" in caplog.text
+    run_pod(scored, monkeypatch)  # its pod writes the very result file the watcher waits for
+    result = json.loads(storage.read_bytes(plan.result))
+    assert result["num_samples"] == 8 and result["provenance"]["guidance.scale"] == best["cfg_scale"]
+    api.conditions[scored["metadata"]["name"]] = COMPLETE
+    assert watcher(api).run(once=True).processed == [] and len(api.calls) == 3
+    committed, _ = ckpt.list_checkpoints(cfg.storage.locate(run_url))
+    assert [s.step for s, _ in watcher(StubBatchApi()).pending(committed)] == [100]  # 200: done
+    from repa.cluster.status import storage_view
+
+    assert f"step 200: {result['fid']:.2f}" in "\n".join(
+        storage_view(cfg)
+    )  # `repa status` reads past sweep-*/
+
+
+def test_a_failing_sweep_job_is_retried_then_given_up_in_one_line(
+    tmp_path, reference, caplog, capsys, monkeypatch
+):
+    import logging
+
+    from repa.cluster import jobs
+    from repa.cluster.status import storage_view
+    from repa.config import ConfigError
+    from repa.eval.watch import make_watcher
+
+    _, cfg_path, cfg, template = sweep_run(tmp_path, reference, steps=(200,))
+    api = StubBatchApi()
+    watcher = lambda: make_watcher(  # noqa: E731
+        cfg, launcher=jobs.JobLauncher(api, template), max_attempts=2, job_retry_seconds=0
+    )
+    monkeypatch.setattr(jobs, "batch_api", lambda: api)  # the in-cluster API of `repa watch --launch-jobs`
+    argv = ("watch", "--config", cfg_path, "--once", "--launch-jobs", "--job-template")
+    assert cli(*argv, str(tmp_path / "eval-job.yaml")) == 0
+    assert "1 checkpoint(s) handled [200], 0 failed" in capsys.readouterr().out
+    ((_, body),) = api.calls
+    name = body["metadata"]["name"]
+    assert "-sweep-" in name
+    api.conditions[name] = FAILED
+    assert watcher().run(once=True).processed == [200]  # deleted and created again, same name
+    assert api.deleted == [name] and [b["metadata"]["name"] for _, b in api.calls] == [name, name]
+    # The retry "completes" without a sweep.json (e.g. a pod's config differs): that is no success.
+    api.conditions[name] = COMPLETE
+    caplog.clear()
+    report = watcher().run(once=True)
+    assert report.failed == [200] and report.processed == [] and len(api.calls) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0]
+    assert errors[0].startswith(f"sweep job {name} for checkpoint step 200 completed without writing ")
+    assert "sweep.json 2 time(s); giving up (kubectl logs -n ml job/" in errors[0]
+    # Final: a restarted watcher neither sweeps again nor scores the checkpoint some other way.
+    assert watcher().run(once=True).failed == [] and len(api.calls) == 2
+    assert any(f"step 200 {name} (failed, 2 attempt(s))" in line for line in storage_view(cfg))
+
+    # A template whose container does not run `repa eval` cannot run the sweep: refused at start-up.
+    template["spec"]["template"]["spec"]["containers"][0]["args"] = ["sample"]
+    with pytest.raises(ConfigError, match=r"eval.sweep_every_nth: the eval Job template's container 'eval'"):
+        make_watcher(cfg, launcher=jobs.JobLauncher(api, template))
+
+
+# ----------------------------------------------------------------------------------------------
 # Object storage
 # ----------------------------------------------------------------------------------------------
 
