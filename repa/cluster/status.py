@@ -7,7 +7,7 @@ Which of the two CRDs the cluster has is asked first (API discovery), so "the Tr
 installed" (install Kubeflow Trainer) is told apart from "no such release" (the name or namespace).
 From storage (the run config is the release's ConfigMap ``<fullname>-config``): the latest committed
 checkpoint, images/s from the last TensorBoard log, the last FID per checkpoint and the eval Jobs that
-failed or whose checkpoint was deleted (the watcher's ``job-<digest>.json`` markers, repa.eval.watch).
+failed or whose checkpoint was deleted (the watcher's ``job-<digest>.json`` markers, repa.eval.watch_jobs).
 ``--context`` / ``--kubeconfig`` / ``-n`` as kubectl's. Errors (not found, no permission, no CRD, an API
 server that does not answer) are one line and exit code 2.
 """

@@ -309,7 +309,8 @@ COMPLETE = [{"type": "Complete", "status": "True"}]
 
 def test_launch_jobs_creates_one_job_per_checkpoint_and_409_means_done(tmp_path, reference):
     from repa.cluster import jobs
-    from repa.eval.watch import launch_marker_url, make_watcher
+    from repa.eval.watch import make_watcher
+    from repa.eval.watch_jobs import launch_marker_url
 
     run_url = str(tmp_path / "run")
     _, cfg = setup_run(tmp_path, run_url, reference, steps=(100, 200))
@@ -353,7 +354,8 @@ def test_launch_jobs_creates_one_job_per_checkpoint_and_409_means_done(tmp_path,
 def test_a_failed_eval_job_is_retried_after_a_backoff_and_the_retry_succeeds(tmp_path, reference, caplog):
     from repa.cluster import jobs
     from repa.eval.evaluate import plan_evaluation
-    from repa.eval.watch import JobTracker, Watcher, launch_marker_url
+    from repa.eval.watch import Watcher
+    from repa.eval.watch_jobs import JobTracker, launch_marker_url
 
     run_url = str(tmp_path / "run")
     _, cfg = setup_run(tmp_path, run_url, reference, steps=(100,))
@@ -392,7 +394,8 @@ def test_an_eval_job_that_keeps_failing_is_given_up_and_a_deleted_checkpoint_is_
 ):
     from repa.cluster import jobs
     from repa.eval.evaluate import plan_evaluation
-    from repa.eval.watch import JobTracker, Watcher, launch_marker_url
+    from repa.eval.watch import Watcher
+    from repa.eval.watch_jobs import JobTracker, launch_marker_url
 
     run_url = str(tmp_path / "run")
     _, cfg = setup_run(tmp_path, run_url, reference, steps=(100, 200))
@@ -419,7 +422,7 @@ def test_an_eval_job_that_keeps_failing_is_given_up_and_a_deleted_checkpoint_is_
 def test_an_eval_job_whose_checkpoint_vanished_is_reported_as_deleted_not_failed(tmp_path, reference):
     from repa.cluster import jobs
     from repa.eval.evaluate import plan_evaluation
-    from repa.eval.watch import JobTracker, launch_marker_url
+    from repa.eval.watch_jobs import JobTracker, launch_marker_url
 
     run_url = str(tmp_path / "run")
     _, cfg = setup_run(tmp_path, run_url, reference, steps=(100,))
@@ -502,7 +505,7 @@ def test_launch_jobs_sweeps_every_nth_checkpoint_in_one_indexed_job_then_scores_
     from repa.eval.evaluate import plan_evaluation
     from repa.eval.watch import WatchSweep, make_watcher
 
-    caplog.set_level("INFO", logger="repa.eval.watch")
+    caplog.set_level("INFO", logger="repa.eval.watch_jobs")
     run_url, cfg_path, cfg, template = sweep_run(tmp_path, reference)
     api = StubBatchApi()
     watcher = lambda api_: make_watcher(cfg, launcher=jobs.JobLauncher(api_, template))  # noqa: E731
