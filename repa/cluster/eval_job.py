@@ -105,6 +105,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--cfg-scale", default="1.0,1.4,1.8,2.2", metavar="W1,W2,...", help="CFG scales")
     sweep.add_argument("--guidance-high", default="0.6,0.7,1.0", metavar="H1,H2,...", help="interval ends")
     sweep.add_argument("--sweep-pods", type=int, default=2, metavar="N", help="indices (pods) of the Job")
+    sweep.add_argument(
+        "--sample-parts",
+        type=int,
+        default=1,
+        metavar="P",
+        help="split each cell's samples into P parts too: cells x P units over the pods (default 1)",
+    )
 
 
 def _from_release(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any], str]:
@@ -141,7 +148,9 @@ def run(args: argparse.Namespace) -> int:
         if args.sweep:  # the sweep's Indexed Job is rendered by repa.eval.sweep
             from repa.eval.sweep import render_sweep_job
 
-            body = render_sweep_job(cfg, body, args.cfg_scale, args.guidance_high, args.sweep_pods)
+            body = render_sweep_job(
+                cfg, body, args.cfg_scale, args.guidance_high, args.sweep_pods, args.sample_parts
+            )
     except (kube.KubeError, jobs.JobLaunchError) as e:
         print(f"repa eval-job: error: {e}", file=sys.stderr)
         return 2

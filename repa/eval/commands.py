@@ -96,6 +96,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument(
         "--count", type=int, default=1, help="processes sharing the cells (an Indexed Job's completions)"
     )
+    w.add_argument(
+        "--sample-parts",
+        type=int,
+        default=1,
+        metavar="P",
+        help="split each cell's samples into P parts (sample chunks c %% P), so cells x P units share "
+        "the --count processes (default 1: whole cells)",
+    )
 
 
 def _run_ref_stats(args: argparse.Namespace) -> int:
@@ -194,6 +202,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
             info=info,
             index=sweep.index_from_environment(args.index),
             count=args.count,
+            sample_parts=args.sample_parts,
             check_config=verb.explicit,
             progress=not args.no_progress,
         )

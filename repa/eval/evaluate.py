@@ -306,12 +306,16 @@ def evaluate_checkpoint(
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
     cache: dict[Any, Any] | None = None,
+    share: tuple[int, int] | None = None,
 ) -> EvalOutcome | None:
     """Sample ``source`` and compute its metrics; every rank calls this, rank 0 returns the outcome.
 
     ``cache`` (a dict kept by the caller, e.g. ``repa watch``) keeps the reference statistics, the
     feature network and the reference's features between evaluations (ADM's reference batch is
     1.6 GB, and its 10,000 images would otherwise go through Inception for every checkpoint).
+
+    ``share=(part, parts)``: sample only that share of the chunks (``repa.eval.sample.generate_samples``;
+    other processes make the rest) and score only when the set is then complete; else return None.
 
     Idempotent: an existing result for the same protocol is returned as is (``force`` recomputes),
     and samples already made are reused. Inputs that can fail cheaply (reference statistics, their
@@ -350,8 +354,12 @@ def evaluate_checkpoint(
         vae_identity=vae_identity,
         progress=progress,
         should_stop=should_stop,
+        share=share,
     )
     sampling_seconds = time.perf_counter() - started
+    if share is not None and info.is_main and sample_set.missing_chunks():
+        log.info("%s: this share's chunks are done; the set is scored once the others' are", plan.samples_url)
+        return None
     model_args, vae_sha256 = loaded.model_args, getattr(vae, "weights_sha256", None)
     del loaded, vae
     if not info.is_main:

@@ -190,6 +190,7 @@ def generate_samples(
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
     wait_poll_seconds: float = 2.0,
+    share: tuple[int, int] | None = None,
 ) -> SampleSet:
     """Generate ``spec.num_samples`` images into ``out`` (chunked, resumable); returns the set.
 
@@ -198,6 +199,8 @@ def generate_samples(
     single process); every rank calls this, rank 0 returns only once all chunks exist (and
     ``samples.npz`` if ``save_npz``). ``checkpoint``/``vae_identity`` are recorded in the identity.
     ``should_stop()`` is polled between batches; when true, raises :class:`SamplingInterrupted`.
+    ``share=(part, parts)``: only chunks ``c`` with ``c % parts == part`` (another process, e.g. a pod
+    of a sweep's Indexed Job, makes the rest); rank 0 then returns once this share exists.
     """
     if device is None:  # the process's device under torchrun, else where the model is
         device = dist.device if dist is not None else next(model.parameters()).device
@@ -227,17 +230,22 @@ def generate_samples(
     if error is not None:
         raise SamplingError(f"rank 0 could not prepare {out_url}: {error}")
     assert pending is not None
-    mine = pending[info.rank :: info.world_size]
     done_before = spec.num_chunks - len(pending)
+    share_part, share_parts = share or (0, 1)
+    if not 0 <= share_part < share_parts:
+        raise SamplingError(f"sample share {share_part} of {share_parts}: expected 0 <= part < parts")
+    pending = [c for c in pending if c % share_parts == share_part]
+    mine = pending[info.rank :: info.world_size]
     if info.is_main:
         log.info(
-            "sampling %d images into %s: %d of %d chunks done, %d to do on %d process(es)",
+            "sampling %d images into %s: %d of %d chunks done, %d to do on %d process(es)%s",
             spec.num_samples,
             out_url,
             done_before,
             spec.num_chunks,
             len(pending),
             info.world_size,
+            f" (this process's share: chunks c % {share_parts} == {share_part})" if share_parts > 1 else "",
         )
 
     model.eval()
@@ -286,8 +294,8 @@ def generate_samples(
         log.info("rank %d: %d images in %.1f s (%.2f images/s)", info.rank, total, elapsed, total / elapsed)
 
     if info.is_main:
-        wait_for_chunks(sample_set, wait_poll_seconds, should_stop)
-        if save_npz:
+        wait_for_chunks(sample_set, wait_poll_seconds, should_stop, part=share_part, parts=share_parts)
+        if save_npz and not sample_set.missing_chunks():
             assemble_npz(sample_set)
     return sample_set
 

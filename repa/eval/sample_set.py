@@ -326,12 +326,18 @@ def _describe_difference(old: dict[str, Any], new: dict[str, Any], prefix: str =
 
 
 def wait_for_chunks(
-    sample_set: SampleSet, poll_seconds: float, should_stop: Callable[[], bool] | None
+    sample_set: SampleSet,
+    poll_seconds: float,
+    should_stop: Callable[[], bool] | None,
+    *,
+    part: int = 0,
+    parts: int = 1,
 ) -> None:
-    """Rank 0 waits for the other ranks' chunks by listing storage (no collective, so no timeout)."""
+    """Rank 0 waits for the other ranks' chunks by listing storage (no collective, so no timeout);
+    with ``parts`` > 1 only for the chunks of its share (``c % parts == part``)."""
     last_log = 0.0
     while True:
-        missing = sample_set.missing_chunks()
+        missing = [c for c in sample_set.missing_chunks() if c % parts == part]
         if not missing:
             return
         if should_stop is not None and should_stop():

@@ -129,22 +129,32 @@ def run_sweep(
     check_config: bool = True,
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
+    sample_parts: int = 1,
 ) -> dict[str, Any] | None:
-    """Score this process's cells (``index::count``), then write the summary if every cell is done.
+    """Score this process's share of the work, then write the summary if every cell is done.
+
+    The work is ``cells x sample_parts`` units, unit ``u = cell * sample_parts + part`` going to index
+    ``u % count``; a unit samples the chunks ``c % sample_parts == part`` of its cell's sample set
+    (``sample_parts`` 1: whole cells). Whoever completes a cell's last part scores it, and whoever
+    finds every cell scored writes the summary: each checks storage after its own writes, so the last
+    one always sees everything (and the bytes depend only on the scores).
 
     Returns the summary (``sweep.json``'s content) when it was written or already there, else None
-    (other indices still have cells to score).
+    (other indices still have work).
     """
     from repa.eval.evaluate import evaluate_checkpoint
 
     if not 0 <= index < count:
         raise ConfigError("--index", f"{index} is outside [0, {count}) (--count {count})")
+    if sample_parts < 1:
+        raise ConfigError("--sample-parts", f"{sample_parts}: expected at least 1")
     plans = _plans(cfg, source, grid)
     cache: dict[Any, Any] = {}  # the reference statistics and the feature network, loaded once
-    for k, (w, h) in enumerate(grid.cells):
-        if k % count != index:
-            continue
-        log.info("sweep cell %d/%d: cfg_scale %g, guidance_high %g", k + 1, len(plans), w, h)
+    for u in range(index, len(grid.cells) * sample_parts, count):
+        k, part = divmod(u, sample_parts)
+        w, h = grid.cells[k]
+        share = f", samples part {part + 1}/{sample_parts}" if sample_parts > 1 else ""
+        log.info("sweep cell %d/%d: cfg_scale %g, guidance_high %g%s", k + 1, len(plans), w, h, share)
         evaluate_checkpoint(
             cell_config(cfg, w, h, tensorboard=False),
             source,
@@ -153,6 +163,7 @@ def run_sweep(
             progress=progress,
             should_stop=should_stop,
             cache=cache,
+            share=(part, sample_parts) if sample_parts > 1 else None,
         )
     if info is not None and not info.is_main:
         return None
@@ -306,12 +317,15 @@ def _tensorboard(cfg: RunConfig, source: ckpt.CheckpointSource, png: bytes, tabl
 # ----------------------------------------------------------------------------------------------
 
 
-def sweep_job(job: dict[str, Any], grid: SweepGrid, count: int, digest: str) -> dict[str, Any]:
+def sweep_job(
+    job: dict[str, Any], grid: SweepGrid, count: int, digest: str, sample_parts: int = 1
+) -> dict[str, Any]:
     """Turn the eval Job of a checkpoint (``repa eval-job``'s manifest) into ONE Indexed Job of the sweep.
 
     ``count`` pods (``completionMode: Indexed``): pod ``I`` runs ``repa eval sweep ... --count N`` and
-    reads ``I`` from ``JOB_COMPLETION_INDEX`` (set by Kubernetes in Indexed Jobs). A pod that dies is
-    retried by the Job (``backoffLimitPerIndex`` when the template sets it); finished cells are kept.
+    reads ``I`` from ``JOB_COMPLETION_INDEX`` (set by Kubernetes in Indexed Jobs). ``sample_parts`` > 1
+    splits each cell's samples too (cells x sample ranges, :func:`run_sweep`). A pod that dies is
+    retried by the Job (``backoffLimitPerIndex`` when the template sets it); finished chunks are kept.
     """
     if count < 1:
         raise ConfigError("--sweep-pods", f"{count}: expected at least 1")
@@ -328,6 +342,7 @@ def sweep_job(job: dict[str, Any], grid: SweepGrid, count: int, digest: str) -> 
         ",".join(f"{h:g}" for h in grid.guidance_highs),
         "--count",
         str(count),
+        *(["--sample-parts", str(sample_parts)] if sample_parts > 1 else []),
     ]
     for container in spec["template"]["spec"]["containers"]:
         args = list(container.get("args") or [])
@@ -341,7 +356,12 @@ def sweep_job(job: dict[str, Any], grid: SweepGrid, count: int, digest: str) -> 
 
 
 def render_sweep_job(
-    cfg: RunConfig, job: dict[str, Any], cfg_scales: str, guidance_highs: str, pods: int
+    cfg: RunConfig,
+    job: dict[str, Any],
+    cfg_scales: str,
+    guidance_highs: str,
+    pods: int,
+    sample_parts: int = 1,
 ) -> dict[str, Any]:
     """``repa eval-job --sweep``: the checkpoint's eval Job (as ``repa eval-job`` renders it) as the
     sweep's Indexed Job; the name carries the sweep's digest, so re-applying it is a no-op."""
@@ -351,7 +371,7 @@ def render_sweep_job(
     url = meta["annotations"]["repa.io/checkpoint-url"]
     source = ckpt.CheckpointSource(url, "run", step, cfg.storage.run_url.rstrip("/"))
     digest = sweep_folder(cfg, source, grid).url.rsplit("sweep-", 1)[1]
-    return sweep_job(job, grid, pods, digest)
+    return sweep_job(job, grid, pods, digest, sample_parts)
 
 
 def index_from_environment(flag: int | None) -> int:

@@ -166,6 +166,65 @@ def test_the_indexed_job_gives_the_same_files_and_a_killed_index_loses_nothing(
     assert summary_files(run_url) == single  # byte for byte
 
 
+def test_cells_times_sample_ranges_over_three_indices_give_the_same_files(tmp_path, reference, monkeypatch):
+    """--sample-parts 2: 4 cells x 2 sample parts = 8 units over 3 indices (unit u -> index u % 3). A
+    cell is scored by whoever completes its last part; the summary is the single process's, byte for
+    byte; every chunk is sampled once."""
+    run_url, cfg_path, _ = setup_run(tmp_path, reference)
+    assert cli("eval", "sweep", "--config", cfg_path, *GRID, "--no-progress") == 0
+    single = summary_files(run_url)
+    forget_results(run_url)
+
+    args = [
+        "eval",
+        "sweep",
+        "--config",
+        cfg_path,
+        *GRID,
+        "--count",
+        "3",
+        "--sample-parts",
+        "2",
+        "--no-progress",
+    ]
+    results = lambda: sorted(Path(run_url, "eval", "step-0000100").glob("result-*.json"))  # noqa: E731
+    chunks = lambda: sorted(Path(run_url, "samples").glob("*/chunks/chunk-*.npz"))  # noqa: E731
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "0")
+    assert cli(*args) == 0
+    # index 0: cell 0 part 0, cell 1 part 1, cell 3 part 0 -> one chunk of three cells, nothing scored
+    assert [c.name for c in chunks()].count("chunk-000000.npz") == 2 and len(chunks()) == 3
+    assert results() == []
+    made = {c: c.stat().st_mtime_ns for c in chunks()}
+    for index in ("1", "2"):
+        monkeypatch.setenv("JOB_COMPLETION_INDEX", index)
+        assert cli(*args) == 0
+    assert len(results()) == 4 and len(chunks()) == 8
+    assert all(c.stat().st_mtime_ns == t for c, t in made.items())  # index 0's chunks were not redone
+    assert summary_files(run_url) == single  # byte for byte
+
+
+def test_the_sweep_job_splits_sample_ranges_when_asked(tmp_path, reference, capsys):
+    grid = sweep.SweepGrid((1.0, 1.8), (0.7,))
+    body = {
+        "metadata": {"name": "r-eval"},
+        "spec": {"template": {"spec": {"containers": [{"args": ["eval"]}]}}},
+    }
+    job = sweep.sweep_job(body, grid, 4, "0123456789ab", sample_parts=2)
+    assert job["spec"]["completions"] == 4
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"][-4:] == [
+        "--count",
+        "4",
+        "--sample-parts",
+        "2",
+    ]
+    assert (
+        "--sample-parts"
+        not in sweep.sweep_job(body, grid, 2, "0123456789ab")["spec"]["template"]["spec"]["containers"][0][
+            "args"
+        ]
+    )
+
+
 def test_sweep_flags_are_checked_in_one_line(tmp_path, reference, capsys):
     run_url, cfg_path, _ = setup_run(tmp_path, reference)
     assert cli("eval", "sweep", "--config", cfg_path, "--cfg-scale", "1.0,x", "--guidance-high", "0.7") == 2
