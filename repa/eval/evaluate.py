@@ -455,7 +455,7 @@ def evaluate_checkpoint(
     write_result_json(plan.result, result, protocol, extra=extra)
     log.info("%s step %s: %s -> %s", source.url, source.step, score_line(payload), plan.result_url)
     if not cfg.eval.keep_samples:
-        storage.remove(plan.samples, recursive=True)
+        sample_set.delete()  # the samples only: a weights file's result lives in the same folder
     return EvalOutcome(plan.result_url, json.loads(storage.read_bytes(plan.result)))
 
 

@@ -249,6 +249,14 @@ class SampleSet:
         done = self.completed_chunks()
         return [c for c in range(self.spec.num_chunks) if c not in done]
 
+    def delete(self) -> None:
+        """Remove the samples (chunks, ``samples.npz``, ``protocol.json``) and nothing else: the folder of
+        a weights file's samples also holds its evaluation results (``repa.eval.evaluate``)."""
+        for name in ("chunks", NPZ_FILE, PROTOCOL_FILE):
+            where = self.location.join(name)
+            if storage.exists(where):
+                storage.remove(where, recursive=name == "chunks")
+
     def read_chunk(self, chunk: int) -> dict[str, np.ndarray]:
         url = self.chunk_url(chunk)
         with np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False) as npz:

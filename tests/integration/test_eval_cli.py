@@ -351,3 +351,33 @@ def test_fd_dinov2_config_errors_name_the_key(tmp_path, capsys, eval_keys, named
     assert cli("eval", "--config", write_config(tmp_path / "cfg.yaml", tree)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and named in err[0], err
+
+
+def test_delete_samples_keeps_the_result_of_a_run_checkpoint_and_of_a_weights_file(tmp_path, feats, capsys):
+    """--delete-samples removes the samples once scored, never the result: a weights file's result
+    lives in its samples folder (a step's in {run}/eval/)."""
+    import shutil
+
+    ref_url = str(tmp_path / "ref.npz")
+    save_reference_stats(
+        ref_url, compute_reference_stats(random_images(20, 16), __import__("repa_test_feats").build())
+    )
+    run_url = str(tmp_path / "run")
+    cfg_path = write_config(tmp_path / "cfg.yaml", tiny_config(run_url, ref_url))
+    commit_checkpoint(RunConfig.from_dict(tiny_config(run_url, ref_url)), 100)
+    step = Path(run_url, "checkpoints", "step-0000100")
+    plain = tmp_path / "plain" / "w.pt"
+    plain.parent.mkdir()
+    shutil.copy(step / "ema.pt", plain)
+    base = ("eval", "--config", cfg_path, "--feature-extractor", FEATS, "--no-progress", "--delete-samples")
+    for checkpoint in (str(step), str(plain)):
+        assert cli(*base, "--checkpoint", checkpoint) == 0, capsys.readouterr().err
+        printed = capsys.readouterr().out.strip()
+        result = Path(printed.rsplit(" -> ", 1)[1])
+        assert json.loads(result.read_text())["num_samples"] == 12
+        samples = Path(json.loads(result.read_text())["protocol"]["samples_url"])
+        assert not (samples / "chunks").exists() and not (samples / "protocol.json").exists()
+        # idempotent: the kept result is found again, nothing is sampled
+        assert cli(*base, "--checkpoint", checkpoint) == 0
+        assert "(already evaluated)" in capsys.readouterr().out
+        assert not (samples / "chunks").exists()
