@@ -258,7 +258,7 @@ def _metric_jobs(cfg: RunConfig, device: torch.device, cache: dict[Any, Any] | N
         dinov2_reference, dinov2 = _dinov2_reference_and_network(cfg, device, cache)
         _check_reference(dinov2_reference, cfg.eval.dinov2_reference_stats_url, cfg.data.resolution, [])
         jobs.append(MetricJob(dinov2, dinov2_reference))
-    check_metric_jobs(jobs)
+    check_metric_jobs(jobs, cfg.sample.num_samples, (cfg.data.resolution, cfg.data.resolution))
     return jobs
 
 

@@ -103,6 +103,13 @@ def _describe(reference: ReferenceStats) -> str:
 
 
 def _check_same_extractor(reference: ReferenceStats, name: str, sha256: str | None) -> None:
+    if reference.feature_extractor is None and name != INCEPTION_NAME:
+        # ADM's files name no network: their statistics are Inception's, whatever their dimension.
+        raise MetricsError(
+            f"{_describe(reference)} record no feature extractor (ADM's files: Inception's features), so "
+            f"they cannot be compared with {name!r} features; compute statistics with that network "
+            "(`repa eval ref-stats --feature-extractor ...`)"
+        )
     if reference.feature_extractor is not None and reference.feature_extractor != name:
         raise MetricsError(
             f"{_describe(reference)} were computed with feature extractor {reference.feature_extractor!r}, "
@@ -277,12 +284,38 @@ def _plan_pass(job: MetricJob) -> FeaturePass:
     )
 
 
-def check_metric_jobs(jobs: list[MetricJob]) -> None:
-    """What :func:`evaluate_many` would refuse before reading an image, refused now (e.g. before the
-    samples are drawn): an extractor without logits asked for IS, a reference of another network,
-    precision/recall without reference features or images."""
+def check_metric_jobs(jobs: list[MetricJob], num_samples: int, image_size: tuple[int, int]) -> None:
+    """What :func:`evaluate_many` would refuse, refused before the samples are drawn: an extractor
+    without logits asked for IS, a reference of another network or feature count, precision/recall
+    without reference features or images, ``num_samples`` too few for a requested metric."""
     for job in jobs:
         _plan_pass(job)
+        reference, name = job.reference, getattr(job.extractor, "name", type(job.extractor).__name__)
+        dim = feature_dim(job.extractor, reference.image_size or image_size)
+        if dim is not None and dim != reference.stats.dim:
+            raise MetricsError(
+                f"{_describe(reference)} have {reference.stats.dim} features, {name} gives {dim}"
+            )
+        check_sample_count(
+            num_samples,
+            "sample.num_samples",
+            is_splits=job.inception_score_splits,
+            pr_k=job.precision_recall_k,
+        )
+
+
+def feature_dim(extractor: FeatureExtractor, image_size: Any = None) -> int | None:
+    """The extractor's feature count: its ``feature_dim``, else from one forward of a blank image at
+    ``image_size`` (a custom network; cheap beside any real pass), else None (size unknown)."""
+    dim = getattr(extractor, "feature_dim", None)
+    if dim:
+        return int(dim)
+    if image_size is None:
+        return None
+    h, w = image_size
+    blank = torch.zeros(1, 3, int(h), int(w), dtype=torch.uint8, device=extractor_device(extractor))
+    with torch.no_grad():
+        return int(extractor(blank).reshape(1, -1).shape[1])
 
 
 def evaluate_many(

@@ -381,3 +381,40 @@ def test_delete_samples_keeps_the_result_of_a_run_checkpoint_and_of_a_weights_fi
         assert cli(*base, "--checkpoint", checkpoint) == 0
         assert "(already evaluated)" in capsys.readouterr().out
         assert not (samples / "chunks").exists()
+
+
+@pytest.mark.parametrize(
+    ("reference", "metrics", "num_samples", "named"),
+    [
+        ("adm", ["fid"], 12, "record no feature extractor (ADM's files: Inception's features)"),
+        ("wide", ["fid"], 12, "have 32 features, tiny-conv gives 16"),
+        (
+            "tiny",
+            ["fid", "precision_recall"],
+            3,
+            "sample.num_samples: 3 samples are too few for precision/recall",
+        ),
+    ],
+)
+def test_refused_before_any_sample_is_drawn(tmp_path, feats, capsys, reference, metrics, num_samples, named):
+    """A reference of no recorded network (ADM's, assumed Inception) with another network, a reference
+    of another feature count, too few samples for a metric: one line, and no sample folder."""
+    from repa.eval.refstats import ReferenceStats
+
+    rng = np.random.default_rng(0)
+    dim = {"adm": 16, "wide": 32, "tiny": 16}[reference]
+    x = rng.normal(size=(40, dim))
+    ref = ReferenceStats(mu=x.mean(0), sigma=np.cov(x, rowvar=False), features=x.astype(np.float32))
+    if reference != "adm":
+        ref.feature_extractor, ref.num_images, ref.image_size = "tiny-conv", 40, (16, 16)
+    ref_url = str(tmp_path / "ref.npz")
+    save_reference_stats(ref_url, ref)
+    run_url = str(tmp_path / "run")
+    tree = tiny_config(run_url, ref_url, num_samples=num_samples, batch_size_per_device=3)
+    tree["eval"]["metrics"] = metrics
+    cfg_path = write_config(tmp_path / "cfg.yaml", tree)
+    commit_checkpoint(RunConfig.from_dict(tree), 100)
+    assert cli("eval", "--config", cfg_path, "--feature-extractor", FEATS) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0], err
+    assert not Path(run_url, "samples").exists()
