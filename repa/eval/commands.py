@@ -150,11 +150,33 @@ def _run_compare(args: argparse.Namespace) -> int:
             return cli_error("eval compare", EvalError(f"{url}: not found"))
         except ValueError as e:
             return cli_error("eval compare", EvalError(f"{url}: not a result JSON ({e})"))
-        if not isinstance(payloads[-1], dict) or "fid" not in payloads[-1]:
-            return cli_error("eval compare", EvalError(f"{url}: not a `repa eval` result (no fid)"))
+        problem = _result_problem(payloads[-1])
+        if problem:
+            return cli_error("eval compare", EvalError(f"{url}: not a `repa eval` result ({problem})"))
     comparison = compare_results(payloads)
     print(format_comparison(args.results, comparison))
     return 0 if comparison.comparable else 1
+
+
+def _result_problem(payload: Any) -> str | None:
+    """What makes ``payload`` unreadable as a result JSON (None: readable): `repa eval compare` must
+    exit 2 for a bad file, never 1 ("not comparable") or a traceback."""
+    if not isinstance(payload, dict):
+        return f"a JSON {type(payload).__name__}, not an object"
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if not number(payload.get("fid")):
+        return f"fid is {payload.get('fid')!r}, not a number"
+    for key in ("sfid", "inception_score_mean", "precision", "recall", "fd_dinov2"):
+        if payload.get(key) is not None and not number(payload[key]):
+            return f"{key} is {payload[key]!r}, not a number"
+    if payload.get("provenance") is not None and not isinstance(payload["provenance"], dict):
+        return "provenance is not an object"
+    if payload.get("fd_dinov2") is not None and not isinstance(payload.get("dinov2"), dict):
+        return "fd_dinov2 without its dinov2 record"
+    return None
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

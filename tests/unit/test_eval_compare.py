@@ -169,6 +169,29 @@ def test_compare_names_a_missing_file_in_one_line(tmp_path, capsys):
     assert err == [f"repa eval compare: error: {tmp_path / 'nope.json'}: not found"]
 
 
+@pytest.mark.parametrize(
+    ("payload", "named"),
+    [
+        ([1, 2], "a JSON list, not an object"),
+        ({"fid": None}, "fid is None, not a number"),
+        ({"fid": "1.0"}, "fid is '1.0', not a number"),
+        ({"fid": 1.0, "precision": "high"}, "precision is 'high', not a number"),
+        ({"fid": 1.0, "provenance": "x"}, "provenance is not an object"),
+        ({"fid": 1.0, "fd_dinov2": 3.0}, "fd_dinov2 without its dinov2 record"),
+    ],
+)
+def test_a_malformed_result_is_exit_2_in_one_line(tmp_path, capsys, payload, named):
+    from repa.cli import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(payload))
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(result()))
+    assert main(["eval", "compare", str(good), str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"repa eval compare: error: {bad}: not a `repa eval` result ({named})"]
+
+
 def test_scores_say_what_they_are():
     real = result()
     assert score_label(real) == "FID (50000 samples)"
