@@ -24,6 +24,7 @@ __all__ = [
     "UNPUBLISHED",
     "dinov2_summary",
     "format_comparison",
+    "metric_labels",
     "metric_tags",
     "provenance_brief",
     "result_text",
@@ -97,22 +98,44 @@ def dinov2_summary(result: Any, extractor: Any) -> dict[str, Any]:
     }
 
 
+def metric_labels(payload: dict[str, Any]) -> dict[str, str]:
+    """What each score of a result is called where people read it, by result key: ``fid`` ->
+    ``FID (50000 samples)``; ``sfid`` -> ``sFID`` (published Inception), ``sFD (unpublished Inception
+    weights)``; ``inception_score_mean`` -> ``IS``, ``IS (unpublished Inception weights)`` or ``IS (<name>
+    logits)``; ``precision``/``recall`` (``... (<name> features)`` for another network); ``fd_dinov2``
+    -> the ``dinov2`` record's label. The printed line, the sweep's table and best cells use these."""
+    extractor = payload.get("feature_extractor")
+    inception = extractor == INCEPTION_NAME
+    published = _published(payload)
+    other = "" if inception else f" ({extractor} features)"
+    labels = {
+        "fid": score_label(payload),
+        "sfid": "sFID" if published else "sFD (unpublished Inception weights)",
+        "inception_score_mean": (
+            "IS"
+            if published
+            else "IS (unpublished Inception weights)"
+            if inception
+            else f"IS ({extractor} logits)"
+        ),
+        "precision": f"precision{other}",
+        "recall": f"recall{other}",
+    }
+    if isinstance(payload.get("dinov2"), dict):
+        labels["fd_dinov2"] = payload["dinov2"]["label"]
+    return labels
+
+
 def score_line(payload: dict[str, Any]) -> str:
     """``FID (50000 samples) 2.0612, sFID 4.1000, IS 271.130, precision 0.7800, recall 0.6100,
     FD-DINOv2 (ViT-L/14) 80.1200``: one result, printed."""
-    parts = [f"{score_label(payload)} {payload['fid']:.4f}"]
-    if payload.get("sfid") is not None:
-        sfid_name = "sFID" if _published(payload) else "sFD (unpublished Inception weights)"
-        parts.append(f"{sfid_name} {payload['sfid']:.4f}")
-    is_name = "IS" if _published(payload) else "IS (unpublished Inception weights)"
-    if payload.get("inception_score_mean") is not None:
-        parts.append(f"{is_name} {payload['inception_score_mean']:.3f}")
-    for key in ("precision", "recall"):
-        if payload.get(key) is not None:
-            parts.append(f"{key} {payload[key]:.4f}")
-    if payload.get("fd_dinov2") is not None:
-        parts.append(f"{payload['dinov2']['label']} {payload['fd_dinov2']:.4f}")
-    return ", ".join(parts)
+    labels = metric_labels(payload)
+    digits = {"inception_score_mean": 3}
+    return ", ".join(
+        f"{label} {payload[key]:.{digits.get(key, 4)}f}"
+        for key, label in labels.items()
+        if payload.get(key) is not None
+    )
 
 
 def provenance_brief(payload: dict[str, Any]) -> str:
@@ -132,17 +155,20 @@ def provenance_brief(payload: dict[str, Any]) -> str:
 
 
 def metric_tags(payload: dict[str, Any]) -> dict[str, float | None]:
-    """The TensorBoard scalars of one result: ``eval/fid`` (``eval/fd_<name>`` for other networks),
-    ``eval/sfid`` (when the reference has sFID statistics), ``eval/is``, ``eval/precision``,
-    ``eval/recall``, ``eval/fd_dinov2`` (``eval/fd_dinov2_not_vit_l14`` for another network of
-    the DINOv2 code path). With Inception weights that are not the published
-    file (sha256 not starting with its name's prefix, e.g. the random weights of ``repa demo`` and the
-    tests) the Fréchet tag is ``eval/fd_unpublished_inception`` and every other tag ends in
+    """The TensorBoard scalars of one result: ``eval/fid``, ``eval/sfid`` (when the reference has sFID
+    statistics), ``eval/is``, ``eval/precision``, ``eval/recall``, ``eval/fd_dinov2``
+    (``eval/fd_dinov2_not_vit_l14`` for another network of the DINOv2 code path). Another network
+    than Inception (``eval.feature_extractor``) gets ``eval/fd_<name>`` and every other tag ends in
+    ``_<name>``, so its numbers never join Inception's curves. With Inception weights that are not the
+    published file (sha256 not starting with its name's prefix, e.g. the random weights of ``repa demo``
+    and the tests) the Fréchet tag is ``eval/fd_unpublished_inception`` and every other tag ends in
     ``_unpublished_inception``: such numbers only compare with the same file."""
     name = score_name(payload).lower()
     suffix = ""
     if payload.get("feature_extractor") == INCEPTION_NAME and not _published(payload):
         name, suffix = "fd", _TAG_SUFFIX
+    elif payload.get("feature_extractor") != INCEPTION_NAME:  # another network: never Inception's tags
+        name, suffix = "fd", f"_{payload.get('feature_extractor')}".lower()
     dinov2 = {}
     if payload.get("fd_dinov2") is not None:
         standard = payload["dinov2"]["standard"]

@@ -180,7 +180,7 @@ def run_sweep(
 
 def summarize(grid: SweepGrid, source: ckpt.CheckpointSource, plans: list[Any], results: list[dict]) -> dict:
     """The sweep's table and its best cell per metric (only scores: the same whoever computes it)."""
-    from repa.eval.report import score_label
+    from repa.eval.report import metric_labels, score_label
 
     cells = []
     for (w, h), plan, result in zip(grid.cells, plans, results):
@@ -204,6 +204,7 @@ def summarize(grid: SweepGrid, source: ckpt.CheckpointSource, plans: list[Any], 
         "grid": grid.to_dict(),
         "cells": cells,
         "best": best,
+        "labels": {key: label for key, label in metric_labels(results[0]).items() if key in best},
     }
 
 
@@ -224,9 +225,12 @@ def table_markdown(summary: dict) -> str:
 
 
 def best_lines(summary: dict) -> list[str]:
-    """``best fid: 1.4200 at w = 1.8, [0, 0.7]``: one line per metric."""
+    """``best FID (10000 samples): 1.4200 at w = 1.8, [0, 0.7]``: one line per metric, each named as the
+    printed line names it (``repa.eval.report.metric_labels``)."""
+    labels = summary.get("labels", {})
     return [
-        f"best {key}: {cell['value']:.4f} at w = {cell['cfg_scale']:g}, [0, {cell['guidance_high']:g}]"
+        f"best {labels.get(key, key)}: {cell['value']:.4f} at w = {cell['cfg_scale']:g}, "
+        f"[0, {cell['guidance_high']:g}]"
         for key, cell in summary["best"].items()
     ]
 

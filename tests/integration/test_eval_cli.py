@@ -128,7 +128,12 @@ def test_ref_stats_from_shards_then_eval_writes_result_json_and_tensorboard(tmp_
     scalars = read_scalars(str(Path(run_url, "tensorboard", "eval")))
     assert [step for step, _ in scalars["eval/fd_tiny-conv"]] == [100]
     assert scalars["eval/fd_tiny-conv"][0][1] == pytest.approx(result["fid"], rel=1e-6)
-    assert set(scalars) == {"eval/fd_tiny-conv", "eval/best_fd_tiny-conv", "eval/precision", "eval/recall"}
+    assert set(scalars) == {
+        "eval/fd_tiny-conv",
+        "eval/best_fd_tiny-conv",
+        "eval/precision_tiny-conv",  # never Inception's eval/precision
+        "eval/recall_tiny-conv",
+    }
 
     # Idempotent: a second run finds the result and touches nothing.
     mtime = result_file.stat().st_mtime_ns

@@ -78,7 +78,11 @@ def test_a_2x2_sweep_writes_table_heatmap_and_best_cell_on_common_random_numbers
         "guidance_high": best["guidance_high"],
         "value": best["fid"],
     }
-    assert f"best fid: {best['fid']:.4f}" in out and summary["score"] == "FD_tiny-conv (8 samples)"
+    assert (
+        f"best FD_tiny-conv (8 samples): {best['fid']:.4f}" in out
+        and summary["score"] == "FD_tiny-conv (8 samples)"
+    )
+    assert "best precision (tiny-conv features): " in out and "best fid" not in out
     assert (
         files["heatmap.png"].startswith(b"\x89PNG")
         and "| w \\ high | 0.7 | 1 |" in files["sweep.md"].decode()
