@@ -270,7 +270,22 @@ class VAE(nn.Module):
         )
         bias = _per_channel(0.0 if latents_bias is None else latents_bias, c, z, "latents_bias")
         x = self.decode((z - bias) / scale)
-        return to_uint8(x, "round" if self.is_identity else "truncate")
+        return to_uint8(x, self.uint8_rounding)
+
+    @property
+    def uint8_rounding(self) -> Rounding:
+        """``truncate`` as the reference's ``generate.py`` for SD-VAE; ``round`` for the identity mode."""
+        return "round" if self.is_identity else "truncate"
+
+    @property
+    def uint8_conversion(self) -> str:
+        """How :meth:`decode_to_uint8` makes uint8 pixels, in words (recorded with every evaluation)."""
+        how = (
+            "rounded (identity decoder: exact round trip)"
+            if self.is_identity
+            else "truncated (reference generate.py)"
+        )
+        return f"clamp(255 * (x + 1) / 2, 0, 255), {how}"
 
     @property
     def weights_sha256(self) -> str | None:

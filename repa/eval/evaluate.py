@@ -361,6 +361,7 @@ def evaluate_checkpoint(
         log.info("%s: this share's chunks are done; the set is scored once the others' are", plan.samples_url)
         return None
     model_args, vae_sha256 = loaded.model_args, getattr(vae, "weights_sha256", None)
+    uint8_conversion = vae.uint8_conversion
     del loaded, vae
     if not info.is_main:
         return None
@@ -429,6 +430,7 @@ def evaluate_checkpoint(
         plan,
         weights_sha256=checkpoint_sha256(source, plan.sampling["checkpoint"]["weights"], cfg),
         vae_sha256=vae_sha256,
+        uint8_conversion=uint8_conversion,
         precision=precision,
         labels=all_labels,
         result=payload,

@@ -76,8 +76,6 @@ PROTOCOL_FIELDS = (
 INFO_FIELDS = ("versions.repa", "versions.torch", "versions.torch_fidelity")
 ALL_FIELDS = SUBJECT_FIELDS + PROTOCOL_FIELDS + INFO_FIELDS
 
-UINT8_CONVERSION = "clamp(255 * (x + 1) / 2, 0, 255), truncated (reference generate.py)"
-
 
 def extractor_record(extractor: Any) -> dict[str, Any]:
     """``{name, weights_sha256, resize}`` of one feature network, as the extractor itself says
@@ -181,6 +179,7 @@ def build_provenance(
     *,
     weights_sha256: str | None,
     vae_sha256: str | None,
+    uint8_conversion: str,  # the decoder's (repa.vae.VAE.uint8_conversion)
     precision: str,
     labels: Any,  # (N,) int class labels of the samples scored
     result: dict[str, Any],
@@ -206,7 +205,7 @@ def build_provenance(
         "tf32": bool(cfg.train.allow_tf32),
         "vae.name": plan.sampling["vae"]["name"],
         "vae.weights_sha256": vae_sha256,
-        "uint8_conversion": UINT8_CONVERSION,
+        "uint8_conversion": uint8_conversion,
         "samples.count": result["num_samples"],
         "samples.seed": spec.seed,
         "samples.index_range": [0, spec.num_samples],

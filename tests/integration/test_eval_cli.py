@@ -205,6 +205,11 @@ def test_inception_fid_and_is_end_to_end_with_random_weights(tmp_path):
     provenance = result["provenance"]
     assert set(provenance) == set(ALL_FIELDS)
     assert provenance["sampler.nfe"] == 4 and provenance["samples.count"] == 10  # SDE: 4 steps, 4 calls
+    # the conversion the decoder used: the toy run's identity decoder rounds (SD-VAE truncates)
+    assert (
+        provenance["uint8_conversion"]
+        == "clamp(255 * (x + 1) / 2, 0, 255), rounded (identity decoder: exact round trip)"
+    )
     assert provenance["reference.sha256"] == result["reference_sha256"]
     assert provenance["checkpoint.weights_sha256"] and provenance["labels.distribution"]["num_classes"] > 0
     assert provenance["extractors"] == [

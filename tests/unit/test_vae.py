@@ -121,6 +121,8 @@ def test_sd_vae_decode_to_uint8_unscales_then_truncates(tiny_vae, monkeypatch):
     out = tiny_vae.decode_to_uint8(z, latents_scale=0.25, latents_bias=0.1)
     torch.testing.assert_close(seen["z"], (z - 0.1) / 0.25)
     assert out.dtype == torch.uint8 and out.unique().tolist() == [254]
+    # what evaluations record as their uint8 conversion is what this decoder did
+    assert tiny_vae.uint8_conversion == "clamp(255 * (x + 1) / 2, 0, 255), truncated (reference generate.py)"
 
 
 # ---------------------------------------------------------------- SD-VAE (diffusers) with a tiny config
