@@ -30,6 +30,7 @@ from repa.eval.sample import run_sampler
 from repa.eval.sample_set import SampleSpec
 
 __all__ = [
+    "DERIVED_FIELDS",
     "DINOV2_FIELDS",
     "INFO_FIELDS",
     "PROTOCOL_FIELDS",
@@ -74,6 +75,19 @@ PROTOCOL_FIELDS = (
     *DINOV2_FIELDS,
 )
 INFO_FIELDS = ("versions.repa", "versions.torch", "versions.torch_fidelity")
+DERIVED_FIELDS: dict[str, tuple[str, ...]] = {
+    "sampler.nfe": ("sampler.name", "sampler.num_steps"),
+    "samples.index_range": ("samples.count",),
+    "labels.distribution": ("samples.seed", "samples.count"),
+    "vae.weights_sha256": ("vae.name",),
+    "reference.sha256": ("reference.url",),
+    "reference.count": ("reference.url", "reference.sha256"),
+    "dinov2.reference.sha256": ("dinov2.reference.url",),
+    "dinov2.reference.count": ("dinov2.reference.url", "dinov2.reference.sha256"),
+}
+"""Fields that follow from others: when one of its causes differs too, a derived field is shown as a
+consequence (``sampler.nfe`` of another ``sampler.name``), not named as a cause of its own; alone, it
+is a cause (the same sampler and steps at another NFE is a real difference)."""
 ALL_FIELDS = SUBJECT_FIELDS + PROTOCOL_FIELDS + INFO_FIELDS
 
 
@@ -111,7 +125,8 @@ def _canonical(value: Any) -> Any:
 
 
 class Comparison:
-    """Provenance differences between results: ``protocol`` (not comparable), ``subject``, ``info``.
+    """Provenance differences between results: ``protocol`` (not comparable: the causes), ``consequences``
+    (derived fields that differ because a cause does, :data:`DERIVED_FIELDS`), ``subject``, ``info``.
 
     ``dinov2_only_in``: indices of the results with FD-DINOv2 when only some have it; its ``dinov2.*``
     fields are then not compared (FD-DINOv2 is not compared; the other scores still are).
@@ -129,7 +144,13 @@ class Comparison:
             for k in ALL_FIELDS
             if k not in skipped and len({json.dumps(r[k], sort_keys=True) for r in rows}) > 1
         ]
-        self.protocol = [k for k in differing if k in PROTOCOL_FIELDS]
+        protocol = [k for k in differing if k in PROTOCOL_FIELDS]
+        self.consequences = {
+            k: [c for c in DERIVED_FIELDS[k] if c in protocol]
+            for k in protocol
+            if any(c in protocol for c in DERIVED_FIELDS.get(k, ()))
+        }
+        self.protocol = [k for k in protocol if k not in self.consequences]
         self.subject = [k for k in differing if k in SUBJECT_FIELDS]
         self.info = [k for k in differing if k in INFO_FIELDS]
         self.without = [i for i, p in enumerate(self.payloads) if not p.get("provenance")]

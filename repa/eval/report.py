@@ -251,6 +251,9 @@ def format_comparison(names: Sequence[str], comparison: Any) -> str:
         for key in keys:
             values = " | ".join(str(r[key]) for r in comparison.rows)
             lines.append(f"  {title}: {key}: {values}")
+    for key, causes in comparison.consequences.items():
+        values = " | ".join(str(r[key]) for r in comparison.rows)
+        lines.append(f"  differs (follows from {', '.join(causes)}): {key}: {values}")
     if comparison.dinov2_only_in:
         only = ", ".join(names[i] for i in comparison.dinov2_only_in)
         lines.append(f"  FD-DINOv2 only in {only}: not compared (the other scores are)")

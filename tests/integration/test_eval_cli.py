@@ -428,3 +428,53 @@ def test_refused_before_any_sample_is_drawn(tmp_path, feats, capsys, reference, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and named in err[0], err
     assert not Path(run_url, "samples").exists()
+
+
+def test_compare_of_real_evaluations_names_exactly_the_setting_changed(tmp_path, feats, capsys):
+    """Issue 22: change one setting of a real (tiny) evaluation at a time; `repa eval compare` against
+    the base result exits 1 naming exactly that setting (what follows from it, e.g. the NFE of another
+    sampler, is shown as a consequence, not as a cause); the same settings again compare equal."""
+    import shutil
+
+    ref_url = str(tmp_path / "ref.npz")
+    extractor = __import__("repa_test_feats").build()
+    save_reference_stats(ref_url, compute_reference_stats(random_images(20, 16), extractor))
+    run_url = str(tmp_path / "run")
+    cfg_path = write_config(tmp_path / "cfg.yaml", tiny_config(run_url, ref_url))
+    commit_checkpoint(RunConfig.from_dict(tiny_config(run_url, ref_url)), 100)
+
+    def evaluate(name: str, *sets: str) -> str:
+        overrides = [a for s in sets for a in ("--set", s)]
+        argv = ("eval", "--config", cfg_path, "--feature-extractor", FEATS, "--no-progress", "--force")
+        assert cli(*argv, *overrides) == 0, capsys.readouterr().err
+        result = capsys.readouterr().out.strip().rsplit(" -> ", 1)[1]
+        kept = str(tmp_path / f"{name}.json")
+        shutil.copy(result, kept)
+        return kept
+
+    base = evaluate("base")
+    assert cli("eval", "compare", base, evaluate("again")) == 0
+    capsys.readouterr()
+    changes = {
+        "samples.seed": ["sample.seed=1"],
+        "sampler.name": ["sample.sampler=ode_heun"],
+        "sampler.num_steps": ["sample.num_steps=5"],
+        "checkpoint.weights": ["sample.checkpoint_weights=model"],
+        "guidance.scale": ["sample.cfg_scale=2.5"],
+        "precision": ["sample.precision=bf16"],
+        "samples.count": ["sample.num_samples=10"],
+    }
+    for field, sets in changes.items():
+        other = evaluate(field, *sets)
+        assert cli("eval", "compare", base, other) == 1, field
+        out = capsys.readouterr().out.strip().splitlines()
+        assert out[-1] == f"NOT comparable: {field} differ", (field, out)
+        if field == "sampler.name":  # Heun: two model calls per step, shown as what follows
+            assert any(
+                line.startswith("  differs (follows from sampler.name): sampler.nfe: 4 | ") for line in out
+            )
+    # the reference file re-made under the same URL (other images): its sha256 says so
+    save_reference_stats(ref_url, compute_reference_stats(random_images(20, 16, seed=7), extractor))
+    other = evaluate("reference")
+    assert cli("eval", "compare", base, other) == 1
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "NOT comparable: reference.sha256 differ"
