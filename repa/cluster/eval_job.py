@@ -37,8 +37,18 @@ __all__ = ["add_arguments", "eval_job", "refuse_unless_committed", "run"]
 _STEP = re.compile(r"/checkpoints/step-(\d{7,})/?$")
 
 
-def eval_job(cfg: RunConfig, template: dict[str, Any], checkpoint_url: str, namespace: str | None) -> dict:
-    """The Job manifest for ``checkpoint_url`` (a committed step folder of ``cfg.storage.run_url``)."""
+def eval_job(
+    cfg: RunConfig,
+    template: dict[str, Any],
+    checkpoint_url: str,
+    namespace: str | None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> dict:
+    """The Job manifest for ``checkpoint_url`` (a committed step folder of ``cfg.storage.run_url``).
+
+    ``overrides`` (``--set`` of this command, already in ``cfg``) go to the container's ``repa eval`` as
+    well: the Job's name carries the digest of ``cfg``, so its pod must run that very protocol, not the
+    ConfigMap's alone."""
     from repa.eval.evaluate import plan_evaluation  # torch: only once the inputs are known to be fine
 
     cfg.require("storage.run_url", purpose="`repa eval-job`")
@@ -54,7 +64,8 @@ def eval_job(cfg: RunConfig, template: dict[str, Any], checkpoint_url: str, name
     url = storage.join(ckpt.checkpoints_url(run_url), ckpt.step_dir_name(step))  # the watcher's spelling
     refuse_unless_committed(cfg.storage.locate(run_url), step)
     plan = plan_evaluation(cfg, ckpt.CheckpointSource(url, "run", step, run_url))
-    return jobs.JobLauncher(None, template, namespace=namespace).render(url, step, plan.digest)
+    args = [a for o in overrides for a in ("--set", o)]
+    return jobs.JobLauncher(None, template, namespace=namespace).render(url, step, plan.digest, args)
 
 
 def refuse_unless_committed(run: storage.Location, step: int) -> None:
@@ -106,6 +117,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--guidance-high", default="0.6,0.7,1.0", metavar="H1,H2,...", help="interval ends")
     sweep.add_argument("--sweep-pods", type=int, default=2, metavar="N", help="indices (pods) of the Job")
     sweep.add_argument(
+        "--num-samples",
+        type=int,
+        metavar="N",
+        help="samples per cell (sets sample.num_samples, in the Job's name and in its pods' command)",
+    )
+    sweep.add_argument(
         "--sample-parts",
         type=int,
         default=1,
@@ -136,6 +153,9 @@ def _from_release(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any], 
 
 
 def run(args: argparse.Namespace) -> int:
+    args.overrides = list(args.overrides or [])
+    if args.num_samples is not None:
+        args.overrides.append(f"sample.num_samples={args.num_samples}")
     try:
         if args.release:
             cfg, template, namespace = _from_release(args)
@@ -144,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
             path = args.job_template or os.environ.get("REPA_EVAL_JOB_TEMPLATE", jobs.DEFAULT_TEMPLATE_PATH)
             template, namespace = jobs.load_job_template(path), args.namespace
         storage.configure(cfg.storage.policy())  # the verb starts here: its config's storage timeouts
-        body = eval_job(cfg, template, args.checkpoint, namespace)
+        body = eval_job(cfg, template, args.checkpoint, namespace, args.overrides)
         if args.sweep:  # the sweep's Indexed Job is rendered by repa.eval.sweep
             from repa.eval.sweep import render_sweep_job
 

@@ -229,6 +229,57 @@ def test_the_sweep_job_splits_sample_ranges_when_asked(tmp_path, reference, caps
     )
 
 
+def test_eval_job_sets_reach_the_pods_so_they_write_the_sweep_the_job_is_named_for(
+    tmp_path, reference, monkeypatch, capsys
+):
+    """`repa eval-job --sweep --num-samples 4 --set ...`: the Job's name and label carry the digest of
+    that protocol, and its pods run it (the overrides are in their command), so they write exactly the
+    sweep folder the label names."""
+    run_url, cfg_path, _ = setup_run(tmp_path, reference)
+    template = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "myrun-eval"},
+        "spec": {
+            "template": {"spec": {"containers": [{"name": "eval", "args": ["eval", "--config", cfg_path]}]}}
+        },
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(template))
+    step_url = f"{run_url}/checkpoints/step-0000100"
+    argv = [
+        "eval-job",
+        "--config",
+        cfg_path,
+        "--checkpoint",
+        step_url,
+        "--job-template",
+        str(tmp_path / "job.yaml"),
+    ]
+    capsys.readouterr()
+    assert (
+        cli(*argv, "--sweep", *GRID, "--sweep-pods", "2", "--num-samples", "4", "--set", "sample.seed=3") == 0
+    )
+    job = yaml.safe_load(capsys.readouterr().out)
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    args = [a.replace("$(REPA_CHECKPOINT_URL)", step_url) for a in container["args"]]
+    assert args[args.index("sample.seed=3") - 1 : args.index("sample.seed=3") + 1] == [
+        "--set",
+        "sample.seed=3",
+    ]
+    assert "sample.num_samples=4" in args
+    for index in ("0", "1"):
+        monkeypatch.setenv("JOB_COMPLETION_INDEX", index)
+        assert cli(*args, "--checkpoint", step_url, "--no-progress") == 0
+    (folder,) = Path(run_url, "eval", "step-0000100").glob("sweep-*")
+    assert folder.name == f"sweep-{job['metadata']['labels']['repa.io/sweep']}"
+    summary = json.loads((folder / "sweep.json").read_text())
+    assert summary["score"] == "FD_tiny-conv (4 samples)"
+    # the plain eval Job carries the overrides too
+    assert cli(*argv, "--set", "sample.num_steps=5") == 0
+    (container,) = yaml.safe_load(capsys.readouterr().out)["spec"]["template"]["spec"]["containers"]
+    assert container["args"][-2:] == ["--set", "sample.num_steps=5"]
+
+
 def test_sweep_flags_are_checked_in_one_line(tmp_path, reference, capsys):
     run_url, cfg_path, _ = setup_run(tmp_path, reference)
     assert cli("eval", "sweep", "--config", cfg_path, "--cfg-scale", "1.0,x", "--guidance-high", "0.7") == 2
