@@ -88,13 +88,19 @@ def test_eval_job_is_the_job_the_watcher_creates_with_the_chart_pod_spec(capsys,
         def create_namespaced_job(self, namespace: str, body: dict) -> None:
             created.append(body)
 
-    jobs.JobLauncher(Api(), jobs.load_job_template(str(template_path))).launch(url, 400000, plan.digest)
+    # eval-job's own --set (here the test's local run folder) reaches the pod, as the watcher's config
+    forwarded = ["--set", f"storage.run_url={run_url}"]
+    jobs.JobLauncher(Api(), jobs.load_job_template(str(template_path))).launch(
+        url, 400000, plan.digest, forwarded
+    )
     assert created == [job]
 
     def pod_spec(j: dict) -> dict:
         spec = copy.deepcopy(j["spec"]["template"]["spec"])
         for c in spec["containers"]:
             c["env"] = [e for e in c["env"] if not e["name"].startswith("REPA_CHECKPOINT_")]
+            if c["args"][-2:] == forwarded:
+                c["args"] = c["args"][:-2]
         return spec
 
     assert pod_spec(job) == pod_spec(chart_template)
