@@ -616,6 +616,10 @@ class EvalConfig(_Section):
     keep_samples: bool = True
     """Keep the samples once the result is written (false = ``--delete-samples``; a 50K set of 256 px
     images is ~10 GB)."""
+    tensorboard_run: str = "eval"
+    """TensorBoard run (folder under ``{run_url}/tensorboard``) of the evaluations' scalars, grids and
+    HParams. The watcher's guidance sweep scores its best cells into ``<this>_best_guidance``, so one
+    curve never mixes guidance settings."""
     sweep_every_nth: int = setting(0, ge=0)
     """``repa watch``: every Nth checkpoint (by checkpoint index) first gets a guidance sweep
     (``repa eval sweep``, sweep_num_samples per cell), then its best cell (lowest Fréchet distance) is
@@ -640,6 +644,11 @@ class EvalConfig(_Section):
             )
         if len(set(self.metrics)) != len(self.metrics):
             raise ConfigError("eval.metrics", f"duplicate entries in {self.metrics}")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.tensorboard_run):
+            raise ConfigError(
+                "eval.tensorboard_run",
+                f"{self.tensorboard_run!r}: expected a folder name (letters, digits, _ . -)",
+            )
         for key in ("sweep_cfg_scales", "sweep_guidance_highs"):
             values = getattr(self, key)
             if not values or len(set(values)) != len(values):

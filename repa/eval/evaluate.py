@@ -10,7 +10,7 @@ is loaded:
 
     {run_url}/samples/step-NNNNNNN-<sampling digest>/    the samples (as `repa sample` writes them)
     {run_url}/eval/step-NNNNNNN/result-<eval digest>.json the numbers, the protocol and the provenance
-    {run_url}/tensorboard/eval/                          eval/fid, eval/best_fid, eval/sfid, eval/is,
+    {run_url}/tensorboard/eval/ (eval.tensorboard_run)   eval/fid, eval/best_fid, eval/sfid, eval/is,
                                                          eval/precision, eval/recall, eval/fd_dinov2,
                                                          eval/samples, eval/result (text)
 
@@ -453,6 +453,7 @@ def evaluate_checkpoint(
             text=result_text(payload),
             cfg=cfg,
             provenance=payload["provenance"],
+            tensorboard_run=cfg.eval.tensorboard_run,
         )
     write_result_json(plan.result, result, protocol, extra=extra)
     log.info("%s step %s: %s -> %s", source.url, source.step, score_line(payload), plan.result_url)

@@ -211,17 +211,19 @@ def write_tensorboard(
     text: str | None = None,
     cfg: Any = None,
     provenance: dict[str, Any] | None = None,
+    tensorboard_run: str = EVAL_LOG_SUBDIR,
 ) -> storage.Location:
-    """One event file in ``{run}/tensorboard/eval`` holding ``scalars`` (and the sample ``grid`` as
-    ``eval/samples``, ``text`` as ``eval/result``) at ``step``, flushed once. ``best_of``: a
-    lower-is-better tag (``eval/fid``) whose minimum over the run's evaluations so far is also written,
-    as ``eval/best_fid``; ``cfg``: the HParams session (its key values -> these scores, see
-    ``repa.tensorboard.run_hparams``), which also shows the ``provenance`` record's protocol fields as
-    ``provenance/<field>`` (``repa.tensorboard.provenance_hparams``; all fields: ``text``)."""
+    """One event file in ``{run}/tensorboard/<tensorboard_run>`` (``eval.tensorboard_run``) holding
+    ``scalars`` (and the sample ``grid`` as ``eval/samples``, ``text`` as ``eval/result``) at ``step``,
+    flushed once. ``best_of``: a lower-is-better tag (``eval/fid``) whose minimum over the run's
+    evaluations so far is also written, as ``eval/best_fid``; ``cfg``: the HParams session (its key
+    values -> these scores, see ``repa.tensorboard.run_hparams``), which also shows the ``provenance``
+    record's protocol fields as ``provenance/<field>`` (``repa.tensorboard.provenance_hparams``; all
+    fields: ``text``)."""
     from repa.eval.provenance import PROTOCOL_FIELDS
     from repa.tensorboard import TensorBoardLogger, provenance_hparams, read_scalars
 
-    log_at = run.join("tensorboard", EVAL_LOG_SUBDIR)
+    log_at = run.join("tensorboard", tensorboard_run)
     scalars = {k: v for k, v in scalars.items() if v is not None}
     if best_of in scalars:
         earlier = [v for s, v in read_scalars(log_at).get(best_of, []) if s != step]

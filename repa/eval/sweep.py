@@ -88,7 +88,12 @@ class SweepGrid:
 
 
 def cell_config(
-    cfg: RunConfig, cfg_scale: float, guidance_high: float, *, tensorboard: bool | None = None
+    cfg: RunConfig,
+    cfg_scale: float,
+    guidance_high: float,
+    *,
+    tensorboard: bool | None = None,
+    tensorboard_run: str | None = None,
 ) -> RunConfig:
     """``cfg`` with the cell's guidance (validated like any config: a bad interval names the key).
 
@@ -100,6 +105,8 @@ def cell_config(
     tree["sample"].update(cfg_scale=cfg_scale, guidance_high=guidance_high)
     if tensorboard is not None:
         tree["log"]["tensorboard"] = tensorboard
+    if tensorboard_run is not None:
+        tree["eval"]["tensorboard_run"] = tensorboard_run
     return RunConfig.from_dict(tree)
 
 
@@ -303,10 +310,9 @@ def _tensorboard(cfg: RunConfig, source: ckpt.CheckpointSource, png: bytes, tabl
     import torch
     from PIL import Image
 
-    from repa.eval.report import EVAL_LOG_SUBDIR
     from repa.tensorboard import TensorBoardLogger
 
-    log_at = cfg.storage.locate(source.run_url).join("tensorboard", EVAL_LOG_SUBDIR)
+    log_at = cfg.storage.locate(source.run_url).join("tensorboard", cfg.eval.tensorboard_run)
     image = torch.from_numpy(np.array(Image.open(io.BytesIO(png)).convert("RGB"))).permute(2, 0, 1)
     tb = TensorBoardLogger(log_at)
     try:

@@ -346,7 +346,15 @@ class WatchSweep:
         if not storage.exists(at):
             return self.cfg
         best = json.loads(storage.read_bytes(at))["best"]["fid"]
-        return self.sweep.cell_config(self.cfg, best["cfg_scale"], best["guidance_high"])
+        return self.sweep.cell_config(
+            self.cfg, best["cfg_scale"], best["guidance_high"], tensorboard_run=self.best_cell_run
+        )
+
+    @property
+    def best_cell_run(self) -> str:
+        """The TensorBoard run of the best cells' scores: a curve of its own, never mixed with the
+        configured guidance's (``eval/fid`` of ``eval.tensorboard_run``)."""
+        return f"{self.cfg.eval.tensorboard_run}_best_guidance"
 
     def job(self, launcher: Any, source: ckpt.CheckpointSource, pods: int) -> dict[str, Any]:
         """The sweep's Indexed Job (``repa eval-job --sweep``'s manifest, repa.eval.sweep.sweep_job) over

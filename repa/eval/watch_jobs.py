@@ -267,6 +267,8 @@ class SweepJobs:
                 f"sample.cfg_scale={s.cfg_scale!r}",
                 "--set",
                 f"sample.guidance_high={s.guidance_high!r}",
+                "--set",
+                f"eval.tensorboard_run={chosen.eval.tensorboard_run}",
             )
         progress = self.tracker.process(source, E.plan_evaluation(chosen, source), args)
         if args and progress.action == "launched":

@@ -324,9 +324,12 @@ def test_the_watcher_sweeps_every_nth_checkpoint_then_scores_its_best_cell(tmp_p
     assert summary["score"] == "FD_tiny-conv (4 samples)" and len(summary["cells"]) == 2
     (best,) = full_results(200)  # the full protocol, once, at the sweep's best cell
     assert best["provenance"]["guidance.scale"] == summary["best"]["fid"]["cfg_scale"]
-    # TensorBoard: one point per checkpoint, each the full protocol's (the cells' scores are eval/sweep's)
+    # TensorBoard: one point per full-protocol evaluation (the cells' scores are eval/sweep's), and the
+    # best cell's in a run of its own: a curve never mixes guidance settings
     points = read_scalars(str(Path(run_url, "tensorboard", "eval")))["eval/fd_tiny-conv"]
-    assert points == [(100, pytest.approx(plain["fid"])), (200, pytest.approx(best["fid"]))]
+    assert points == [(100, pytest.approx(plain["fid"]))]
+    points = read_scalars(str(Path(run_url, "tensorboard", "eval_best_guidance")))["eval/fd_tiny-conv"]
+    assert points == [(200, pytest.approx(best["fid"]))]
 
     assert cli(*argv) == 0  # a restarted watcher finds both done (the sweep's best cell included)
     assert "0 checkpoint(s) handled []" in capsys.readouterr().out

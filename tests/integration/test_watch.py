@@ -548,9 +548,10 @@ def test_launch_jobs_sweeps_every_nth_checkpoint_in_one_indexed_job_then_scores_
     plan = plan_evaluation(WatchSweep(cfg).config_for(source), source)
     assert scored["metadata"]["name"] == jobs.job_name("my-release-eval", 200, plan.digest)
     assert "completionMode" not in scored["spec"]
-    assert scored["spec"]["template"]["spec"]["containers"][0]["args"][-4:] == [
+    assert scored["spec"]["template"]["spec"]["containers"][0]["args"][-6:] == [
         *("--set", f"sample.cfg_scale={best['cfg_scale']!r}"),
         *("--set", f"sample.guidance_high={best['guidance_high']!r}"),
+        *("--set", "eval.tensorboard_run=eval_best_guidance"),  # its own curve
     ]
     assert "at the sweep's best cell" in caplog.text
     run_pod(scored, monkeypatch)  # its pod writes the very result file the watcher waits for
