@@ -14,7 +14,8 @@ Why not hand torch-fidelity a Dataset and call ``calculate_metrics``: its datase
 whole (50K x 256^2 x 3 = 9.8 GB), each metric would re-run Inception, and ADM's precomputed
 reference ``mu``/``sigma`` have no loader there. Here one streaming pass gives features, logits and
 running statistics, and ranks can merge statistics. The tests check that the numbers equal
-torch-fidelity's ``calculate_metrics`` on the same images and weights (tests/unit/test_metrics.py).
+torch-fidelity's ``calculate_metrics`` on the same images and weights
+(tests/integration/test_metrics_parity.py).
 
 Any other network can stand in for Inception through the :class:`FeatureExtractor` protocol; the
 Fréchet distance is then reported as ``FD_<name>`` (e.g. a toy classifier's penultimate features).

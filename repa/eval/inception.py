@@ -20,7 +20,7 @@ Which module of torch-fidelity's port (``FeatureExtractorInceptionV3``, torchvis
 A forward hook on that module copies ``[:, :7]`` and flattens it in TF's (H, W, C) order, so the
 2023 dimensions are in ADM's order and ADM's ``mu_s``/``sigma_s`` apply as they are. The pass itself is
 torch-fidelity's, unchanged: Inception runs once per image for FID, sFID, IS and precision/recall.
-tests/unit/test_inception.py checks the module, the shapes and the order against the graph.
+tests/integration/test_inception_sfid.py checks the module, the shapes and the order against the graph.
 """
 
 from __future__ import annotations
