@@ -61,6 +61,7 @@ __all__ = [
     "extractor_device",
     "extractor_identity",
     "extractor_provenance",
+    "frechet_name",
     "is_published_inception",
     "iter_feature_batches",
     "iter_features",
@@ -86,6 +87,14 @@ def is_published_inception(name: str | None, weights_sha256: str | None) -> bool
     distance that compares only with itself, never with a paper's FID.
     """
     return name == INCEPTION_NAME and (weights_sha256 or "").startswith(INCEPTION_SHA256_PREFIX)
+
+
+def frechet_name(name: str | None, weights_sha256: str | None) -> str:
+    """What a Fréchet distance in ``name``'s feature space is called: ``FID`` (Inception, published
+    weights), ``FD`` (any other Inception file) or ``FD_<name>`` (another network)."""
+    if name == INCEPTION_NAME:
+        return "FID" if is_published_inception(name, weights_sha256) else "FD"
+    return f"FD_{name}"
 
 
 # ----------------------------------------------------------------------------------------------------------

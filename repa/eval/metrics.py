@@ -31,7 +31,7 @@ from repa.eval.features import (
     extract_features,
     extract_features_many,
     extractor_device,
-    is_published_inception,
+    frechet_name,
 )
 from repa.eval.images import ImageSource
 from repa.eval.refstats import ReferenceStats
@@ -84,9 +84,7 @@ class EvalResult:
 
     @property
     def metric_name(self) -> str:
-        if is_published_inception(self.feature_extractor, self.feature_extractor_sha256):
-            return "FID"
-        return "FD" if self.feature_extractor == INCEPTION_NAME else f"FD_{self.feature_extractor}"
+        return frechet_name(self.feature_extractor, self.feature_extractor_sha256)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

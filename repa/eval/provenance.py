@@ -100,17 +100,19 @@ def extractor_record(extractor: Any) -> dict[str, Any]:
     return {**record, "resize": record["resize"] or "the extractor's own (not recorded)"}
 
 
-def label_distribution(labels: Sequence[int], num_classes: int) -> dict[str, Any]:
-    """Summary of the class labels of a sample set: how many classes appear and the count range."""
-    counts = [0] * num_classes
-    for y in labels:
-        counts[int(y)] += 1
-    present = [c for c in counts if c]
+def label_distribution(labels: Any, num_classes: int, class_balanced: bool) -> dict[str, Any]:
+    """Summary of the class labels of a sample set: how many classes appear and the count range (from
+    ``repa.eval.stats.class_balance``, the one place labels are counted; labels out of range count in
+    none of the classes)."""
+    from repa.eval.stats import class_balance
+
+    balance = class_balance(labels, num_classes) if num_classes > 0 and len(labels) else {}
     return {
+        "class_balanced": class_balanced,
         "num_classes": num_classes,
-        "classes_present": len(present),
-        "min_per_class": min(counts) if counts else 0,
-        "max_per_class": max(counts) if counts else 0,
+        "classes_present": balance.get("classes_present", 0),
+        "min_per_class": balance.get("min_count", 0),
+        "max_per_class": balance.get("max_count", 0),
     }
 
 
@@ -230,10 +232,7 @@ def build_provenance(
         "samples.count": result["num_samples"],
         "samples.seed": spec.seed,
         "samples.index_range": [0, spec.num_samples],
-        "labels.distribution": {
-            "class_balanced": spec.class_balanced,
-            **label_distribution(labels.tolist(), spec.num_classes),
-        },
+        "labels.distribution": label_distribution(labels, spec.num_classes, spec.class_balanced),
         "reference.url": cfg.eval.reference_stats_url,
         "reference.sha256": result.get("reference_sha256"),
         "reference.count": result.get("num_reference_samples"),

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from repa import storage
-from repa.eval.features import INCEPTION_NAME, is_published_inception
+from repa.eval.features import INCEPTION_NAME, frechet_name, is_published_inception
 from repa.tensorboard import EVAL_RUN
 
 __all__ = [
@@ -57,10 +57,7 @@ def _published(payload: dict[str, Any]) -> bool:
 
 def score_name(payload: dict[str, Any]) -> str:
     """``FID`` (published Inception), ``FD`` (any other Inception file) or ``FD_<name>`` (another network)."""
-    extractor = payload.get("feature_extractor")
-    if extractor == INCEPTION_NAME:
-        return "FID" if _published(payload) else "FD"
-    return f"FD_{extractor}"
+    return frechet_name(payload.get("feature_extractor"), payload.get("feature_extractor_sha256"))
 
 
 def score_label(payload: dict[str, Any]) -> str:
