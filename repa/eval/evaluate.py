@@ -432,6 +432,7 @@ def evaluate_checkpoint(
         vae_sha256=vae_sha256,
         uint8_conversion=uint8_conversion,
         precision=precision,
+        tf32=bool(cfg.train.allow_tf32) and info.device.type == "cuda",
         labels=all_labels,
         result=payload,
         extractors=[jobs[0].extractor],

@@ -468,6 +468,12 @@ def build_extractor(cfg: RunConfig, device: torch.device | str = "cpu") -> Any:
     """
     factory = cfg.eval.feature_extractor
     if not factory:
+        if not cfg.eval.inception_weights_url:
+            raise MetricsError(
+                "eval.inception_weights_url is null: FID/IS need torch-fidelity's TF-ported InceptionV3 "
+                f"({INCEPTION_WEIGHTS_FILENAME}) and repa never downloads it; `repa weights fetch DEST "
+                "--only inception` stages it and prints the --set line (or set eval.feature_extractor)"
+            )
         return build_inception(cfg.storage.locate(cfg.eval.inception_weights_url), device=device)
     module_name, _, attr = factory.partition(":")
     if not module_name or not attr:

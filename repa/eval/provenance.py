@@ -204,6 +204,7 @@ def build_provenance(
     vae_sha256: str | None,
     uint8_conversion: str,  # the decoder's (repa.vae.VAE.uint8_conversion)
     precision: str,
+    tf32: bool,  # TF32 matmuls in effect (allowed and on a CUDA device)
     labels: Any,  # (N,) int class labels of the samples scored
     result: dict[str, Any],
     extractors: list[Any],
@@ -225,7 +226,7 @@ def build_provenance(
         "guidance.scale": spec.cfg_scale,
         "guidance.interval": [spec.guidance_low, spec.guidance_high],
         "precision": precision,
-        "tf32": bool(cfg.train.allow_tf32),
+        "tf32": tf32,
         "vae.name": plan.sampling["vae"]["name"],
         "vae.weights_sha256": vae_sha256,
         "uint8_conversion": uint8_conversion,

@@ -376,7 +376,14 @@ def compute_dataset_reference_stats(
     max_images: int | None = None,
     seed: int = 0,
 ) -> str:
-    """Statistics of ``extractor`` over a prepared dataset, saved to ``out``; returns its sha256."""
+    """Statistics of ``extractor`` over a prepared dataset, saved to ``out``; returns its sha256.
+
+    Degenerate statistics (non-finite, constant or collapsed features: ``repa.eval.stats.check_gaussian``)
+    are refused before anything is written, not when a later evaluation would read them."""
+    from repa.eval.stats import check_gaussian
+
+    if max_images is not None and max_images < 1:
+        raise ReferenceStatsError(f"--max-images {max_images}: expected at least 1 image")
     ref = compute_reference_stats(
         iter_dataset_images(data, batch_size, max_images),
         extractor,
@@ -385,6 +392,8 @@ def compute_dataset_reference_stats(
         keep_images=keep_images,
         seed=seed,
     )
+    where = data.url if isinstance(data, storage.Location) else data
+    check_gaussian(ref.stats, f"reference images of {where}")
     digest = save_reference_stats(out, ref)
     logger.info(
         "reference statistics of %d images of %s -> %s (sha256 %s)", ref.num_images, data, out, digest

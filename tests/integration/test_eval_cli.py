@@ -478,3 +478,35 @@ def test_compare_of_real_evaluations_names_exactly_the_setting_changed(tmp_path,
     other = evaluate("reference")
     assert cli("eval", "compare", base, other) == 1
     assert capsys.readouterr().out.strip().splitlines()[-1] == "NOT comparable: reference.sha256 differ"
+
+
+def test_ref_stats_refuses_constant_images_and_no_images_writing_nothing(tmp_path, feats, capsys):
+    data_url = write_dataset(tmp_path / "data", np.full((12, 16, 16, 3), 128, np.uint8))
+    out = tmp_path / "ref.npz"
+    cfg_path = write_config(tmp_path / "cfg.yaml", tiny_config(str(tmp_path / "run")))
+    base = ("eval", "ref-stats", "--config", cfg_path, "--data-url", data_url, "--out", str(out))
+    assert cli(*base, "--feature-extractor", FEATS) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "features are constant over all 12 samples" in err[0] and data_url in err[0]
+    assert cli(*base, "--feature-extractor", FEATS, "--max-images", "0") == 2
+    assert "--max-images 0: expected at least 1 image" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_no_inception_weights_names_the_key_before_sampling(tmp_path, capsys):
+    """A toy run (no published networks) may evaluate without Inception weights configured; then the
+    evaluation stops before sampling naming eval.inception_weights_url and the command that fills it."""
+    from repa.eval.refstats import ReferenceStats
+
+    x = np.random.default_rng(0).normal(size=(40, 2048))
+    ref_url = str(tmp_path / "ref.npz")
+    save_reference_stats(ref_url, ReferenceStats(mu=x.mean(0), sigma=np.cov(x, rowvar=False)))
+    run_url = str(tmp_path / "run")
+    tree = tiny_config(run_url, ref_url)
+    tree["eval"]["metrics"] = ["fid"]
+    cfg_path = write_config(tmp_path / "cfg.yaml", tree)
+    commit_checkpoint(RunConfig.from_dict(tree), 100)
+    assert cli("eval", "--config", cfg_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "eval.inception_weights_url is null" in err[0] and "--only inception" in err[0]
+    assert not Path(run_url, "samples").exists()
