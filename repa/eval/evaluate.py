@@ -166,21 +166,6 @@ class EvalOutcome:
     skipped: bool = False  # True when the result already existed
 
 
-def _check_reference(ref: Any, url: str, image_size: int, metrics: list[str]) -> None:
-    if ref.image_size is not None and tuple(ref.image_size) != (image_size, image_size):
-        raise EvalError(
-            f"generated images will be {image_size}x{image_size} but the reference statistics {url} are for "
-            f"{ref.image_size[0]}x{ref.image_size[1]} images; use reference statistics of data.resolution="
-            f"{image_size} (`repa eval ref-stats`) or sample at the reference resolution"
-        )
-    if "precision_recall" in metrics and ref.features is None and ref.images is None:
-        raise EvalError(
-            f"eval.metrics has precision_recall but the reference statistics {url} hold neither images "
-            "(arr_0) nor features; drop precision_recall from eval.metrics or recompute the statistics "
-            "with --keep-features"
-        )
-
-
 def _reference_and_extractor(
     cfg: RunConfig, device: torch.device, cache: dict[Any, Any] | None
 ) -> tuple[Any, Any]:
@@ -198,17 +183,9 @@ def _reference_and_extractor(
         cache[ref_key] = load_reference_stats(
             cfg.storage.locate(cfg.eval.reference_stats_url), load_images=with_pr
         )
-    reference = cache[ref_key]
-    name = getattr(extractor, "name", type(extractor).__name__)
-    if with_pr and reference.features is None and reference.images is not None:
-        # Extract the reference images' features once (ADM files carry images, not features); the
-        # metrics then use them for every later checkpoint. ADM's statistics are Inception's.
-        from repa.eval.features import extract_features
-
-        if reference.feature_extractor in (None, name):
-            reference.features = extract_features(extractor, reference.images).features.numpy()
-            reference.feature_extractor = name
-    return reference, extractor
+    # ADM's files carry reference images, not features: repa.eval.metrics extracts them once per network
+    # into the (cached) ReferenceStats, so every later checkpoint reuses them.
+    return cache[ref_key], extractor
 
 
 def _dinov2_reference_and_network(
@@ -242,7 +219,6 @@ def _metric_jobs(cfg: RunConfig, device: torch.device, cache: dict[Any, Any] | N
     cache = {} if cache is None else cache
     metrics = cfg.eval.metrics
     reference, extractor = _reference_and_extractor(cfg, device, cache)
-    _check_reference(reference, cfg.eval.reference_stats_url, cfg.data.resolution, metrics)
     with_logits = "is" in metrics and hasattr(extractor, "features_and_logits")
     if "is" in metrics and not with_logits:
         log.warning("feature extractor %r has no logits: no Inception Score", getattr(extractor, "name", "?"))
@@ -256,7 +232,6 @@ def _metric_jobs(cfg: RunConfig, device: torch.device, cache: dict[Any, Any] | N
     ]
     if "fd_dinov2" in metrics:
         dinov2_reference, dinov2 = _dinov2_reference_and_network(cfg, device, cache)
-        _check_reference(dinov2_reference, cfg.eval.dinov2_reference_stats_url, cfg.data.resolution, [])
         jobs.append(MetricJob(dinov2, dinov2_reference))
     check_metric_jobs(jobs, cfg.sample.num_samples, (cfg.data.resolution, cfg.data.resolution))
     return jobs

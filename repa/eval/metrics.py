@@ -287,10 +287,17 @@ def check_metric_jobs(jobs: list[MetricJob], num_samples: int, image_size: tuple
     without logits asked for IS, a reference of another network or feature count, precision/recall
     without reference features or images, ``num_samples`` too few for a requested metric."""
     for job in jobs:
-        if job.reference.mu_s is None and hasattr(job.extractor, "features_logits_spatial"):
-            logger.info("no sFID: %s hold no mu_s/sigma_s", _describe(job.reference))
-        _plan_pass(job)
         reference, name = job.reference, getattr(job.extractor, "name", type(job.extractor).__name__)
+        if reference.image_size is not None and tuple(reference.image_size) != tuple(image_size):
+            (h, w), (rh, rw) = image_size, reference.image_size
+            raise MetricsError(
+                f"generated images will be {h}x{w} but {_describe(reference)} are for {rh}x{rw} images; "
+                "use reference statistics of that resolution (`repa eval ref-stats`) or sample at the "
+                "reference resolution"
+            )
+        if reference.mu_s is None and hasattr(job.extractor, "features_logits_spatial"):
+            logger.info("no sFID: %s hold no mu_s/sigma_s", _describe(reference))
+        _plan_pass(job)
         dim = feature_dim(job.extractor, reference.image_size or image_size)
         if dim is not None and dim != reference.stats.dim:
             raise MetricsError(

@@ -217,7 +217,12 @@ def test_result_json_is_written_atomically_with_protocol(tmp_path, our_result):
 
 def test_image_size_mismatch_with_reference_images_fails_before_any_feature(toy):
     ref_images = smooth_images(8, seed=7, size=32)
-    ref = ReferenceStats(mu=np.zeros(8), sigma=np.eye(8), images=ref_images.permute(0, 2, 3, 1).numpy())
+    ref = ReferenceStats(
+        mu=np.zeros(8),
+        sigma=np.eye(8),
+        feature_extractor="toy",
+        images=ref_images.permute(0, 2, 3, 1).numpy(),
+    )
     toy.calls = 0
     expected = r"image size \(16, 16\) does not match the image size of reference statistics \(32, 32\)"
     with pytest.raises(MetricsError, match=expected):
@@ -227,7 +232,12 @@ def test_image_size_mismatch_with_reference_images_fails_before_any_feature(toy)
 
 def test_reference_image_features_are_extracted_once_per_extractor(toy):
     ref_images = smooth_images(8, seed=10, size=16)
-    ref = ReferenceStats(mu=np.zeros(8), sigma=np.eye(8), images=ref_images.permute(0, 2, 3, 1).numpy())
+    ref = ReferenceStats(
+        mu=np.zeros(8),
+        sigma=np.eye(8),
+        feature_extractor="toy",
+        images=ref_images.permute(0, 2, 3, 1).numpy(),
+    )
     toy.calls = 0
     first = score_images(
         smooth_images(8, seed=11, size=16), ref, toy, inception_score_splits=None, batch_size=8
@@ -246,14 +256,21 @@ def test_reference_from_another_extractor_or_without_pr_data_is_rejected(toy):
         MetricsError, match="computed with feature extractor 'inception-v3-compat', not 'toy'"
     ):
         score_images(images, other, toy)
-    stats_only = ReferenceStats(mu=np.zeros(8), sigma=np.eye(8), source="s3://b/stats-only.npz")
+    unnamed = ReferenceStats(mu=np.zeros(8), sigma=np.eye(8), source="s3://b/adm.npz")  # ADM's: Inception's
+    with pytest.raises(
+        MetricsError, match=r"'s3://b/adm\.npz' record no feature extractor .* with 'toy' features"
+    ):
+        score_images(images, unnamed, toy, inception_score_splits=None, precision_recall_k=None)
+    stats_only = ReferenceStats(
+        mu=np.zeros(8), sigma=np.eye(8), feature_extractor="toy", source="s3://b/stats-only.npz"
+    )
     toy.calls = 0
     with pytest.raises(MetricsError, match=r"'s3://b/stats-only\.npz' have neither"):
         score_images(images, stats_only, toy, inception_score_splits=None)
     assert toy.calls == 0  # refused before the pass over the samples
     result = score_images(images, stats_only, toy, inception_score_splits=None, precision_recall_k=None)
     assert result.precision is None and result.inception_score_mean is None
-    wrong_dim = ReferenceStats(mu=np.zeros(5), sigma=np.eye(5))
+    wrong_dim = ReferenceStats(mu=np.zeros(5), sigma=np.eye(5), feature_extractor="toy")
     with pytest.raises(MetricsError, match="have 5 features, toy gives 8"):
         score_images(images, wrong_dim, toy, inception_score_splits=None, precision_recall_k=None)
     with pytest.raises(MetricsError, match="'flat' has no classifier logits"):
