@@ -8,10 +8,12 @@ process; an index killed mid-cell loses nothing (its finished chunks are reused 
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -96,6 +98,16 @@ def test_a_2x2_sweep_writes_table_heatmap_and_best_cell_on_common_random_numbers
     assert len({(s.cfg_scale, s.guidance_high) for s in specs}) == 4
     inputs = [S.sample_inputs(s, range(8), (4, 2, 2)) for s in specs]
     assert all(torch.equal(i.z, inputs[0].z) and torch.equal(i.noise, inputs[0].noise) for i in inputs)
+    # ... and from the stored samples: at w = 1 no step is guided, so with the same noises the two w = 1
+    # cells made the very same images whatever their interval; at w = 1.8 the interval matters
+    images = [
+        np.concatenate(list(S.SampleSet.open(r["protocol"]["samples_url"]).iter_images())) for r in results
+    ]
+    assert np.array_equal(images[0], images[1]) and not np.array_equal(images[2], images[3])
+    from PIL import Image
+
+    heatmap = Image.open(io.BytesIO(files["heatmap.png"]))
+    assert heatmap.size[0] > 100 and len(heatmap.convert("RGB").getcolors(1 << 20)) > 2  # a drawn figure
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
