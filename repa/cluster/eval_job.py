@@ -153,6 +153,8 @@ def _from_release(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any], 
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.sample_parts != 1 and not args.sweep:
+        raise ConfigError("--sample-parts", "splits a guidance sweep's cells: only with --sweep")
     args.overrides = list(args.overrides or [])
     if args.num_samples is not None:
         args.overrides.append(f"sample.num_samples={args.num_samples}")

@@ -198,11 +198,13 @@ def storage_view(cfg: RunConfig) -> list[str]:
                 continue  # a guidance sweep's sweep-<digest>/ folder, or anything else
             data = json.loads(storage.read_bytes(storage.join(evals, step_dir, leaf)))
             if leaf.startswith("result-") and "fid" in data:
-                fids.append(f"step {step}: {data['fid']:.2f}")
+                if (data.get("protocol") or {}).get("sweep_cell"):
+                    continue  # a guidance sweep's small-sample cell: its heat map, not the run's score
+                fids.append(f"step {step}: {data.get('score_label', 'FID')} {data['fid']:.2f}")
             elif leaf.startswith("job-") and data.get("state") in ("failed", "checkpoint-deleted"):
                 what = "failed" if data["state"] == "failed" else "checkpoint deleted before it ran"
                 failed.append(f"step {step} {data['job']} ({what}, {data.get('attempts', 1)} attempt(s))")
-    lines.append(f"  FID: {', '.join(fids[-5:]) if fids else 'no results yet'}")
+    lines.append(f"  scores: {', '.join(fids[-5:]) if fids else 'no results yet'}")
     if failed:
         lines.append(f"  eval Jobs not done: {'; '.join(failed)}")
     return lines

@@ -174,8 +174,12 @@ def _result_problem(payload: Any) -> str | None:
             return f"{key} is {payload[key]!r}, not a number"
     if payload.get("provenance") is not None and not isinstance(payload["provenance"], dict):
         return "provenance is not an object"
-    if payload.get("fd_dinov2") is not None and not isinstance(payload.get("dinov2"), dict):
-        return "fd_dinov2 without its dinov2 record"
+    if payload.get("fd_dinov2") is not None:
+        record = payload.get("dinov2")
+        if not isinstance(record, dict):
+            return "fd_dinov2 without its dinov2 record"
+        if not isinstance(record.get("label"), str) or not isinstance(record.get("standard"), bool):
+            return "its dinov2 record lacks a label (text) or standard (true/false)"
     return None
 
 

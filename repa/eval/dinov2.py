@@ -189,7 +189,10 @@ def build_dinov2(
     try:
         data = storage.read_bytes(location)  # read once: hashed and loaded from the same bytes
     except FileNotFoundError as e:
-        raise MetricsError(f"DINOv2 weights {location.url!r} not found") from e
+        raise MetricsError(
+            f"DINOv2 weights {location.url!r} not found (eval.dinov2_weights_url); stage them with "
+            f"`repa weights fetch DEST --only {DINOV2_ENCODER}` and point the key at the file it prints"
+        ) from e
     digest = hashlib.sha256(data).hexdigest()
     try:
         state = load_torch_bytes(data, location.url)

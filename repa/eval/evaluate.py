@@ -282,6 +282,7 @@ def evaluate_checkpoint(
     should_stop: Callable[[], bool] | None = None,
     cache: dict[Any, Any] | None = None,
     share: tuple[int, int] | None = None,
+    sweep_cell: bool = False,
 ) -> EvalOutcome | None:
     """Sample ``source`` and compute its metrics; every rank calls this, rank 0 returns the outcome.
 
@@ -289,6 +290,8 @@ def evaluate_checkpoint(
     feature network and the reference's features between evaluations (ADM's reference batch is
     1.6 GB, and its 10,000 images would otherwise go through Inception for every checkpoint).
 
+    ``sweep_cell``: a guidance sweep's cell (recorded in the result's protocol, so listings such as
+    ``repa status`` tell its small-sample score from the checkpoint's evaluation).
     ``share=(part, parts)``: sample only that share of the chunks (``repa.eval.sample.generate_samples``;
     other processes make the rest) and score only when the set is then complete; else return None.
 
@@ -332,9 +335,14 @@ def evaluate_checkpoint(
         share=share,
     )
     sampling_seconds = time.perf_counter() - started
-    if share is not None and info.is_main and sample_set.missing_chunks():
-        log.info("%s: this share's chunks are done; the set is scored once the others' are", plan.samples_url)
-        return None
+    if share is not None and info.is_main:
+        if sample_set.missing_chunks():
+            log.info(
+                "%s: this share's chunks are done; the set is scored once the others' are", plan.samples_url
+            )
+            return None
+        if storage.exists(plan.result):  # another process of the sweep completed and scored it meanwhile
+            return EvalOutcome(plan.result_url, json.loads(storage.read_bytes(plan.result)), skipped=True)
     model_args, vae_sha256 = loaded.model_args, getattr(vae, "weights_sha256", None)
     uint8_conversion = vae.uint8_conversion
     del loaded, vae
@@ -356,9 +364,16 @@ def evaluate_checkpoint(
 
     started = time.perf_counter()
     labels: list[np.ndarray] = []
-    result, *others = evaluate_many(
-        _images_keeping_labels(sample_set, labels), jobs, batch_size=cfg.sample.batch_size_per_device
-    )
+    try:
+        result, *others = evaluate_many(
+            _images_keeping_labels(sample_set, labels), jobs, batch_size=cfg.sample.batch_size_per_device
+        )
+    except FileNotFoundError:
+        # Sample shares (a sweep's --sample-parts): two processes that finish a set's last chunks together
+        # both score it; if the other one's result is there, its work stands (same samples, same numbers).
+        if share is not None and storage.exists(plan.result):
+            return EvalOutcome(plan.result_url, json.loads(storage.read_bytes(plan.result)), skipped=True)
+        raise
     metrics_seconds = time.perf_counter() - started
     all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
     if model_args.get("num_classes"):  # class-conditional: are the labels the protocol's uniform draw?
@@ -392,6 +407,7 @@ def evaluate_checkpoint(
         "code": _code_version(),
         "timing_seconds": {"sampling": round(sampling_seconds, 3), "metrics": round(metrics_seconds, 3)},
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        **({"sweep_cell": True} if sweep_cell else {}),
     }
     payload = result.to_dict()
     extra: dict[str, Any] = {"score_label": score_label(payload)}
@@ -433,7 +449,7 @@ def evaluate_checkpoint(
         )
     write_result_json(plan.result, result, protocol, extra=extra)
     log.info("%s step %s: %s -> %s", source.url, source.step, score_line(payload), plan.result_url)
-    if not cfg.eval.keep_samples:
+    if not cfg.eval.keep_samples and share is None:  # shares: the sweep deletes once all cells are scored
         sample_set.delete()  # the samples only: a weights file's result lives in the same folder
     return EvalOutcome(plan.result_url, json.loads(storage.read_bytes(plan.result)))
 

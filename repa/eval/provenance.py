@@ -150,7 +150,7 @@ class Comparison:
         self.consequences = {
             k: [c for c in DERIVED_FIELDS[k] if c in protocol]
             for k in protocol
-            if any(c in protocol for c in DERIVED_FIELDS.get(k, ()))
+            if any(c in protocol for c in DERIVED_FIELDS.get(k, ())) and not _own_cause(k, rows)
         }
         self.protocol = [k for k in protocol if k not in self.consequences]
         self.subject = [k for k in differing if k in SUBJECT_FIELDS]
@@ -161,6 +161,19 @@ class Comparison:
     @property
     def comparable(self) -> bool:
         return not self.protocol and not self.without
+
+
+def _own_cause(field: str, rows: list[dict[str, Any]]) -> bool:
+    """True when ``field`` differs in a part no cause explains: ``labels.distribution``'s
+    ``class_balanced`` and ``num_classes`` are settings of their own, only its counts follow the seed."""
+    if field != "labels.distribution":
+        return False
+    settings = {
+        json.dumps({k: (json.loads(r[field]) or {}).get(k) for k in ("class_balanced", "num_classes")})
+        for r in rows
+        if isinstance(r[field], str)
+    }
+    return len(settings) > 1
 
 
 def compare_results(payloads: Sequence[dict[str, Any]]) -> Comparison:

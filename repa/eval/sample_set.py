@@ -254,8 +254,11 @@ class SampleSet:
         a weights file's samples also holds its evaluation results (``repa.eval.evaluate``)."""
         for name in ("chunks", NPZ_FILE, PROTOCOL_FILE):
             where = self.location.join(name)
-            if storage.exists(where):
-                storage.remove(where, recursive=name == "chunks")
+            try:
+                if storage.exists(where):
+                    storage.remove(where, recursive=name == "chunks")
+            except FileNotFoundError:  # another process deleted it first: the same end state
+                pass
 
     def read_chunk(self, chunk: int) -> dict[str, np.ndarray]:
         url = self.chunk_url(chunk)

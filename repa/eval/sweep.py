@@ -45,6 +45,7 @@ __all__ = [
     "parse_values",
     "render_sweep_job",
     "run_sweep",
+    "sweep_digest",
     "sweep_folder",
     "sweep_job",
 ]
@@ -116,13 +117,19 @@ def _plans(cfg: RunConfig, source: ckpt.CheckpointSource, grid: SweepGrid) -> li
     return [plan_evaluation(cell_config(cfg, w, h), source) for w, h in grid.cells]
 
 
-def sweep_folder(cfg: RunConfig, source: ckpt.CheckpointSource, grid: SweepGrid) -> storage.Location:
-    """``sweep-<digest>`` beside the checkpoint's results; the digest covers the grid and every cell's
-    evaluation protocol, so another grid or protocol never mixes into these files."""
+def sweep_digest(cfg: RunConfig, source: ckpt.CheckpointSource, grid: SweepGrid) -> str:
+    """The sweep's identity: the grid and every cell's evaluation protocol (12 hex digits)."""
     plans = _plans(cfg, source, grid)
-    digest = identity_digest({"grid": grid.to_dict(), "cells": [p.digest for p in plans]})
-    parent = plans[0].result.url.rpartition("/")[0]
-    return storage.Location(f"{parent}/sweep-{digest[:12]}", plans[0].result.options)
+    return identity_digest({"grid": grid.to_dict(), "cells": [p.digest for p in plans]})[:12]
+
+
+def sweep_folder(cfg: RunConfig, source: ckpt.CheckpointSource, grid: SweepGrid) -> storage.Location:
+    """``sweep-<digest>`` beside the checkpoint's results (:func:`sweep_digest`), so another grid or
+    protocol never mixes into these files."""
+    result = _plans(cfg, source, grid)[0].result
+    return storage.Location(
+        f"{result.url.rpartition('/')[0]}/sweep-{sweep_digest(cfg, source, grid)}", result.options
+    )
 
 
 def run_sweep(
@@ -156,6 +163,14 @@ def run_sweep(
     if sample_parts < 1:
         raise ConfigError("--sample-parts", f"{sample_parts}: expected at least 1")
     plans = _plans(cfg, source, grid)
+    chunks = plans[0].spec.num_chunks
+    if sample_parts > chunks:
+        raise ConfigError(
+            "--sample-parts",
+            f"{sample_parts} parts of a cell's {chunks} sample chunk(s) ({plans[0].spec.num_samples} "
+            f"samples, sample.chunk_size {plans[0].spec.chunk_size}): a part would have nothing to do; use "
+            f"at most {chunks}, or a smaller --chunk-size",
+        )
     cache: dict[Any, Any] = {}  # the reference statistics and the feature network, loaded once
     for u in range(index, len(grid.cells) * sample_parts, count):
         k, part = divmod(u, sample_parts)
@@ -171,6 +186,7 @@ def run_sweep(
             should_stop=should_stop,
             cache=cache,
             share=(part, sample_parts) if sample_parts > 1 else None,
+            sweep_cell=True,
         )
     if info is not None and not info.is_main:
         return None
@@ -182,6 +198,12 @@ def run_sweep(
     results = [json.loads(storage.read_bytes(p.result)) for p in plans]
     summary = summarize(grid, source, plans, results)
     write_summary(cfg, source, folder, summary)
+    if sample_parts > 1 and not cfg.eval.keep_samples:  # shared cells keep their samples until now
+        from repa.eval.sample_set import SampleSet
+
+        for plan in plans:
+            if storage.exists(plan.samples.join("protocol.json")):
+                SampleSet.open(plan.samples).delete()
     return summary
 
 
@@ -339,6 +361,8 @@ def sweep_job(
     """
     if count < 1:
         raise ConfigError("--sweep-pods", f"{count}: expected at least 1")
+    if sample_parts < 1:
+        raise ConfigError("--sample-parts", f"{sample_parts}: expected at least 1")
     job = copy.deepcopy(job)
     meta = job["metadata"]
     meta["name"] = f"{meta['name'][:40].rstrip('-')}-sweep-{digest[:10]}"
@@ -380,8 +404,7 @@ def render_sweep_job(
     step = int(meta["labels"]["repa.io/checkpoint-step"])
     url = meta["annotations"]["repa.io/checkpoint-url"]
     source = ckpt.CheckpointSource(url, "run", step, cfg.storage.run_url.rstrip("/"))
-    digest = sweep_folder(cfg, source, grid).url.rsplit("sweep-", 1)[1]
-    return sweep_job(job, grid, pods, digest, sample_parts)
+    return sweep_job(job, grid, pods, sweep_digest(cfg, source, grid), sample_parts)
 
 
 def index_from_environment(flag: int | None) -> int:

@@ -54,10 +54,12 @@ from repa.eval.args import (
     add_eval_arguments,
     add_sampling_arguments,
     cli_error,
+    flag_overrides,
     resolve_config,
 )
-from repa.eval.errors import EvalError
+from repa.eval.errors import EvalError, MetricsError
 from repa.eval.evaluate import EvalProtocol
+from repa.eval.stats import check_sample_count
 from repa.eval.watch_jobs import DEFAULT_JOB_RETRY_SECONDS, JobProgress, JobTracker, SweepJobs
 from repa.runtime import DistInfo, resolve_device
 
@@ -263,8 +265,10 @@ def make_watcher(
     stop: threading.Event | None = None,
     max_attempts: int = 3,
     job_retry_seconds: float = DEFAULT_JOB_RETRY_SECONDS,
+    job_args: tuple[str, ...] = (),
 ) -> Watcher:
-    """A Watcher that evaluates in this process, or launches Jobs through ``launcher`` (a JobLauncher)."""
+    """A Watcher that evaluates in this process, or launches Jobs through ``launcher`` (a JobLauncher);
+    ``job_args``: the watcher's ``--set`` lines, forwarded to every Job's ``repa eval``."""
     stop = stop or threading.Event()
     sweeps = WatchSweep(cfg) if cfg.eval.sweep_every_nth else None
 
@@ -297,7 +301,9 @@ def make_watcher(
             return storage.exists(plan_.result)
 
     else:
-        tracker = JobTracker(launcher, max_attempts=max_attempts, retry_seconds=job_retry_seconds)
+        tracker = JobTracker(
+            launcher, max_attempts=max_attempts, retry_seconds=job_retry_seconds, forward=job_args
+        )
         process, is_done = tracker.process, tracker.is_done
         if sweeps is not None:  # the sweep's Indexed Job first, then the best cell's eval Job
             swept = SweepJobs(tracker, sweeps, cfg.eval.sweep_pods)
@@ -322,6 +328,18 @@ class WatchSweep:
         tree = cfg.to_dict()
         tree["sample"]["num_samples"] = cfg.eval.sweep_num_samples
         self.small = RunConfig.from_dict(tree)
+        try:  # at start-up, not as a failed evaluation per checkpoint
+            check_sample_count(
+                cfg.eval.sweep_num_samples,
+                "per sweep cell",
+                # IS only from Inception's logits (a custom network without them scores no IS)
+                is_splits=E.IS_SPLITS
+                if "is" in cfg.eval.metrics and not cfg.eval.feature_extractor
+                else None,
+                pr_k=E.PR_K if "precision_recall" in cfg.eval.metrics else None,
+            )
+        except MetricsError as e:
+            raise ConfigError("eval.sweep_num_samples", str(e)) from None
 
     def applies(self, source: ckpt.CheckpointSource) -> bool:
         index = (source.step or 0) // self.cfg.checkpoint.every_steps
@@ -356,7 +374,9 @@ class WatchSweep:
         configured guidance's (``eval/fid`` of ``eval.tensorboard_run``)."""
         return f"{self.cfg.eval.tensorboard_run}_best_guidance"
 
-    def job(self, launcher: Any, source: ckpt.CheckpointSource, pods: int) -> dict[str, Any]:
+    def job(
+        self, launcher: Any, source: ckpt.CheckpointSource, pods: int, forward: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
         """The sweep's Indexed Job (``repa eval-job --sweep``'s manifest, repa.eval.sweep.sweep_job) over
         this grid, ``pods`` indices, ``eval.sweep_num_samples`` per cell, so its pods write the very
         ``sweep.json`` that :meth:`config_for` reads."""
@@ -365,10 +385,11 @@ class WatchSweep:
             source.url,
             source.step,
             E.plan_evaluation(self.cfg, source).digest,
-            ("--num-samples", str(self.cfg.eval.sweep_num_samples)),
+            (*forward, "--num-samples", str(self.cfg.eval.sweep_num_samples)),
         )
-        digest = self.folder(source).url.rpartition("/sweep-")[2]
-        return self.sweep.sweep_job(body, self.grid, pods, digest)
+        return self.sweep.sweep_job(
+            body, self.grid, pods, self.sweep.sweep_digest(self.small, source, self.grid)
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,7 +436,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from repa.eval.errors import MetricsError
     from repa.weights import WeightsError
 
     verb = resolve_config(args, EVAL_FLAG_KEYS, checkpoint=False, require_for="watch")
@@ -451,6 +471,11 @@ def run(args: argparse.Namespace) -> int:
             stop=stop,
             max_attempts=args.max_attempts,
             job_retry_seconds=args.job_retry_seconds,
+            job_args=tuple(
+                a
+                for o in [*(args.overrides or []), *flag_overrides(args, EVAL_FLAG_KEYS)]
+                for a in ("--set", o)
+            ),
         )
         log.info(
             "watching %s (%s, every %d s)",

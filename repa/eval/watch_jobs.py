@@ -87,8 +87,12 @@ class JobTracker:
         retry_seconds: float = DEFAULT_JOB_RETRY_SECONDS,
         max_retry_seconds: float = DEFAULT_MAX_RETRY_SECONDS,
         clock: Callable[[], float] = time.time,
+        forward: tuple[str, ...] = (),
     ) -> None:
         self.launcher = launcher
+        # The watcher's own --set lines: its plans (and so the Jobs' names) include them, so the Jobs'
+        # `repa eval` must run with them too, after the ConfigMap's config.
+        self.forward = tuple(forward)
         self.max_attempts = max_attempts
         self.retry_seconds = retry_seconds
         self.max_retry_seconds = max_retry_seconds
@@ -124,7 +128,7 @@ class JobTracker:
                 source,
                 launch_marker_url(plan),
                 plan.result,
-                lambda: self.launcher.launch(source.url, step, plan.digest, args),
+                lambda: self.launcher.launch(source.url, step, plan.digest, (*self.forward, *args)),
             )
         )
 
@@ -251,7 +255,7 @@ class SweepJobs:
                     self.marker_url(source),
                     self.sweeps.folder(source).join("sweep.json"),
                     lambda: self.tracker.launcher.create(
-                        self.sweeps.job(self.tracker.launcher, source, self.pods)
+                        self.sweeps.job(self.tracker.launcher, source, self.pods, self.tracker.forward)
                     ),
                     complete_is_done=False,
                 )

@@ -61,7 +61,9 @@ def _storage(run_url: Path) -> None:
     (step / "COMMITTED").write_text(json.dumps({"step": 200}))
     ev = run_url / "eval" / "step-0000200"
     ev.mkdir(parents=True)
-    (ev / "result-abc.json").write_text(json.dumps({"fid": 31.25}))
+    (ev / "result-abc.json").write_text(json.dumps({"fid": 31.25, "score_label": "FID (50000 samples)"}))
+    cell = {"fid": 30.5, "score_label": "FID (1000 samples)", "protocol": {"sweep_cell": True}}
+    (ev / "result-cell.json").write_text(json.dumps(cell))  # a guidance sweep's cell: not the run's score
     ev100 = run_url / "eval" / "step-0000100"
     ev100.mkdir(parents=True)
     marker = {"job": "myrun-repa-eval-step-0000100-abcdef", "state": "failed", "attempts": 3}
@@ -158,7 +160,7 @@ def test_status_shows_the_job_its_pods_and_the_runs_progress(backend, cluster, t
         assert "PyTorchJob repa-ci/myrun-repa: Running" in out and "Running=True (PyTorchJobRunning)" in out
         assert "myrun-repa-worker-0 Running restarts=2" in out
     assert "latest checkpoint: step 200 (1 committed)" in out
-    assert "FID: step 200: 31.25" in out
+    assert "scores: step 200: FID (50000 samples) 31.25\n" in out  # the sweep cell's 30.50 is not listed
     assert "step 100 myrun-repa-eval-step-0000100-abcdef (failed, 3 attempt(s))" in out
 
 

@@ -219,6 +219,24 @@ def test_cells_times_sample_ranges_over_three_indices_give_the_same_files(tmp_pa
     assert summary_files(run_url) == single  # byte for byte
 
 
+def test_shared_cells_keep_their_samples_until_the_summary_then_delete_them(tmp_path, reference, monkeypatch):
+    """--sample-parts with --delete-samples: a cell's chunks stay until the sweep's summary is written
+    (another pod may still be reading them), then the summary's writer deletes them all."""
+    run_url, cfg_path, _ = setup_run(tmp_path, reference)
+    args = ["eval", "sweep", "--config", cfg_path, "--cfg-scale", "1.0,1.8", "--guidance-high", "0.7"]
+    args += ["--count", "2", "--sample-parts", "2", "--delete-samples", "--no-progress"]
+    chunks = lambda: list(Path(run_url, "samples").glob("*/chunks/chunk-*.npz"))  # noqa: E731
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "0")
+    assert cli(*args) == 0
+    assert len(chunks()) == 2  # index 0: part 0 of both cells
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    assert cli(*args) == 0  # completes and scores both cells, writes the summary, then deletes
+    assert chunks() == [] and len(list(Path(run_url, "eval", "step-0000100").glob("result-*.json"))) == 2
+    (summary,) = Path(run_url, "eval", "step-0000100").glob("sweep-*/sweep.json")
+    assert len(json.loads(summary.read_text())["cells"]) == 2
+    assert cli(*args) == 0  # a retried pod finds it all done
+
+
 def test_the_sweep_job_splits_sample_ranges_when_asked(tmp_path, reference, capsys):
     grid = sweep.SweepGrid((1.0, 1.8), (0.7,))
     body = {
@@ -294,6 +312,26 @@ def test_eval_job_sets_reach_the_pods_so_they_write_the_sweep_the_job_is_named_f
 
 def test_sweep_flags_are_checked_in_one_line(tmp_path, reference, capsys):
     run_url, cfg_path, _ = setup_run(tmp_path, reference)
+    # 8 samples in 2 chunks of 4: a third part would have nothing to do
+    assert cli("eval", "sweep", "--config", cfg_path, *GRID, "--sample-parts", "3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--sample-parts: 3 parts of a cell's 2 sample chunk(s)" in err[0]
+    template = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "r-eval"},
+        "spec": {"template": {"spec": {"containers": [{"name": "eval", "args": ["eval"]}]}}},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(template))
+    job = ["eval-job", "--config", cfg_path, "--checkpoint", f"{run_url}/checkpoints/step-0000100"]
+    job += ["--job-template", str(tmp_path / "job.yaml")]
+    for extra, named in (
+        (["--sample-parts", "2"], "--sample-parts: splits a guidance sweep's cells: only with --sweep"),
+        (["--sweep", "--sample-parts", "0"], "--sample-parts: 0: expected at least 1"),
+    ):
+        assert cli(*job, *extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and named in err[0], err
     assert cli("eval", "sweep", "--config", cfg_path, "--cfg-scale", "1.0,x", "--guidance-high", "0.7") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--cfg-scale" in err[0] and "comma-separated numbers" in err[0]

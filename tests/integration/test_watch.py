@@ -563,9 +563,9 @@ def test_launch_jobs_sweeps_every_nth_checkpoint_in_one_indexed_job_then_scores_
     assert [s.step for s, _ in watcher(StubBatchApi()).pending(committed)] == [100]  # 200: done
     from repa.cluster.status import storage_view
 
-    assert f"step 200: {result['fid']:.2f}" in "\n".join(
-        storage_view(cfg)
-    )  # `repa status` reads past sweep-*/
+    # `repa status` reads past sweep-*/ and lists the full-protocol score only, never the 4-sample cells
+    (scores,) = [line for line in storage_view(cfg) if line.startswith("  scores:")]
+    assert scores == f"  scores: step 200: FD_tiny-conv (8 samples) {result['fid']:.2f}"
 
 
 def test_a_failing_sweep_job_is_retried_then_given_up_in_one_line(
@@ -637,3 +637,31 @@ def test_watch_on_s3_writes_results_and_tensorboard_to_the_bucket(tmp_path, refe
     assert [s for s, _ in scalars["eval/fd_tiny-conv"]] == [100, 200]
     assert cli(*argv, "--no-progress") == 0
     assert "0 checkpoint(s) handled" in capsys.readouterr().out
+
+
+def test_the_watchers_own_sets_reach_every_job_it_creates(tmp_path, reference):
+    """`repa watch --launch-jobs --set k=v`: the plans (and Job names) include the override, so the Jobs'
+    `repa eval` and the sweep's pods get it too; else they would score another protocol than the
+    watcher waits for."""
+    from repa.cluster import jobs
+    from repa.eval.watch import make_watcher
+
+    _, _, cfg, template = sweep_run(tmp_path, reference)
+    forward = ("--set", "sample.seed=3")
+    api = StubBatchApi()
+    make_watcher(cfg, launcher=jobs.JobLauncher(api, template), job_args=forward).run(once=True)
+    (_, plain), (_, swept) = api.calls
+    assert plain["spec"]["template"]["spec"]["containers"][0]["args"][-2:] == list(forward)
+    args = swept["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:2] == ["eval", "sweep"] and "sample.seed=3" in args
+
+
+def test_a_sweep_cell_count_too_small_for_the_metrics_is_refused_at_start_up(tmp_path, reference, capsys):
+    run_url = str(tmp_path / "run")
+    cfg_path, _ = setup_run(
+        tmp_path, run_url, reference, steps=(100,), eval={**SWEEP, "sweep_num_samples": 2}
+    )
+    assert cli("watch", "--config", cfg_path, "--once", "--no-progress") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "eval.sweep_num_samples: per sweep cell: 2 samples are too few" in err[0]
+    assert not Path(run_url, "samples").exists()

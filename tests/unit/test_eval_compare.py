@@ -154,6 +154,23 @@ def test_fd_dinov2_in_only_one_result_leaves_the_other_scores_comparable(tmp_pat
     assert code == 1 and out.strip().splitlines()[-1] == "NOT comparable: sampler.name differ"
 
 
+def test_a_consequence_is_not_named_as_a_cause_unless_it_differs_in_a_setting_of_its_own():
+    base = result()
+    seed = copy.deepcopy(base)
+    seed["provenance"]["samples.seed"] = 1
+    seed["provenance"]["labels.distribution"] = {
+        **base["provenance"]["labels.distribution"],
+        "classes_present": 999,
+    }
+    comparison = Comparison([base, seed])
+    assert comparison.protocol == ["samples.seed"] and comparison.consequences == {
+        "labels.distribution": ["samples.seed"]
+    }
+    balanced = copy.deepcopy(seed)
+    balanced["provenance"]["labels.distribution"]["class_balanced"] = True  # a setting, not a count
+    assert Comparison([base, balanced]).protocol == ["samples.seed", "labels.distribution"]
+
+
 def test_a_result_without_provenance_is_not_comparable(tmp_path):
     old = result()
     del old["provenance"]
@@ -178,6 +195,10 @@ def test_compare_names_a_missing_file_in_one_line(tmp_path, capsys):
         ({"fid": 1.0, "precision": "high"}, "precision is 'high', not a number"),
         ({"fid": 1.0, "provenance": "x"}, "provenance is not an object"),
         ({"fid": 1.0, "fd_dinov2": 3.0}, "fd_dinov2 without its dinov2 record"),
+        (
+            {"fid": 1.0, "fd_dinov2": 3.0, "dinov2": {}},
+            "its dinov2 record lacks a label (text) or standard (true/false)",
+        ),
     ],
 )
 def test_a_malformed_result_is_exit_2_in_one_line(tmp_path, capsys, payload, named):
