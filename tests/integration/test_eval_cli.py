@@ -62,6 +62,19 @@ def write_dataset(root: Path, images: np.ndarray, per_shard: int = 10) -> str:
     return str(root)
 
 
+def tiny_run_with_reference(tmp_path: Path, size: int = 16, **sample) -> tuple[str, str, str]:
+    """A run whose reference statistics are the tiny network's over 20 random images of ``size`` px,
+    with step 100 committed: ``(run_url, ref_url, cfg_path)``."""
+    ref_url = str(tmp_path / f"ref{size}.npz")
+    save_reference_stats(
+        ref_url, compute_reference_stats(random_images(20, size), __import__("repa_test_feats").build())
+    )
+    run_url = str(tmp_path / "run")
+    cfg_path = write_config(tmp_path / "cfg.yaml", tiny_config(run_url, ref_url, **sample))
+    commit_checkpoint(RunConfig.from_dict(tiny_config(run_url, ref_url, **sample)), 100)
+    return run_url, ref_url, cfg_path
+
+
 def cli(*argv: str) -> int:
     from repa.cli import main
 
@@ -169,13 +182,7 @@ def test_unset_reference_stats_is_a_config_error(tmp_path, capsys):
 
 
 def test_reference_of_another_image_size_is_refused_before_sampling(tmp_path, feats, capsys):
-    ref_url = str(tmp_path / "ref32.npz")
-    save_reference_stats(
-        ref_url, compute_reference_stats(random_images(20, 32), __import__("repa_test_feats").build())
-    )
-    run_url = str(tmp_path / "run")
-    cfg_path = write_config(tmp_path / "cfg.yaml", tiny_config(run_url, ref_url))
-    commit_checkpoint(RunConfig.from_dict(tiny_config(run_url, ref_url)), 100)
+    run_url, _, cfg_path = tiny_run_with_reference(tmp_path, size=32)
     assert cli("eval", "--config", cfg_path, "--feature-extractor", FEATS) == 2
     err = capsys.readouterr().err
     assert "generated images will be 16x16" in err and "are for 32x32 images" in err
@@ -368,13 +375,7 @@ def test_delete_samples_keeps_the_result_of_a_run_checkpoint_and_of_a_weights_fi
     lives in its samples folder (a step's in {run}/eval/)."""
     import shutil
 
-    ref_url = str(tmp_path / "ref.npz")
-    save_reference_stats(
-        ref_url, compute_reference_stats(random_images(20, 16), __import__("repa_test_feats").build())
-    )
-    run_url = str(tmp_path / "run")
-    cfg_path = write_config(tmp_path / "cfg.yaml", tiny_config(run_url, ref_url))
-    commit_checkpoint(RunConfig.from_dict(tiny_config(run_url, ref_url)), 100)
+    run_url, _, cfg_path = tiny_run_with_reference(tmp_path)
     step = Path(run_url, "checkpoints", "step-0000100")
     plain = tmp_path / "plain" / "w.pt"
     plain.parent.mkdir()
@@ -436,12 +437,8 @@ def test_compare_of_real_evaluations_names_exactly_the_setting_changed(tmp_path,
     sampler, is shown as a consequence, not as a cause); the same settings again compare equal."""
     import shutil
 
-    ref_url = str(tmp_path / "ref.npz")
+    _, ref_url, cfg_path = tiny_run_with_reference(tmp_path)
     extractor = __import__("repa_test_feats").build()
-    save_reference_stats(ref_url, compute_reference_stats(random_images(20, 16), extractor))
-    run_url = str(tmp_path / "run")
-    cfg_path = write_config(tmp_path / "cfg.yaml", tiny_config(run_url, ref_url))
-    commit_checkpoint(RunConfig.from_dict(tiny_config(run_url, ref_url)), 100)
 
     def evaluate(name: str, *sets: str) -> str:
         overrides = [a for s in sets for a in ("--set", s)]

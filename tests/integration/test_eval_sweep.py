@@ -52,6 +52,28 @@ def setup_run(tmp_path: Path, reference: str) -> tuple[str, str, RunConfig]:
     return run_url, str(path), cfg
 
 
+def eval_job_argv(tmp_path: Path, cfg_path: str, run_url: str, args: list[str]) -> tuple[list[str], str]:
+    """`repa eval-job` of step 100 with a Job template whose container runs ``args``; and the step's URL."""
+    template = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "myrun-eval", "namespace": "ml"},
+        "spec": {"template": {"spec": {"containers": [{"name": "eval", "args": args}]}}},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(template))
+    step_url = f"{run_url}/checkpoints/step-0000100"
+    argv = [
+        "eval-job",
+        "--config",
+        cfg_path,
+        "--checkpoint",
+        step_url,
+        "--job-template",
+        str(tmp_path / "job.yaml"),
+    ]
+    return argv, step_url
+
+
 def summary_files(run_url: str) -> dict[str, bytes]:
     (folder,) = Path(run_url, "eval", "step-0000100").glob("sweep-*")
     return {name: (folder / name).read_bytes() for name in sweep.SUMMARY_FILES}
@@ -127,34 +149,8 @@ def test_the_indexed_job_gives_the_same_files_and_a_killed_index_loses_nothing(
     forget_results(run_url)
 
     # The Job `repa eval-job --sweep` prints: one Indexed Job, 2 indices splitting the 4 cells.
-    template = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": "myrun-eval", "namespace": "ml"},
-        "spec": {
-            "template": {
-                "spec": {
-                    "containers": [
-                        {
-                            "name": "eval",
-                            "args": ["eval", "--config", cfg_path, "--checkpoint", "$(REPA_CHECKPOINT_URL)"],
-                        }
-                    ]
-                }
-            }
-        },
-    }
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(template))
-    step_url = f"{run_url}/checkpoints/step-0000100"
-    argv = [
-        "eval-job",
-        "--config",
-        cfg_path,
-        "--checkpoint",
-        step_url,
-        "--job-template",
-        str(tmp_path / "job.yaml"),
-    ]
+    pod_args = ["eval", "--config", cfg_path, "--checkpoint", "$(REPA_CHECKPOINT_URL)"]
+    argv, step_url = eval_job_argv(tmp_path, cfg_path, run_url, pod_args)
     capsys.readouterr()
     assert cli(*argv, "--sweep", *GRID, "--sweep-pods", "2") == 0
     job = yaml.safe_load(capsys.readouterr().out)
@@ -266,25 +262,7 @@ def test_eval_job_sets_reach_the_pods_so_they_write_the_sweep_the_job_is_named_f
     that protocol, and its pods run it (the overrides are in their command), so they write exactly the
     sweep folder the label names."""
     run_url, cfg_path, _ = setup_run(tmp_path, reference)
-    template = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": "myrun-eval"},
-        "spec": {
-            "template": {"spec": {"containers": [{"name": "eval", "args": ["eval", "--config", cfg_path]}]}}
-        },
-    }
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(template))
-    step_url = f"{run_url}/checkpoints/step-0000100"
-    argv = [
-        "eval-job",
-        "--config",
-        cfg_path,
-        "--checkpoint",
-        step_url,
-        "--job-template",
-        str(tmp_path / "job.yaml"),
-    ]
+    argv, step_url = eval_job_argv(tmp_path, cfg_path, run_url, ["eval", "--config", cfg_path])
     capsys.readouterr()
     assert (
         cli(*argv, "--sweep", *GRID, "--sweep-pods", "2", "--num-samples", "4", "--set", "sample.seed=3") == 0
@@ -316,15 +294,7 @@ def test_sweep_flags_are_checked_in_one_line(tmp_path, reference, capsys):
     assert cli("eval", "sweep", "--config", cfg_path, *GRID, "--sample-parts", "3") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--sample-parts: 3 parts of a cell's 2 sample chunk(s)" in err[0]
-    template = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": "r-eval"},
-        "spec": {"template": {"spec": {"containers": [{"name": "eval", "args": ["eval"]}]}}},
-    }
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(template))
-    job = ["eval-job", "--config", cfg_path, "--checkpoint", f"{run_url}/checkpoints/step-0000100"]
-    job += ["--job-template", str(tmp_path / "job.yaml")]
+    job, _ = eval_job_argv(tmp_path, cfg_path, run_url, ["eval"])
     for extra, named in (
         (["--sample-parts", "2"], "--sample-parts: splits a guidance sweep's cells: only with --sweep"),
         (["--sweep", "--sample-parts", "0"], "--sample-parts: 0: expected at least 1"),
