@@ -137,7 +137,9 @@ def _one_line(e: BaseException) -> str:
 # repa reports in one line (gcsfs logs every "out of retries" with a traceback, botocore/urllib3 each
 # retry, asyncio "Task exception was never retrieved" for aiohttp connections dropped in an outage).
 _STORAGE_LIBRARIES = ("aiobotocore", "aiohttp", "boto3", "botocore", "fsspec", "gcsfs", "google", "s3fs")
-THIRD_PARTY_LOGGERS = (*_STORAGE_LIBRARIES, "asyncio", "huggingface_hub", "urllib3")
+# tensorboard: its event reader logs "No path found after <file>" at INFO when repa reads back the
+# eval run's scalars (eval/best_fid) while the file is fresh.
+THIRD_PARTY_LOGGERS = (*_STORAGE_LIBRARIES, "asyncio", "huggingface_hub", "tensorboard", "urllib3")
 
 
 def quiet_third_party_logs(level: str) -> None:
