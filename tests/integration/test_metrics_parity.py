@@ -215,14 +215,14 @@ def test_result_json_is_written_atomically_with_protocol(tmp_path, our_result):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def toy_reference_of_images(seed: int, size: int) -> ReferenceStats:
+    """Statistics named for the toy network, holding 8 reference images (for precision/recall)."""
+    images = smooth_images(8, seed=seed, size=size).permute(0, 2, 3, 1).numpy()
+    return ReferenceStats(mu=np.zeros(8), sigma=np.eye(8), feature_extractor="toy", images=images)
+
+
 def test_image_size_mismatch_with_reference_images_fails_before_any_feature(toy):
-    ref_images = smooth_images(8, seed=7, size=32)
-    ref = ReferenceStats(
-        mu=np.zeros(8),
-        sigma=np.eye(8),
-        feature_extractor="toy",
-        images=ref_images.permute(0, 2, 3, 1).numpy(),
-    )
+    ref = toy_reference_of_images(seed=7, size=32)
     toy.calls = 0
     expected = r"image size \(16, 16\) does not match the image size of reference statistics \(32, 32\)"
     with pytest.raises(MetricsError, match=expected):
@@ -231,13 +231,7 @@ def test_image_size_mismatch_with_reference_images_fails_before_any_feature(toy)
 
 
 def test_reference_image_features_are_extracted_once_per_extractor(toy):
-    ref_images = smooth_images(8, seed=10, size=16)
-    ref = ReferenceStats(
-        mu=np.zeros(8),
-        sigma=np.eye(8),
-        feature_extractor="toy",
-        images=ref_images.permute(0, 2, 3, 1).numpy(),
-    )
+    ref = toy_reference_of_images(seed=10, size=16)
     toy.calls = 0
     first = score_images(
         smooth_images(8, seed=11, size=16), ref, toy, inception_score_splits=None, batch_size=8
