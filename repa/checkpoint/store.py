@@ -195,7 +195,7 @@ def read_verified(folder: str | Location, name: str, marker: dict[str, Any] | No
         except FileNotFoundError:
             raise CorruptCheckpointError(f"checkpoint file {file.url} is missing") from None
     try:
-        data, digest = storage.read_bytes_hashed(file, expected_size=int(expected.get("bytes", 0)))
+        data, digest = storage.read_bytes_hashed(file)
     except FileNotFoundError:
         raise CorruptCheckpointError(
             f"checkpoint file {file.url} is missing, but {MARKER} lists it"
@@ -227,27 +227,18 @@ def quarantine_checkpoint(ref: CheckpointRef, reason: str, fence: Fence = _no_fe
 
 
 def load_latest_verified(
-    run: str | Location,
-    *,
-    max_step: int | None = None,
-    quarantine: bool = True,
-    fence: Fence = _no_fence,
+    run: str | Location, *, fence: Fence = _no_fence
 ) -> tuple[CheckpointRef | None, dict[str, Any] | None]:
-    """``(ref, state)`` of the newest committed checkpoint (at most ``max_step``) that verifies and
-    loads, or ``(None, None)``. Each newer one that fails is quarantined (``quarantine``) or skipped,
-    with a warning naming it. One process should choose (rank 0) and tell the others the ref.
+    """``(ref, state)`` of the newest committed checkpoint that verifies and loads, or ``(None, None)``.
+    Each newer one that fails is quarantined, with a warning naming it. One process should choose
+    (rank 0) and tell the others the ref.
     """
     committed, _ = list_checkpoints(run)
     for ref in reversed(committed):
-        if max_step is not None and ref.step > max_step:
-            continue
         try:
             return ref, load_checkpoint_state(ref)
         except CorruptCheckpointError as e:
-            if quarantine:
-                quarantine_checkpoint(ref, str(e), fence)
-            else:
-                log.warning("skipping checkpoint step %d: %s", ref.step, e)
+            quarantine_checkpoint(ref, str(e), fence)
     return None, None
 
 

@@ -175,9 +175,10 @@ def _local_read(path: str) -> Versioned | None:
     return Versioned(data, hashlib.sha256(data).hexdigest())
 
 
-def _local_write(path: str, data: bytes, *, exclusive: bool, fence: Callable[[], None] | None = None) -> str:
+def _local_write(path: str, data: bytes, *, exclusive: bool, fence: Callable[[], None] | None = None) -> None:
     """Write a complete temporary sibling, run ``fence``, then link (exclusive) or rename it over
-    ``path``; the content's token. A write error names ``path``."""
+    ``path``. A write error names ``path``. (The content's token is the caller's to compute: a fenced
+    checkpoint file needs none, and hashing a multi-GB state.pt here would repeat the marker's hash.)"""
     directory, name = os.path.split(path)
     os.makedirs(directory or ".", exist_ok=True)
     tmp = os.path.join(
@@ -208,7 +209,6 @@ def _local_write(path: str, data: bytes, *, exclusive: bool, fence: Callable[[],
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-    return hashlib.sha256(data).hexdigest()
 
 
 def _memory_read(fs: Any, path: str) -> Versioned | None:
@@ -304,7 +304,8 @@ def create(where: Location, data: bytes) -> str:
     kind, fs, path = _kind(where)
     if kind == "local":
         with _local_lock(path):
-            return _local_write(path, data, exclusive=True)
+            _local_write(path, data, exclusive=True)
+        return hashlib.sha256(data).hexdigest()
     if kind == "memory":
         with _memory_lock:
             if fs.exists(path):
@@ -332,9 +333,10 @@ def replace(where: Location, data: bytes, token: str) -> str:
     if kind in ("local", "memory"):
         with _held_locally(where, kind, fs, path, token):
             if kind == "local":
-                return _local_write(path, data, exclusive=False)
-            fs.pipe_file(path, data)
-            return hashlib.sha256(data).hexdigest()
+                _local_write(path, data, exclusive=False)
+            else:
+                fs.pipe_file(path, data)
+        return hashlib.sha256(data).hexdigest()
     if kind == "s3":
         return _remote(where, "replace", lambda: _s3_put(fs, path, data, IfMatch=token))
     return _remote(where, "replace", lambda: _gcs_upload(fs, path, data, token))

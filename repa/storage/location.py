@@ -324,10 +324,10 @@ def read_bytes(where: str | Location, *, attempts: int | None = None) -> bytes:
 _HASH_CHUNK = 16 << 20
 
 
-def read_bytes_hashed(where: str | Location, *, expected_size: int | None = None) -> tuple[bytes, str]:
+def read_bytes_hashed(where: str | Location) -> tuple[bytes, str]:
     """``(content, sha256 hex)`` of a file/object, hashed while it is read (one pass over the bytes).
 
-    Streams 16 MiB reads into one buffer (``expected_size`` preallocates it), so verifying a multi-GB
+    Streams 16 MiB reads into one buffer, so verifying a multi-GB
     checkpoint costs no second pass; the whole read is retried under the deadline like
     :func:`read_bytes`.
     """
