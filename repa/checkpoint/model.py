@@ -49,7 +49,7 @@ from repa.checkpoint.store import (
 )
 from repa.config import ConfigError
 from repa.storage import Location
-from repa.weights import WeightsError, load_torch_bytes, load_torch_file
+from repa.weights import WeightsError, load_torch_bytes
 
 if TYPE_CHECKING:
     from torch import nn
@@ -353,6 +353,7 @@ class LoadedModel:
     model_args: dict[str, Any]
     source: CheckpointSource
     weights: str
+    file_sha256: str | None = None  # of a plain weights file, hashed as it was read (steps: COMMITTED)
 
     @property
     def step(self) -> int | None:
@@ -401,6 +402,7 @@ def load_model(
     if weights not in ("ema", "model"):
         raise ConfigError("sample.checkpoint_weights", f"{weights!r}; choose ema or model")
     recorded: dict[str, Any] | None = None
+    file_sha256 = None
     if source.kind == "run":
         ema_url = storage.join(source.url, EMA_FILE)
         if weights == "ema" and storage.exists(source.location.join(EMA_FILE)):
@@ -418,7 +420,11 @@ def load_model(
                 z_dims = infer_model_args(sd)["z_dims"]
                 recorded = model_kwargs(RunConfig.from_dict(state["config"]), z_dims)
     else:
-        obj = load_torch_file(source.location)
+        try:  # hashed while read: the evaluation's provenance records it without a second read
+            data, file_sha256 = storage.read_bytes_hashed(source.location)
+        except FileNotFoundError as e:
+            raise WeightsError(f"weights file {source.url!r} not found") from e
+        obj = load_torch_bytes(data, source.url)
         sd = load_reference_state_dict(obj, weights)
         recorded = _recorded_args(obj)
     bad = first_nonfinite(sd)
@@ -468,4 +474,4 @@ def load_model(
         name,
         ", ".join(f"{k}={v}" for k, v in kwargs.items() if k in ("depth", "hidden_size", "input_size")),
     )
-    return LoadedModel(model.to(device), args, source, weights)
+    return LoadedModel(model.to(device), args, source, weights, file_sha256)

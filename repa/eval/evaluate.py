@@ -344,6 +344,7 @@ def evaluate_checkpoint(
         if storage.exists(plan.result):  # another process of the sweep completed and scored it meanwhile
             return EvalOutcome(plan.result_url, json.loads(storage.read_bytes(plan.result)), skipped=True)
     model_args, vae_sha256 = loaded.model_args, getattr(vae, "weights_sha256", None)
+    file_sha256 = loaded.file_sha256
     uint8_conversion = vae.uint8_conversion
     del loaded, vae
     if not info.is_main:
@@ -419,7 +420,7 @@ def evaluate_checkpoint(
     extra["provenance"] = build_provenance(
         cfg,
         plan,
-        weights_sha256=checkpoint_sha256(source, plan.sampling["checkpoint"]["weights"], cfg),
+        weights_sha256=checkpoint_sha256(source, plan.sampling["checkpoint"]["weights"], cfg, file_sha256),
         vae_sha256=vae_sha256,
         uint8_conversion=uint8_conversion,
         precision=precision,

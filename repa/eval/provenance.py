@@ -25,7 +25,6 @@ import torch
 
 import repa
 from repa import checkpoint as ckpt
-from repa import storage
 from repa.eval.sample import run_sampler
 from repa.eval.sample_set import SampleSpec
 
@@ -183,15 +182,17 @@ def compare_results(payloads: Sequence[dict[str, Any]]) -> Comparison:
 # How a result's record is built (repa.eval.evaluate.evaluate_checkpoint)
 
 
-def checkpoint_sha256(source: ckpt.CheckpointSource, weights: str, cfg: Any) -> str | None:
-    """sha256 of the weights file scored: from the step folder's ``COMMITTED`` record (no re-read), or
-    hashed while reading for a plain weights file."""
-    if source.kind == "run":
-        files = ckpt.read_marker(cfg.storage.locate(source.url)).get("files") or {}
-        ema = files.get(ckpt.EMA_FILE) if weights == "ema" else None
-        record = ema or files.get(ckpt.STATE_FILE) or {}
-        return record.get("sha256")
-    return storage.read_bytes_hashed(cfg.storage.locate(source.url))[1]
+def checkpoint_sha256(
+    source: ckpt.CheckpointSource, weights: str, cfg: Any, file_sha256: str | None
+) -> str | None:
+    """sha256 of the weights file scored: from the step folder's ``COMMITTED`` record, or
+    ``file_sha256``, as ``load_model`` hashed a plain weights file while reading it (no second read)."""
+    if source.kind != "run":
+        return file_sha256
+    files = ckpt.read_marker(cfg.storage.locate(source.url)).get("files") or {}
+    ema = files.get(ckpt.EMA_FILE) if weights == "ema" else None
+    record = ema or files.get(ckpt.STATE_FILE) or {}
+    return record.get("sha256")
 
 
 def count_nfe(spec: SampleSpec) -> int:

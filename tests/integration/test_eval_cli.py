@@ -7,6 +7,7 @@ reported as FD_tiny-conv); one test runs the real Inception path with random wei
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -386,6 +387,9 @@ def test_delete_samples_keeps_the_result_of_a_run_checkpoint_and_of_a_weights_fi
         printed = capsys.readouterr().out.strip()
         result = Path(printed.rsplit(" -> ", 1)[1])
         assert json.loads(result.read_text())["num_samples"] == 12
+        if checkpoint == str(plain):  # the file's sha256, hashed as it was loaded
+            recorded = json.loads(result.read_text())["provenance"]["checkpoint.weights_sha256"]
+            assert recorded == hashlib.sha256(plain.read_bytes()).hexdigest()
         samples = Path(json.loads(result.read_text())["protocol"]["samples_url"])
         assert not (samples / "chunks").exists() and not (samples / "protocol.json").exists()
         # idempotent: the kept result is found again, nothing is sampled
