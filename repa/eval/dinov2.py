@@ -29,7 +29,6 @@ torch-fidelity's ``calculate_metrics`` on the same images.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import sys
@@ -187,13 +186,12 @@ def build_dinov2(
     kwargs = {**spec.model_kwargs, **(model_kwargs or {}), "img_size": DINOV2_INPUT_SIZE}
     model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
     try:
-        data = storage.read_bytes(location)  # read once: hashed and loaded from the same bytes
+        data, digest = storage.read_bytes_hashed(location)  # read once: hashed and loaded from the same bytes
     except FileNotFoundError as e:
         raise MetricsError(
             f"DINOv2 weights {location.url!r} not found (eval.dinov2_weights_url); stage them with "
             f"`repa weights fetch DEST --only {DINOV2_ENCODER}` and point the key at the file it prints"
         ) from e
-    digest = hashlib.sha256(data).hexdigest()
     try:
         state = load_torch_bytes(data, location.url)
     except WeightsError as e:

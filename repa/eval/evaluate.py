@@ -251,7 +251,7 @@ def _prepare(
     if info.is_main:
         try:
             if not force and storage.exists(plan.result):
-                existing = json.loads(storage.read_bytes(plan.result))
+                existing = _read_result(plan)
                 status = ("done", None)
             else:
                 if not storage.exists(cfg.storage.locate(ref_url)):
@@ -342,7 +342,7 @@ def evaluate_checkpoint(
             )
             return None
         if storage.exists(plan.result):  # another process of the sweep completed and scored it meanwhile
-            return EvalOutcome(plan.result_url, json.loads(storage.read_bytes(plan.result)), skipped=True)
+            return EvalOutcome(plan.result_url, _read_result(plan), skipped=True)
     model_args, vae_sha256 = loaded.model_args, getattr(vae, "weights_sha256", None)
     file_sha256 = loaded.file_sha256
     uint8_conversion = vae.uint8_conversion
@@ -373,7 +373,7 @@ def evaluate_checkpoint(
         # Sample shares (a sweep's --sample-parts): two processes that finish a set's last chunks together
         # both score it; if the other one's result is there, its work stands (same samples, same numbers).
         if share is not None and storage.exists(plan.result):
-            return EvalOutcome(plan.result_url, json.loads(storage.read_bytes(plan.result)), skipped=True)
+            return EvalOutcome(plan.result_url, _read_result(plan), skipped=True)
         raise
     metrics_seconds = time.perf_counter() - started
     all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
@@ -448,11 +448,15 @@ def evaluate_checkpoint(
             provenance=payload["provenance"],
             tensorboard_run=cfg.eval.tensorboard_run,
         )
-    write_result_json(plan.result, result, protocol, extra=extra)
+    written = write_result_json(plan.result, result, protocol, extra=extra)
     log.info("%s step %s: %s -> %s", source.url, source.step, score_line(payload), plan.result_url)
     if not cfg.eval.keep_samples and share is None:  # shares: the sweep deletes once all cells are scored
         sample_set.delete()  # the samples only: a weights file's result lives in the same folder
-    return EvalOutcome(plan.result_url, json.loads(storage.read_bytes(plan.result)))
+    return EvalOutcome(plan.result_url, written)
+
+
+def _read_result(plan: EvalProtocol) -> dict[str, Any]:
+    return json.loads(storage.read_bytes(plan.result))
 
 
 def _images_keeping_labels(sample_set: Any, labels: list[np.ndarray]) -> Iterator[np.ndarray]:

@@ -386,13 +386,13 @@ def write_result_json(
     result: EvalResult,
     protocol: dict[str, Any],
     extra: dict[str, Any] | None = None,
-) -> None:
+) -> dict[str, Any]:
     """Write ``{...result fields, **extra, "protocol": protocol}`` as JSON, atomically (readers never see
     half a file).
 
     ``protocol`` records how the samples were made (checkpoint, sampler, steps, cfg, seed, ...), so a
     number can be traced back; ``extra`` adds top-level fields (``score_label``, ``provenance``). All
-    must be JSON-serialisable.
+    must be JSON-serialisable. Returns the payload as a reader of the file gets it.
     """
     payload = {**result.to_dict(), **(extra or {})}
     payload["protocol"] = protocol
@@ -401,3 +401,4 @@ def write_result_json(
     except (TypeError, ValueError) as e:
         raise MetricsError(f"evaluation result for {url} is not JSON-serialisable: {e}") from e
     storage.write_bytes_atomic(url, (text + "\n").encode())
+    return json.loads(text)  # what a reader of the file gets

@@ -117,19 +117,24 @@ def _plans(cfg: RunConfig, source: ckpt.CheckpointSource, grid: SweepGrid) -> li
     return [plan_evaluation(cell_config(cfg, w, h), source) for w, h in grid.cells]
 
 
+def _digest(grid: SweepGrid, plans: list[Any]) -> str:
+    return identity_digest({"grid": grid.to_dict(), "cells": [p.digest for p in plans]})[:12]
+
+
+def _folder(grid: SweepGrid, plans: list[Any]) -> storage.Location:
+    result = plans[0].result
+    return storage.Location(f"{result.url.rpartition('/')[0]}/sweep-{_digest(grid, plans)}", result.options)
+
+
 def sweep_digest(cfg: RunConfig, source: ckpt.CheckpointSource, grid: SweepGrid) -> str:
     """The sweep's identity: the grid and every cell's evaluation protocol (12 hex digits)."""
-    plans = _plans(cfg, source, grid)
-    return identity_digest({"grid": grid.to_dict(), "cells": [p.digest for p in plans]})[:12]
+    return _digest(grid, _plans(cfg, source, grid))
 
 
 def sweep_folder(cfg: RunConfig, source: ckpt.CheckpointSource, grid: SweepGrid) -> storage.Location:
     """``sweep-<digest>`` beside the checkpoint's results (:func:`sweep_digest`), so another grid or
     protocol never mixes into these files."""
-    result = _plans(cfg, source, grid)[0].result
-    return storage.Location(
-        f"{result.url.rpartition('/')[0]}/sweep-{sweep_digest(cfg, source, grid)}", result.options
-    )
+    return _folder(grid, _plans(cfg, source, grid))
 
 
 def run_sweep(
@@ -194,7 +199,7 @@ def run_sweep(
     if pending:
         log.info("sweep: %d cell(s) left to other indices", len(pending))
         return None
-    folder = sweep_folder(cfg, source, grid)
+    folder = _folder(grid, plans)
     results = [json.loads(storage.read_bytes(p.result)) for p in plans]
     summary = summarize(grid, source, plans, results)
     write_summary(cfg, source, folder, summary)

@@ -328,6 +328,7 @@ class WatchSweep:
         tree = cfg.to_dict()
         tree["sample"]["num_samples"] = cfg.eval.sweep_num_samples
         self.small = RunConfig.from_dict(tree)
+        self._folders: dict[tuple[str, int | None], storage.Location] = {}
         try:  # at start-up, not as a failed evaluation per checkpoint
             check_sample_count(
                 cfg.eval.sweep_num_samples,
@@ -349,8 +350,12 @@ class WatchSweep:
         return self.sweep.run_sweep(self.small, source, self.grid, **kwargs)
 
     def folder(self, source: ckpt.CheckpointSource) -> storage.Location:
-        """``sweep-<digest>`` of this checkpoint (repa.eval.sweep.sweep_folder at sweep_num_samples)."""
-        return self.sweep.sweep_folder(self.small, source, self.grid)
+        """``sweep-<digest>`` of this checkpoint (repa.eval.sweep.sweep_folder at sweep_num_samples);
+        kept per checkpoint: every poll asks for it several times, and it plans every cell."""
+        key = (source.url, source.step)
+        if key not in self._folders:
+            self._folders[key] = self.sweep.sweep_folder(self.small, source, self.grid)
+        return self._folders[key]
 
     def pending(self, source: ckpt.CheckpointSource) -> bool:
         """The sweep applies to this checkpoint and its ``sweep.json`` is not written yet."""

@@ -105,9 +105,6 @@ class JobTracker:
         except FileNotFoundError:
             return None
 
-    def marker(self, plan: EvalProtocol) -> dict[str, Any] | None:
-        return self.read_marker(launch_marker_url(plan))
-
     def is_final(self, at: storage.Location) -> bool:
         """The marker at ``at`` says its Job was given up for good (``failed``, ``checkpoint-deleted``)."""
         marker = self.read_marker(at)
