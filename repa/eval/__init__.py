@@ -30,7 +30,6 @@ from repa.eval.features import (
     build_inception,
     compute_feature_stats,
     extract_features,
-    iter_features,
     sha256_file,
 )
 from repa.eval.images import ImageSource, UInt8ImageDataset, iter_image_batches
@@ -72,7 +71,6 @@ __all__ = [
     "extract_features",
     "frechet_distance",
     "inception_score",
-    "iter_features",
     "iter_image_batches",
     "load_reference_stats",
     "precision_recall",

@@ -6,7 +6,7 @@
   graph uses. :func:`build_inception` loads it from a local path or fsspec URL and never downloads
   (clusters often lack network); the weights must be a plain state dict of tensors.
   The same pass also gives sFID's spatial features (``mixed_6/conv``, :mod:`repa.eval.inception`).
-- :func:`iter_features` / :func:`extract_features`: one pass of any :class:`FeatureExtractor` over an
+- :class:`FeaturePass` / :func:`extract_features`: one pass of any :class:`FeatureExtractor` over an
   :data:`~repa.eval.images.ImageSource`, giving features, logits, sFID's spatial features and running
   statistics at once.
 
@@ -28,7 +28,6 @@ import importlib
 import logging
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -63,8 +62,6 @@ __all__ = [
     "extractor_provenance",
     "frechet_name",
     "is_published_inception",
-    "iter_feature_batches",
-    "iter_features",
     "sha256_file",
 ]
 
@@ -372,42 +369,6 @@ class FeaturePass:
             extractor_sha256=getattr(self.extractor, "weights_sha256", None),
             spatial_stats=None if self.running_spatial is None else self.running_spatial.finalize(),
         )
-
-
-def iter_feature_batches(
-    extractor: FeatureExtractor,
-    images: ImageSource,
-    batch_size: int,
-    with_logits: bool,
-    with_spatial: bool = False,
-    expected_size: tuple[int, int] | None = None,
-    expected_size_label: str = "",
-) -> Iterator[FeatureBatch]:
-    """One pass of ``extractor`` over ``images``: features, and logits / sFID features when asked for.
-
-    Behind reference statistics (:func:`repa.eval.refstats.compute_reference_stats`): the network
-    runs once per image whatever is asked for. ``expected_size`` (H, W) rejects images of another
-    size before they are processed, naming ``expected_size_label`` in the error.
-    """
-    one = FeaturePass(extractor, with_logits, with_spatial, False, expected_size, expected_size_label)
-    with torch.inference_mode():
-        for batch in iter_image_batches(images, batch_size):
-            yield one.run(batch)
-
-
-def iter_features(
-    extractor: FeatureExtractor,
-    images: ImageSource,
-    batch_size: int,
-    with_logits: bool,
-    expected_size: tuple[int, int] | None = None,
-    expected_size_label: str = "",
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """:func:`iter_feature_batches` as (images uint8 (B,3,H,W), features (B,D), logits (B,C) or None)."""
-    for b in iter_feature_batches(
-        extractor, images, batch_size, with_logits, False, expected_size, expected_size_label
-    ):
-        yield b.images, b.features, b.logits
 
 
 def extract_features_many(

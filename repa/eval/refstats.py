@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from repa import storage
 from repa.eval.errors import MetricsError
-from repa.eval.features import FeatureExtractor, iter_feature_batches, sha256_file
-from repa.eval.images import ImageSource
-from repa.eval.stats import FeatureStats, RunningFeatureStats
+from repa.eval.features import FeatureExtractor, FeaturePass, sha256_file
+from repa.eval.images import ImageSource, iter_image_batches
+from repa.eval.stats import FeatureStats
 
 __all__ = [
     "FORMAT_VERSION",
@@ -288,28 +289,21 @@ def compute_reference_stats(
         raise ReferenceStatsError(
             f"keep_features/keep_images must be >= 0, got {keep_features}/{keep_images}"
         )
-    running = RunningFeatureStats()
-    with_spatial = hasattr(extractor, "features_logits_spatial")
-    running_spatial = RunningFeatureStats()
+    with_spatial = hasattr(extractor, "features_logits_spatial")  # sFID's statistics from the same pass
+    one = FeaturePass(extractor, with_spatial=with_spatial, keep_features=False)
     reservoir = _Reservoir(max(keep_features, keep_images), seed)
-    size = None
-    for b in iter_feature_batches(
-        extractor, images, batch_size, with_logits=False, with_spatial=with_spatial
-    ):
-        batch, feats = b.images, b.features
-        size = (int(batch.shape[2]), int(batch.shape[3]))
-        running.update(feats)
-        if with_spatial:
-            running_spatial.update(b.spatial)
-        if reservoir.capacity:
-            columns = [feats.numpy()]
-            if keep_images:
-                columns.append(batch.permute(0, 2, 3, 1).numpy())  # (B, H, W, 3), ADM's layout
-            reservoir.add(*columns)
-    if size is None:
+    with torch.inference_mode():
+        for batch in iter_image_batches(images, batch_size):
+            b = one.add(batch)
+            if reservoir.capacity:
+                columns = [b.features.numpy()]
+                if keep_images:
+                    columns.append(batch.permute(0, 2, 3, 1).numpy())  # (B, H, W, 3), ADM's layout
+                reservoir.add(*columns)
+    if one.size is None:
         raise ReferenceStatsError("no reference images were given")
-    stats = running.finalize()
-    spatial = running_spatial.finalize() if with_spatial else None
+    extracted = one.result()
+    stats, spatial, size = extracted.stats, extracted.spatial_stats, extracted.image_size
     # The reservoir's slot order is not random (no replacement happens before it is full): shuffle, so the
     # kept images are a uniform subset of the kept features' samples. When everything is kept, keep the
     # input order.
