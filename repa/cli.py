@@ -193,15 +193,15 @@ def describe_failure(e: BaseException) -> tuple[int, str]:
 
 # Verbs whose config is loaded and checked before their module (and torch, 5-10 s) is imported, so a config
 # error exits 2 within a second (issue 20: "config errors of every verb in under 1 s"); the weights check
-# (RunConfig.require_weights) also runs early for these when --config names the config.
+# (RunConfig.require_weights, a no-op for verbs that run no network) also runs early when --config names
+# the config.
 EARLY_CONFIG_VERBS = ("train", "sample", "eval", "watch", "prepare", "eval-job")
-WEIGHTS_VERBS = ("train", "sample", "eval", "watch")
 
 
 def check_config_early(verb: str, argv: Sequence[str]) -> int | None:
     """Exit code of a config error in ``argv``'s --config/--set, found before the verb's module is
     imported; None when the config loads (or lies on remote storage, which the verb reads and reports)."""
-    from repa.config import add_config_arguments, config_from_args
+    from repa.config import add_config_arguments, load_config
 
     parser = argparse.ArgumentParser(
         add_help=False, allow_abbrev=False
@@ -211,8 +211,8 @@ def check_config_early(verb: str, argv: Sequence[str]) -> int | None:
     if known.config and "://" in known.config and not known.config.startswith("file://"):
         return None
     try:
-        cfg = config_from_args(known)
-        if verb in WEIGHTS_VERBS and known.config:
+        cfg = load_config(known.config, known.overrides)  # a check: the verb installs its timeouts
+        if known.config:
             cfg.require_weights(verb, known.config)
     except ConfigError as e:
         print(f"repa {verb}: config error: {e}", file=sys.stderr)

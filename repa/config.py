@@ -934,8 +934,12 @@ class RunConfig:
         """Networks of this run at their published size, whose random initialisation would silently
         spoil it: every encoder without a size override in ``encoder.model_kwargs`` and an SD-VAE. A toy
         run (tiny timm encoder, ``vae.name: none``) has none; it then needs no Inception weights either."""
-        out = [n for i, n in enumerate(self.encoder.names) if not SIZE_KWARGS & set(self.encoder.kwargs(i))]
+        out = [self.encoder.names[i] for i in self._published_encoders()]
         return out + ([self.vae.name] if self.vae.name != "none" else [])
+
+    def _published_encoders(self) -> list[int]:
+        """Indices of the encoders at their published size (no size override in encoder.model_kwargs)."""
+        return [i for i in range(len(self.encoder.names)) if not SIZE_KWARGS & set(self.encoder.kwargs(i))]
 
     def missing_weights(self, verb: str) -> list[tuple[str, str]]:
         """``(key, repa weights fetch catalogue name)`` of every weights URL ``repa <verb>`` needs and
@@ -944,12 +948,9 @@ class RunConfig:
             return []
         out = []
         if verb == "train":
-            sized = [
-                i for i, _ in enumerate(self.encoder.names) if not SIZE_KWARGS & set(self.encoder.kwargs(i))
-            ]
             out += [
                 (f"encoder.weights_urls[{i}]", self.encoder.names[i])
-                for i in sized
+                for i in self._published_encoders()
                 if not self.encoder.weights_url(i)
             ]
             if self.vae.name != "none" and not self.vae.weights_url:
