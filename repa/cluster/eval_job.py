@@ -30,7 +30,7 @@ import yaml
 from repa import checkpoint as ckpt
 from repa import storage
 from repa.cluster import jobs, kube
-from repa.config import ConfigError, RunConfig, add_config_arguments, load_config
+from repa.config import ConfigError, EvalConfig, RunConfig, add_config_arguments, load_config
 
 __all__ = ["add_arguments", "eval_job", "refuse_unless_committed", "run"]
 
@@ -113,9 +113,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "guidance sweep (repa.eval.sweep): ONE Indexed Job whose pods split the cells"
     )
     sweep.add_argument("--sweep", action="store_true", help="print the sweep's Indexed Job instead")
-    sweep.add_argument("--cfg-scale", default="1.0,1.4,1.8,2.2", metavar="W1,W2,...", help="CFG scales")
-    sweep.add_argument("--guidance-high", default="0.6,0.7,1.0", metavar="H1,H2,...", help="interval ends")
-    sweep.add_argument("--sweep-pods", type=int, default=2, metavar="N", help="indices (pods) of the Job")
+    defaults = EvalConfig()  # the watcher's sweep keys: one source of defaults
+    sweep.add_argument(
+        "--cfg-scale",
+        default=",".join(f"{w:g}" for w in defaults.sweep_cfg_scales),
+        metavar="W1,W2,...",
+        help="CFG scales",
+    )
+    sweep.add_argument(
+        "--guidance-high",
+        default=",".join(f"{h:g}" for h in defaults.sweep_guidance_highs),
+        metavar="H1,H2,...",
+        help="interval ends",
+    )
+    sweep.add_argument(
+        "--sweep-pods", type=int, default=defaults.sweep_pods, metavar="N", help="indices (pods) of the Job"
+    )
     sweep.add_argument(
         "--num-samples",
         type=int,

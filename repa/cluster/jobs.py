@@ -43,7 +43,6 @@ __all__ = [
     "JobStatus",
     "LaunchResult",
     "batch_api",
-    "current_namespace",
     "job_name",
     "load_job_template",
     "render_job",
@@ -133,11 +132,6 @@ def render_job(
     return job
 
 
-def current_namespace() -> str | None:
-    """The pod's namespace (from its service-account mount), or None outside a cluster."""
-    return kube.pod_namespace()
-
-
 def batch_api() -> Any:
     """``kubernetes.client.BatchV1Api`` with the in-cluster config (a kubeconfig outside a cluster)."""
     from kubernetes import client
@@ -197,7 +191,7 @@ class JobLauncher:
         self.api = api
         self.template = template
         meta = template.get("metadata") or {}
-        self.namespace = namespace or meta.get("namespace") or current_namespace() or "default"
+        self.namespace = namespace or meta.get("namespace") or kube.pod_namespace() or "default"
         self.name_prefix = name_prefix or meta.get("name") or str(meta.get("generateName") or "").rstrip("-")
         self.name_prefix = self.name_prefix or "repa-eval"
 

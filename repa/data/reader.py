@@ -171,9 +171,6 @@ class StreamingDataset(IterableDataset):
             self.samples_consumed + batches_consumed * self.global_batch_size, self.epoch_size
         )
 
-    def shard_url(self, shard: int) -> str:
-        return storage.join(self.url, self.manifest.shards[shard].name)
-
     def shard_location(self, shard: int) -> storage.Location:
         return self.location.join(self.manifest.shards[shard].name)
 
