@@ -467,14 +467,21 @@ class Judgement:
         ]
 
 
-def _judge(images_dir: Path, samples: np.ndarray, opts: DemoOptions, resolution: int) -> Judgement:
-    """Train the classifier on the held-out split (cached in the folder) and label ``samples``."""
+def _judge(
+    images_dir: Path,
+    samples: np.ndarray,
+    opts: DemoOptions,
+    resolution: int,
+    train: tuple[np.ndarray, np.ndarray],
+) -> Judgement:
+    """Train the classifier on the held-out split (cached in the folder) and label ``samples``;
+    ``train``: the real training images and labels (already loaded for the real grid), its ceiling."""
     import torch
 
     from repa.classifier import SampleClassifier, accuracy, train_classifier
 
     cache = images_dir.parent / "classifier.pt"
-    train_x, train_y = _load_real(images_dir, "train", resolution)
+    train_x, train_y = train
     if cache.exists():
         model = SampleClassifier(opts.classes)
         model.load_state_dict(torch.load(cache, weights_only=True))
@@ -681,7 +688,7 @@ def _run_demo(opts: DemoOptions, threads: int) -> DemoResult:
     _grid(_grid_layout(real_x, real_y, opts.classes, opts.grid_per_class), opts.classes, scale).save(real_png)
 
     stages("Judge: an independent classifier, trained on held-out real images, labels the samples")
-    judge = _judge(images, samples, opts, res)
+    judge = _judge(images, samples, opts, res, (real_x, real_y))
     print("\n".join(judge.lines()))
     seconds = stages.end()
 
