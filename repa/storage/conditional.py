@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 
 from repa import storage
 from repa.storage import Location
+from repa.storage.faults import _error_code, _status_code
 
 __all__ = [
     "PreconditionFailed",
@@ -91,29 +92,14 @@ def _kind(where: Location) -> tuple[str, Any, str]:
     )
 
 
-def _status(exc: BaseException) -> tuple[int | None, str | None]:
-    """HTTP status and S3 error code of ``exc`` or any exception it was raised from."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        response = getattr(current, "response", None)
-        if isinstance(response, dict):
-            return response.get("ResponseMetadata", {}).get("HTTPStatusCode"), response.get("Error", {}).get(
-                "Code"
-            )
-        code = getattr(current, "code", None)
-        if isinstance(code, int) and 100 <= code < 600:
-            return code, None
-        current = current.__cause__ or current.__context__
-    return None, None
-
-
 def _failed_precondition(exc: BaseException) -> bool:
     if isinstance(exc, FileExistsError):  # s3fs (If-None-Match) and gcsfs map 412 to it
         return True
-    status, code = _status(exc)
-    return status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict")
+    return any(
+        _status_code(e) in (409, 412)
+        or _error_code(e) in ("PreconditionFailed", "ConditionalRequestConflict")
+        for e in storage.exception_chain(exc)
+    )
 
 
 def _remote(where: Location, operation: str, fn: Callable[[], T]) -> T:
