@@ -197,8 +197,7 @@ def fetch(
     unknown = [n for n in names if n not in known]
     if unknown:
         raise FetchError(f"unknown weights {unknown}; known: {', '.join(known)}")
-    if not isinstance(root, storage.Location):
-        root = storage.Location(root)
+    root = storage.locate(root)
     if storage.is_local(root):
         root = storage.Location(os.path.abspath(storage.local_path(root) or root.url), root.options)
     manifest = _read_manifest(root)

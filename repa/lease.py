@@ -144,7 +144,7 @@ class Lease:
         job: str | None = None,
         clock: Any = time.time,
     ) -> None:
-        run = run if isinstance(run, Location) else Location(str(run))
+        run = storage.locate(run)
         self.location = run.join(LEASE_FILE)
         self.url = self.location.url
         self.run_url = run.url

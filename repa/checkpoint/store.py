@@ -51,7 +51,7 @@ import torch
 
 from repa import storage
 from repa.config import ConfigError
-from repa.storage import Location, conditional
+from repa.storage import Location, conditional, locate
 from repa.weights import WeightsError, load_torch_bytes
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,6 @@ QUARANTINE_DIR = "quarantined"
 STATE_FILE = "state.pt"
 EMA_FILE = "ema.pt"
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
-
-
-def locate(where: str | Location) -> Location:
-    """``where`` as a Location (a plain URL has no options: environment credentials only)."""
-    return where if isinstance(where, Location) else Location(str(where))
 
 
 def _no_fence() -> None:

@@ -139,7 +139,7 @@ class StreamingDataset(IterableDataset):
             raise ValueError("readahead_shards >= 0, io_threads >= 1 and retry_attempts >= 1 required")
         if num_batches is not None and num_batches < 0:
             raise ValueError(f"num_batches: expected >= 0 or None, got {num_batches}")
-        where = url if isinstance(url, storage.Location) else storage.Location(url)
+        where = storage.locate(url)
         self.location = storage.Location(where.url.rstrip("/"), where.options)
         self.url = self.location.url
         self.manifest = manifest if manifest is not None else fmt.read_manifest(self.location)

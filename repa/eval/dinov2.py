@@ -182,7 +182,7 @@ def build_dinov2(
             f"no DINOv2 weights given: FD-DINOv2 needs {spec.timm_name} ({DINOV2_ENCODER}); stage them with "
             f"`repa weights fetch DEST --only {DINOV2_ENCODER}` and pass that file (repa never downloads)"
         )
-    location = weights if isinstance(weights, storage.Location) else storage.Location(str(weights), {})
+    location = storage.locate(weights)
     kwargs = {**spec.model_kwargs, **(model_kwargs or {}), "img_size": DINOV2_INPUT_SIZE}
     model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
     try:

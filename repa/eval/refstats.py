@@ -337,7 +337,7 @@ def iter_dataset_images(
 
     from repa.data import format as fmt
 
-    data = data if isinstance(data, storage.Location) else storage.Location(str(data))
+    data = storage.locate(data)
     manifest = fmt.read_manifest(data)
     batch: list[Any] = []
     seen = 0

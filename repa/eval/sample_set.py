@@ -287,7 +287,7 @@ class SampleSet:
     @classmethod
     def open(cls, where: storage.Location | str) -> SampleSet:
         """The sample set at ``where`` (SamplingError naming it if there is none)."""
-        at = where if isinstance(where, storage.Location) else storage.Location(str(where))
+        at = storage.locate(where)
         purl = at.join(PROTOCOL_FILE)
         try:
             protocol = json.loads(storage.read_bytes(purl))

@@ -64,6 +64,11 @@ class Location:
         return self.url
 
 
+def locate(where: str | Location) -> Location:
+    """``where`` as a Location (a plain URL has no options: environment credentials only)."""
+    return where if isinstance(where, Location) else Location(str(where))
+
+
 def _split(where: str | Location) -> tuple[str, dict[str, Any]]:
     """``(url, fsspec options)`` of a URL (no options) or a Location."""
     if isinstance(where, Location):

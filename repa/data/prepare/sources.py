@@ -68,7 +68,7 @@ class FolderSource:
         max_per_class: int | None = None,
         num_threads: int = 8,
     ) -> None:
-        url = where if isinstance(where, storage.Location) else storage.Location(where)
+        url = storage.locate(where)
         entries = storage.list_entries(url)
         dirs = [e.name for e in entries if e.is_dir and not e.name.startswith(".")]
         if dirs == ["train"] or ("train" in dirs and {"val", "test"} & set(dirs)):
@@ -182,7 +182,7 @@ def open_source(
     source_url = str(source)
     if not storage.exists(source):
         raise PrepareError(f"{source_url}: source not found")
-    where = source if isinstance(source, storage.Location) else storage.Location(source_url)
+    where = storage.locate(source)
     if is_idx_source(where):
         return IdxSource(where, max_per_class=max_per_class)
     if source_url.rstrip("/").lower().endswith(".tar"):
