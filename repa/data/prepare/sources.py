@@ -182,9 +182,9 @@ def open_source(
     source_url = str(source)
     if not storage.exists(source):
         raise PrepareError(f"{source_url}: source not found")
+    if source_url.rstrip("/").lower().endswith(".tar"):  # by name first: is_idx_source lists a folder
+        return TarSource(source, max_per_class=max_per_class)
     where = storage.locate(source)
     if is_idx_source(where):
         return IdxSource(where, max_per_class=max_per_class)
-    if source_url.rstrip("/").lower().endswith(".tar"):
-        return TarSource(source, max_per_class=max_per_class)
     return FolderSource(source, max_per_class=max_per_class, num_threads=num_threads)
