@@ -222,18 +222,22 @@ def quarantine_checkpoint(ref: CheckpointRef, reason: str, fence: Fence = _no_fe
 
 
 def load_latest_verified(
-    run: str | Location, *, fence: Fence = _no_fence
+    run: str | Location, *, quarantine: bool = True, fence: Fence = _no_fence
 ) -> tuple[CheckpointRef | None, dict[str, Any] | None]:
     """``(ref, state)`` of the newest committed checkpoint that verifies and loads, or ``(None, None)``.
-    Each newer one that fails is quarantined, with a warning naming it. One process should choose
-    (rank 0) and tell the others the ref.
+    Each newer one that fails is quarantined (``quarantine``; a reader that must not write, e.g. a
+    test comparing runs, skips it), with a warning naming it. One process should choose (rank 0) and
+    tell the others the ref.
     """
     committed, _ = list_checkpoints(run)
     for ref in reversed(committed):
         try:
             return ref, load_checkpoint_state(ref)
         except CorruptCheckpointError as e:
-            quarantine_checkpoint(ref, str(e), fence)
+            if quarantine:
+                quarantine_checkpoint(ref, str(e), fence)
+            else:
+                log.warning("skipping checkpoint step %d: %s", ref.step, e)
     return None, None
 
 
